@@ -1,0 +1,8 @@
+"""Relax graph passes of sparks_tvm (the folder keeps its Relay-era name).
+
+One pass per file; each separates its pattern, check and rewrite.
+"""
+
+from .lower_binary_conv2d import LowerBinaryConv2d, LoweringOptions
+
+__all__ = ["LowerBinaryConv2d", "LoweringOptions"]

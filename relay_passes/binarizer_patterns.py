@@ -1,0 +1,166 @@
+"""Pattern: recognise the activation binarizers that real ONNX exports contain.
+
+Each matcher looks at a Relax expression (resolving dataflow variables through ``lookup``)
+and returns a :class:`Binarizer` naming the float tensor that is binarized and the rule
+for an exact zero (see :data:`sparks_tvm.reference.BINARIZE_MODES`), or ``None``.
+
+Recognised forms (``g`` any expression, constants may be scalars or broadcast tensors):
+
+- ``sign(x)``: ONNX ``Sign``, 0 -> 0.
+- ``where(x >= 0, 1, -1)``, ``where(x < 0, -1, 1)``: 0 -> +1.
+- ``where(x > 0, 1, -1)``, ``where(x <= 0, -1, 1)``: 0 -> -1.
+- ``cast(x >= 0) * 2 - 1`` (and ``x > 0``), in either operand order of the multiply.
+- STE residues left by exporting ``b - g.detach() + g`` or ``x + (b - x).detach()``:
+  ``(b - g) + g`` and ``g + (b - g)`` where ``b`` is any recognised binarizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import tvm
+from tvm import relax
+
+
+@dataclass(frozen=True)
+class Binarizer:
+    """A recognised binarization of ``source`` with the zero rule ``mode``."""
+
+    source: relax.Expr
+    mode: str
+
+
+Lookup = Callable[[relax.Expr], relax.Expr]
+
+
+def _resolve(expr: relax.Expr, lookup: Lookup) -> relax.Expr:
+    seen = 0
+    while isinstance(expr, relax.Var) and seen < 64:
+        bound = lookup(expr)
+        if bound is None:
+            break
+        expr = bound
+        seen += 1
+    return expr
+
+
+def _op_name(expr: relax.Expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return expr.op.name
+    return None
+
+
+def constant_array(expr: relax.Expr) -> np.ndarray | None:
+    """The value of a Relax constant (tensor or scalar PrimValue) as numpy, else None."""
+    if not isinstance(expr, tvm.ir.expr.Constant):
+        return None
+    value = expr.value
+    if isinstance(value, tvm.runtime.Tensor):
+        return value.numpy()
+    if hasattr(value, "value"):  # IntImm / FloatImm of a PrimValue
+        return np.array(value.value)
+    return None
+
+
+def _const_value(expr: relax.Expr, lookup: Lookup) -> float | None:
+    """The single value of a constant whose entries are all equal, else None."""
+    arr = constant_array(_resolve(expr, lookup))
+    if arr is not None and arr.size and np.all(arr == arr.flat[0]):
+        return float(arr.flat[0])
+    return None
+
+
+_CMP_TO_MODE = {
+    # (comparison, value where true, value where false) -> mode
+    ("relax.greater_equal", 1.0, -1.0): "ge",
+    ("relax.less", -1.0, 1.0): "ge",
+    ("relax.greater", 1.0, -1.0): "gt",
+    ("relax.less_equal", -1.0, 1.0): "gt",
+}
+
+
+def _comparison_with_zero(expr: relax.Expr, lookup: Lookup):
+    """``(x, op_name)`` if expr is ``x <cmp> 0``, else None."""
+    expr = _resolve(expr, lookup)
+    name = _op_name(expr)
+    if name in ("relax.greater_equal", "relax.less", "relax.greater", "relax.less_equal"):
+        if _const_value(expr.args[1], lookup) == 0.0:
+            return expr.args[0], name
+    return None
+
+
+def match_sign(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
+    expr = _resolve(expr, lookup)
+    if _op_name(expr) == "relax.sign":
+        return Binarizer(expr.args[0], "sign")
+    return None
+
+
+def match_where(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
+    expr = _resolve(expr, lookup)
+    if _op_name(expr) != "relax.where":
+        return None
+    cmp = _comparison_with_zero(expr.args[0], lookup)
+    if cmp is None:
+        return None
+    key = (cmp[1], _const_value(expr.args[1], lookup), _const_value(expr.args[2], lookup))
+    mode = _CMP_TO_MODE.get(key)
+    return Binarizer(cmp[0], mode) if mode else None
+
+
+def match_cast_affine(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
+    """``cast(x >= 0) * 2 - 1`` and ``cast(x > 0) * 2 - 1``."""
+    expr = _resolve(expr, lookup)
+    if _op_name(expr) != "relax.subtract" or _const_value(expr.args[1], lookup) != 1.0:
+        return None
+    mul = _resolve(expr.args[0], lookup)
+    if _op_name(mul) != "relax.multiply":
+        return None
+    a, b = mul.args
+    if _const_value(a, lookup) == 2.0:
+        a, b = b, a
+    if _const_value(b, lookup) != 2.0:
+        return None
+    cast = _resolve(a, lookup)
+    if _op_name(cast) != "relax.astype":
+        return None
+    cmp = _comparison_with_zero(cast.args[0], lookup)
+    if cmp is None or cmp[1] not in ("relax.greater_equal", "relax.greater"):
+        return None
+    return Binarizer(cmp[0], "ge" if cmp[1] == "relax.greater_equal" else "gt")
+
+
+def _same(a: relax.Expr, b: relax.Expr) -> bool:
+    return a.same_as(b)
+
+
+def match_ste_residue(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binarizer | None:
+    """``(b - g) + g`` or ``g + (b - g)``: the forward value of an STE is ``b``."""
+    if depth > 4:
+        return None
+    expr = _resolve(expr, lookup)
+    if _op_name(expr) != "relax.add":
+        return None
+    for sub_arg, other in ((expr.args[0], expr.args[1]), (expr.args[1], expr.args[0])):
+        sub = _resolve(sub_arg, lookup)
+        if _op_name(sub) == "relax.subtract" and _same(
+            _resolve(sub.args[1], lookup), _resolve(other, lookup)
+        ):
+            inner = match_binarizer(sub.args[0], lookup, depth + 1)
+            if inner is not None:
+                return inner
+    return None
+
+
+MATCHERS = (match_sign, match_where, match_cast_affine)
+
+
+def match_binarizer(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binarizer | None:
+    """Return the binarizer that produces ``expr``, or None if it is not a binarized tensor."""
+    for matcher in MATCHERS:
+        found = matcher(expr, lookup)
+        if found is not None:
+            return found
+    return match_ste_residue(expr, lookup, depth)

@@ -1,0 +1,244 @@
+"""LowerBinaryConv2d: rewrite binarized convolutions into sparks_tvm's own TIR kernels.
+
+Pattern (:mod:`relay_passes.binarizer_patterns`): ``conv2d(binarize(x), W)`` with a
+recognised binarizer and a constant ``W``.
+Check (:mod:`relay_passes.binary_weights`): ``W`` is ``+-alpha_o`` per output channel; its
+distinct 3x3 codewords are counted, and the BOPs cost model picks the kernel.
+Rewrite: ::
+
+    y = conv2d(binarize(x), W)
+    ==>
+    yi = call_tir(sparks_conv2d, (x, codes, idx), int32)   # or binary_conv2d(x, wbits)
+    y  = astype(yi, "float32") * alpha[None, :, None, None]
+
+The integer kernels take the *float* input and binarize it themselves (with the rule of the
+recognised binarizer), so the binarizer node is dead unless something else reads it. The
+alpha product stays in the graph, where stock TVM fuses it with bias/BatchNorm/residual
+ops. Convolutions that do not match are left alone and reported with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from sparks_tvm.cost import bits_per_weight, dense_bops, sparks_bops, sparks_is_cheaper
+from sparks_tvm.errors import NonBinaryWeightsError
+from sparks_tvm.kernels import ConvGeometry, binary_conv2d_primfunc, pack_binary_weights, sparks_conv2d_primfunc
+from sparks_tvm.reference import codes_to_bits
+from sparks_tvm.report import LayerRecord
+
+from .binarizer_patterns import constant_array, match_binarizer
+from .binary_weights import BinaryWeights, analyze_binary_weights
+
+
+@dataclass
+class ConvMatch:
+    """A conv2d whose structure the binary kernels support (shape checks passed)."""
+
+    geom: ConvGeometry
+    source: relax.Expr
+    mode: str
+    weight: np.ndarray
+
+
+def _static_shape(expr: relax.Expr):
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    dims = []
+    for d in ty.shape.values:
+        if not isinstance(d, tvm.tirx.IntImm):
+            return None
+        dims.append(int(d))
+    return tuple(dims)
+
+
+def match_conv(call: relax.Call, lookup) -> tuple[ConvMatch | None, str, str | None]:
+    """Pattern + structural check of one conv2d call.
+
+    Returns ``(match, reason, binarizer_mode)``: ``match`` is None when the conv stays float,
+    with ``reason`` saying why; ``binarizer_mode`` is set whenever the input is binarized.
+    """
+    data, weight = call.args[0], call.args[1]
+    found = match_binarizer(data, lookup)
+    if found is None:
+        return None, "input is not binarized", None
+    weight = lookup(weight) if isinstance(weight, relax.Var) and lookup(weight) is not None else weight
+    w = constant_array(weight)
+    if w is None:
+        return None, "weights are not constant", found.mode
+    attrs = call.attrs
+    problems = []
+    if int(attrs.groups) != 1:
+        problems.append(f"grouped conv (groups={int(attrs.groups)})")
+    if any(int(d) != 1 for d in attrs.dilation):
+        problems.append(f"dilation {tuple(int(d) for d in attrs.dilation)}")
+    if attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW":
+        problems.append(f"layout {attrs.data_layout}/{attrs.kernel_layout}")
+    shape = _static_shape(found.source)
+    out_shape = _static_shape(call)
+    if shape is None or out_shape is None:
+        problems.append("dynamic input shape")
+    if found.source.ty.dtype != "float32" or call.ty.dtype != "float32":
+        problems.append(f"dtype {found.source.ty.dtype}")
+    if problems:
+        return None, "binarized but unsupported: " + ", ".join(problems), found.mode
+    pad = tuple(int(p) for p in attrs.padding)
+    if len(pad) == 2:
+        pad = (pad[0], pad[1], pad[0], pad[1])
+    geom = ConvGeometry(
+        batch=shape[0],
+        in_channels=shape[1],
+        height=shape[2],
+        width=shape[3],
+        out_channels=w.shape[0],
+        kernel=tuple(w.shape[2:]),
+        stride=tuple(int(s) for s in attrs.strides),
+        padding=pad,
+    )
+    if geom.out_shape != out_shape:
+        return None, f"unexpected output shape {out_shape} (expected {geom.out_shape})", found.mode
+    return ConvMatch(geom, found.source, found.mode, w), "", found.mode
+
+
+@dataclass
+class LoweringOptions:
+    """Knobs of :class:`LowerBinaryConv2d`.
+
+    Attributes
+    ----------
+    schedules : module
+        Provides ``schedule_sparks_conv2d(func, geom, K)`` and ``schedule_binary_conv2d(func,
+        geom)`` for the target (see :mod:`schedules`); None leaves kernels unscheduled.
+    strict : bool
+        Raise :class:`NonBinaryWeightsError` for a binarized conv whose weights are not
+        +-alpha; otherwise leave it in float and say so in the report.
+    force_kind : str or None
+        ``"sparks"`` or ``"binary"`` overrides the cost model (tests, benchmarks).
+    conv_names : list of str
+        Names of the convs in graph order (ONNX node names), for the report.
+    """
+
+    schedules: object = None
+    strict: bool = True
+    force_kind: str | None = None
+    conv_names: list = field(default_factory=list)
+
+
+@tvm.transform.module_pass(opt_level=0, name="LowerBinaryConv2d")
+class LowerBinaryConv2d:
+    """Lower binarized conv2d calls to Sparks / dense binary TIR kernels.
+
+    After the pass runs, ``self.report`` holds one :class:`LayerRecord` per conv2d.
+    """
+
+    def __init__(self, options: LoweringOptions | None = None):
+        self.options = options or LoweringOptions()
+        self.report: list[LayerRecord] = []
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        self.report = []
+        rewriter = _BinaryConvRewriter(mod, self.options, self.report)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+
+@mutator
+class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
+    def __init__(self, mod, options: LoweringOptions, report: list):
+        super().__init__(mod)
+        self.options = options
+        self.report = report
+
+    def _name(self) -> str:
+        i = len(self.report)
+        names = self.options.conv_names
+        return names[i] if i < len(names) else f"conv2d_{i}"
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d"):
+            return call
+        name = self._name()
+        match, reason, mode = match_conv(call, self.lookup_binding)
+        w_shape = _static_shape(call.args[1]) or (0, 0, 0, 0)
+        out_shape = _static_shape(call) or (0, 0, 0, 0)
+        record = LayerRecord(
+            name=name,
+            kind="float",
+            in_channels=int(w_shape[1]),
+            out_channels=int(w_shape[0]),
+            kernel=tuple(w_shape[2:]),
+            stride=tuple(int(s) for s in call.attrs.strides),
+            out_hw=tuple(out_shape[2:]),
+            binarizer=mode,
+            reason=reason,
+        )
+        self.report.append(record)
+        if match is None:
+            return call
+        analysis = analyze_binary_weights(match.weight)
+        if not isinstance(analysis, BinaryWeights):
+            msg = f"conv {name!r} reads binarized activations but its weights are not binary: {analysis.reason}"
+            if self.options.strict:
+                raise NonBinaryWeightsError(
+                    msg + ". Pass strict=False (--allow-float) to compile this conv in float instead."
+                )
+            record.reason = "weights not binary: " + analysis.reason
+            return call
+        return self._rewrite(call, match, analysis, record)
+
+    def _rewrite(self, call, match: ConvMatch, bw: BinaryWeights, record: LayerRecord) -> relax.Expr:
+        geom = match.geom
+        pixels = geom.out_height * geom.out_width
+        record.dense_bops = dense_bops(geom.in_channels, geom.out_channels, pixels, geom.kernel[0] * geom.kernel[1])
+        record.sparks_bops = record.dense_bops
+        kind = "binary"
+        if bw.codebook is not None:
+            k = bw.num_codewords
+            record.codewords = k
+            record.bits_per_weight = bits_per_weight(k)
+            record.sparks_bops = sparks_bops(geom.in_channels, geom.out_channels, pixels, k)
+            if sparks_is_cheaper(geom.in_channels, geom.out_channels, pixels, k):
+                kind = "sparks"
+        else:
+            record.bits_per_weight = 1.0
+        if self.options.force_kind is not None and (self.options.force_kind != "sparks" or bw.codebook is not None):
+            kind = self.options.force_kind
+        record.kind = kind
+        record.reason = "" if kind == "sparks" or bw.codebook is None else f"K={record.codewords}: dense is cheaper"
+        sched = self.options.schedules
+        if kind == "sparks":
+            func = (
+                sched.schedule_sparks_conv2d(geom, bw.num_codewords, match.mode)
+                if sched is not None
+                else sparks_conv2d_primfunc(geom, bw.num_codewords, match.mode)
+            )
+            args = [
+                match.source,
+                relax.const(codes_to_bits(bw.codebook), "int32"),
+                relax.const(bw.idx.astype(np.int32), "int32"),
+            ]
+        else:
+            func = (
+                sched.schedule_binary_conv2d(geom, match.mode)
+                if sched is not None
+                else binary_conv2d_primfunc(geom, match.mode)
+            )
+            args = [match.source, relax.const(pack_binary_weights(bw.signs), "uint32")]
+        symbol = f"{kind}_conv2d_{len(self.report) - 1}"
+        gvar = self.builder_.add_func(func.with_attr("global_symbol", symbol), symbol)
+        out_ty = relax.TensorType(geom.out_shape, "int32")
+        acc = self.builder_.emit(relax.call_tir(gvar, args, out_ty), name_hint=f"{kind}_acc")
+        result = relax.op.astype(acc, "float32")
+        if not np.all(bw.alpha == 1.0):
+            alpha = relax.const(bw.alpha.reshape(1, -1, 1, 1), "float32")
+            result = relax.op.multiply(self.builder_.emit(result), alpha)
+        return result

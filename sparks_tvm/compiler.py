@@ -1,0 +1,188 @@
+"""``sparks_tvm.compile``: ONNX in, a compiled model with a per-conv report out."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from . import frontend
+from .errors import CompileError, SparksError
+from .report import Report
+from .target import resolve_target, target_json
+
+SIDECAR_SUFFIX = ".sparks.json"
+
+
+def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None):
+    """Import, fold constants and lower binary convs. Returns ``(IRModule, Report)``."""
+    import tvm
+    from tvm import relax
+
+    import schedules
+    from relay_passes import LowerBinaryConv2d, LoweringOptions
+
+    try:
+        mod = frontend.import_onnx(proto, specs)
+    except SparksError:
+        raise
+    except Exception as err:
+        raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
+    # In-graph weight computation (scales, codebook gathers) must be constant before matching.
+    mod = relax.transform.FoldConstant()(mod)
+    lowering = LowerBinaryConv2d(
+        LoweringOptions(
+            schedules=schedules.for_target(target),
+            strict=strict,
+            force_kind=force_kind,
+            conv_names=frontend.conv_names(proto),
+        )
+    )
+    mod = lowering(mod)
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
+    return mod, Report(list(lowering.report))
+
+
+def compile(model, target="llvm", shapes: dict | None = None, strict: bool = True, force_kind: str | None = None):  # noqa: A001
+    """Compile an ONNX Sparks / binary network with TVM.
+
+    Parameters
+    ----------
+    model : str, os.PathLike, bytes or onnx.ModelProto
+        The ONNX model.
+    target : str, dict or tvm.target.Target
+        ``"llvm"`` (default) means this machine's CPU with its vector/popcount instructions.
+    shapes : dict, optional
+        ``{input_name: shape}`` for inputs whose shape the model leaves dynamic.
+    strict : bool
+        If True, a conv that reads binarized activations but whose weights are not
+        +-alpha per channel is an error; if False it is compiled in float and reported.
+    force_kind : {"sparks", "binary"}, optional
+        Override the BOPs cost model's choice of kernel (for tests and benchmarks).
+
+    Returns
+    -------
+    CompiledModel
+    """
+    import tvm
+
+    proto = frontend.load_onnx(model)
+    frontend.check_supported_ops(proto)
+    specs = frontend.input_specs(proto, shapes)
+    tgt = resolve_target(target)
+    mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind)
+    try:
+        ex = tvm.compile(mod, target=tgt)
+    except Exception as err:
+        raise CompileError(f"TVM failed to build the module for {target_json(tgt)}: {str(err).splitlines()[0]}") from err
+    meta = {
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in specs],
+        "outputs": frontend.output_names(proto),
+        "target": target_json(tgt),
+        "report": json.loads(report.to_json()),
+    }
+    return CompiledModel(ex, meta, report, tgt)
+
+
+class CompiledModel:
+    """A compiled model: run it, read its report, export it.
+
+    Attributes
+    ----------
+    report : Report
+        One record per convolution (``print(model.report)`` shows a table).
+    inputs : list of dict
+        Name, shape and dtype of each input, in order.
+    """
+
+    def __init__(self, executable, meta: dict, report: Report, target=None):
+        self._ex = executable
+        self._meta = meta
+        self.report = report
+        self.target = target
+        self._vm = None
+
+    @property
+    def inputs(self) -> list:
+        return list(self._meta["inputs"])
+
+    @property
+    def output_names(self) -> list:
+        return list(self._meta["outputs"])
+
+    @property
+    def vm(self):
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+
+            self._vm = relax.VirtualMachine(self._ex, tvm.cpu())
+        return self._vm
+
+    def _specs(self):
+        return [frontend.InputSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in self._meta["inputs"]]
+
+    def run(self, *arrays) -> list:
+        """Run on numpy inputs (positional, in model order); returns a list of numpy arrays."""
+        import tvm
+
+        arrays = frontend.as_input_arrays(self._specs(), arrays)
+        dev = tvm.cpu()
+        out = self.vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
+        return _flatten(out)
+
+    def benchmark(self, *arrays, repeat: int = 20, number: int = 1) -> dict:
+        """Median/mean latency in ms with TVM's time evaluator (after a warm-up run)."""
+        import tvm
+
+        arrays = frontend.as_input_arrays(self._specs(), arrays)
+        dev = tvm.cpu()
+        tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
+        self.vm["main"](*tensors)
+        self.vm.set_input("main", *tensors)
+        res = self.vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)("main")
+        times = np.array(res.results) * 1e3
+        return {"median_ms": float(np.median(times)), "mean_ms": float(times.mean()), "repeat": repeat}
+
+    def export_library(self, path) -> str:
+        """Write a shared library plus ``<path>.sparks.json`` (inputs, outputs, report)."""
+        path = os.fspath(path)
+        try:
+            self._ex.export_library(path)
+        except Exception as err:
+            raise CompileError(f"exporting {path} failed: {str(err).splitlines()[0]}") from err
+        with open(path + SIDECAR_SUFFIX, "w") as fh:
+            json.dump(self._meta, fh, indent=1)
+        return path
+
+
+def load(path) -> CompiledModel:
+    """Load a library written by :meth:`CompiledModel.export_library`."""
+    import tvm
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SparksError(f"{path}: no such file")
+    side = path + SIDECAR_SUFFIX
+    if not os.path.exists(side):
+        raise SparksError(f"{side} is missing: it records the inputs of {path}; export with sparks_tvm")
+    try:
+        lib = tvm.runtime.load_module(path)
+    except Exception as err:
+        raise SparksError(f"{path}: not a loadable TVM library: {str(err).splitlines()[0]}") from None
+    with open(side) as fh:
+        meta = json.load(fh)
+    report = Report.from_json(json.dumps(meta.get("report", [])))
+    return CompiledModel(lib, meta, report)
+
+
+def _flatten(value) -> list:
+    import tvm
+
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value.numpy()]
+    out = []
+    for item in value:
+        out.extend(_flatten(item))
+    return out

@@ -1,0 +1,32 @@
+"""The errors sparks_tvm raises. Every one says what is wrong in the user's terms."""
+
+
+class SparksError(Exception):
+    """Base class of all sparks_tvm errors."""
+
+
+class ModelLoadError(SparksError):
+    """The model file or bytes are not a readable ONNX model."""
+
+
+class UnsupportedOpsError(SparksError):
+    """The model uses ONNX operators that cannot be compiled; all of them are listed."""
+
+    def __init__(self, ops: dict):
+        self.ops = ops
+        lines = [f"  {op}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for op, names in ops.items()]
+        super().__init__(
+            f"the model uses {len(ops)} unsupported ONNX operator(s) (operator: nodes):\n" + "\n".join(lines)
+        )
+
+
+class NonBinaryWeightsError(SparksError):
+    """A convolution reads binarized activations but its weights are not +-alpha per channel."""
+
+
+class ShapeError(SparksError):
+    """Input shapes are missing, dynamic, or do not match the model."""
+
+
+class CompileError(SparksError):
+    """TVM failed to compile the model; the message says at which stage."""

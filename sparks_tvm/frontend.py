@@ -1,0 +1,144 @@
+"""ONNX loading, validation and import into Relax, with errors a user can act on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .errors import ModelLoadError, ShapeError, UnsupportedOpsError
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: tuple
+    dtype: str
+
+
+def load_onnx(model) -> onnx.ModelProto:
+    """Accept a path, raw bytes or an ``onnx.ModelProto``; check it."""
+    if isinstance(model, onnx.ModelProto):
+        proto, origin = model, "the given ModelProto"
+    else:
+        if isinstance(model, (bytes, bytearray)):
+            data, origin = bytes(model), "the given bytes"
+        elif isinstance(model, (str, os.PathLike)):
+            origin = os.fspath(model)
+            if not os.path.exists(origin):
+                raise ModelLoadError(f"{origin}: no such file")
+            with open(origin, "rb") as fh:
+                data = fh.read()
+        else:
+            raise ModelLoadError(f"expected an ONNX path, bytes or ModelProto, got {type(model).__name__}")
+        if not data:
+            raise ModelLoadError(f"{origin}: empty file, not an ONNX model")
+        try:
+            proto = onnx.load_model_from_string(data)
+        except Exception as err:  # protobuf raises DecodeError and friends
+            raise ModelLoadError(f"{origin}: not a readable ONNX model (truncated or corrupt?): {err}") from None
+    if not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise ModelLoadError(f"{origin}: the ONNX model has an empty graph")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as err:
+        raise ModelLoadError(f"{origin}: invalid ONNX model: {str(err).splitlines()[0]}") from None
+    return proto
+
+
+def default_opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 11
+
+
+def check_supported_ops(proto: onnx.ModelProto) -> None:
+    """Raise :class:`UnsupportedOpsError` listing *every* unsupported op and its nodes."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"If"}
+    missing: dict[str, list] = {}
+    for i, node in enumerate(proto.graph.node):
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in known:
+            missing.setdefault(op, []).append(node.name or f"#{i}")
+    if missing:
+        raise UnsupportedOpsError(missing)
+
+
+def conv_names(proto: onnx.ModelProto) -> list:
+    """Names of the Conv nodes in graph order (the order the importer emits them)."""
+    return [node.name or f"Conv_{i}" for i, node in enumerate(n for n in proto.graph.node if n.op_type == "Conv")]
+
+
+def input_specs(proto: onnx.ModelProto, shapes: dict | None = None) -> list:
+    """Static shapes of the graph's real inputs, merging user-given ``shapes``."""
+    shapes = dict(shapes or {})
+    inits = {t.name for t in proto.graph.initializer}
+    specs, problems = [], []
+    names = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        names.append(vi.name)
+        ttype = vi.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(ttype.elem_type).name if ttype.elem_type else "float32"
+        dims = []
+        for d in ttype.shape.dim:
+            dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
+        if vi.name in shapes:
+            given = tuple(int(v) for v in shapes.pop(vi.name))
+            if dims and len(given) != len(dims):
+                problems.append(f"input {vi.name!r}: given shape {given} has rank {len(given)}, the model says {len(dims)}")
+            elif any(m is not None and m != g for m, g in zip(dims, given)):
+                problems.append(f"input {vi.name!r}: given shape {given} contradicts the model's {tuple(dims)}")
+            elif any(g <= 0 for g in given):
+                problems.append(f"input {vi.name!r}: shape {given} has empty dimensions")
+            dims = list(given)
+        if not dims or any(d is None for d in dims):
+            shown = tuple("?" if d is None else d for d in dims)
+            problems.append(f"input {vi.name!r} has dynamic shape {shown}: give it, e.g. shapes={{{vi.name!r}: (1, 3, 224, 224)}}")
+        specs.append(InputSpec(vi.name, tuple(dims), dtype))
+    if shapes:
+        problems.append(f"shapes given for unknown input(s) {sorted(shapes)}; the model's inputs are {names}")
+    if problems:
+        raise ShapeError("; ".join(problems))
+    return specs
+
+
+def output_names(proto: onnx.ModelProto) -> list:
+    return [o.name for o in proto.graph.output]
+
+
+def import_onnx(proto: onnx.ModelProto, specs: list):
+    """Relax IRModule of the model with constant weights (no params kept as inputs)."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(
+        proto,
+        shape_dict={s.name: list(s.shape) for s in specs},
+        dtype_dict={s.name: s.dtype for s in specs},
+        opset=default_opset(proto),
+        keep_params_in_input=False,
+    )
+
+
+def as_input_arrays(specs: list, arrays) -> list:
+    """Validate run-time inputs against the compiled shapes and dtypes."""
+    if len(arrays) != len(specs):
+        raise ShapeError(f"the model takes {len(specs)} input(s) {[s.name for s in specs]}, got {len(arrays)}")
+    out = []
+    for spec, arr in zip(specs, arrays):
+        arr = np.asarray(arr)
+        if tuple(arr.shape) != tuple(spec.shape):
+            raise ShapeError(f"input {spec.name!r}: expected shape {tuple(spec.shape)}, got {tuple(arr.shape)}")
+        if arr.dtype != np.dtype(spec.dtype):
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                raise ShapeError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
+            arr = arr.astype(spec.dtype)
+        out.append(np.ascontiguousarray(arr))
+    return out

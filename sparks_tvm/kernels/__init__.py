@@ -1,0 +1,19 @@
+"""TE compute definitions of the binary convolutions sparks_tvm lowers to.
+
+Each kernel is an integer computation: float activations in, int32 dot products out.
+The float epilogue (alpha, bias, BatchNorm, ...) stays in the Relax graph, so the
+kernels can be checked bit for bit against :mod:`sparks_tvm.reference`.
+"""
+
+from .common import ConvGeometry
+from .sparks_conv2d import sparks_conv2d_compute, sparks_conv2d_primfunc
+from .binary_conv2d import binary_conv2d_compute, binary_conv2d_primfunc, pack_binary_weights
+
+__all__ = [
+    "ConvGeometry",
+    "sparks_conv2d_compute",
+    "sparks_conv2d_primfunc",
+    "binary_conv2d_compute",
+    "binary_conv2d_primfunc",
+    "pack_binary_weights",
+]

@@ -1,0 +1,116 @@
+"""Dense binary convolution (XNOR-popcount on channel-packed words) as a TE computation.
+
+Activations are packed 32 input channels to a uint32 word, in two planes: ``neg`` (the
+channel holds -1) and ``mask`` (the channel holds a real +-1: a real channel, inside the
+image, and non-zero for ONNX ``Sign``). Weights are packed the same way (bit set where the
+weight is -1; weights are never 0). Per output pixel::
+
+    y = sum_taps popcount(mask) - 2 * sum_taps popcount((neg ^ wbits) & mask)
+
+The first sum does not depend on the output channel and is computed once per pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+from .common import ConvGeometry, activation_bits, as_u32
+
+WORD_BITS = 32
+
+
+def num_words(channels: int) -> int:
+    return (channels + WORD_BITS - 1) // WORD_BITS
+
+
+def pack_binary_weights(signs: np.ndarray) -> np.ndarray:
+    """Pack (O, C, KH, KW) weights in {-1, +1} to uint32 words (O, CW, KH, KW), bit = -1."""
+    o, c, kh, kw = signs.shape
+    cw = num_words(c)
+    neg = np.zeros((o, cw * WORD_BITS, kh, kw), np.uint64)
+    neg[:, :c] = signs < 0
+    neg = neg.reshape(o, cw, WORD_BITS, kh, kw)
+    weights = (np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64)).reshape(1, 1, WORD_BITS, 1, 1)
+    return (neg * weights).sum(axis=2).astype(np.uint32)
+
+
+def binary_conv2d_compute(geom: ConvGeometry, mode: str):
+    """Define the dense binary convolution.
+
+    Returns
+    -------
+    list of te.Tensor
+        ``[data, wbits, out]``: data float32 (N, C, H, W); wbits uint32 (O, CW, KH, KW)
+        from :func:`pack_binary_weights`; out int32 (N, O, OH, OW).
+    """
+    geom.validate()
+    n_, c_, h_, w_ = geom.in_shape
+    o_ = geom.out_channels
+    kh_, kw_ = geom.kernel
+    oh_, ow_ = geom.out_height, geom.out_width
+    sh, sw = geom.stride
+    top, left, bottom, right = geom.padding
+    cw_ = num_words(c_)
+
+    def shp(*dims):
+        return tuple(tirx.IntImm("int64", d) for d in dims)
+
+    data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
+    wbits = te.placeholder(shp(o_, cw_, kh_, kw_), "uint32", name="wbits")
+    hp, wp = h_ + top + bottom, w_ + left + right
+
+    def plane(which):
+        def word(n, cw, y, x):
+            yy, xx = y - top, x - left
+            inside = tirx.all(yy >= 0, yy < h_, xx >= 0, xx < w_)
+            yc = tirx.max(tirx.min(yy, h_ - 1), 0)
+            xc = tirx.max(tirx.min(xx, w_ - 1), 0)
+            acc = tirx.const(0, "uint32")
+            for j in range(WORD_BITS):
+                ch = cw * WORD_BITS + j
+                val = data[n, tirx.min(ch, c_ - 1), yc, xc]
+                neg, nz = activation_bits(val, mode)
+                real = tirx.all(inside, ch < c_, nz)
+                bit = tirx.all(real, neg) if which == "neg" else real
+                acc = acc | (as_u32(bit) << j)
+            return acc
+
+        return word
+
+    act_neg = te.compute(shp(n_, cw_, hp, wp), plane("neg"), name="pack_neg")
+    act_mask = te.compute(shp(n_, cw_, hp, wp), plane("mask"), name="pack_mask")
+
+    def reduce_axes():
+        return (
+            te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", cw_)), name="cw"),
+            te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", kh_)), name="dy"),
+            te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", kw_)), name="dx"),
+        )
+
+    rc, ry, rx = reduce_axes()
+    valid = te.compute(
+        shp(n_, oh_, ow_),
+        lambda n, oh, ow: te.sum(
+            tirx.Cast("int32", tirx.popcount(act_mask[n, rc, oh * sh + ry, ow * sw + rx])), axis=[rc, ry, rx]
+        ),
+        name="valid",
+    )
+    qc, qy, qx = reduce_axes()
+
+    def mismatch(n, o, oh, ow):
+        y, x = oh * sh + qy, ow * sw + qx
+        diff = (act_neg[n, qc, y, x] ^ wbits[o, qc, qy, qx]) & act_mask[n, qc, y, x]
+        return te.sum(tirx.Cast("int32", tirx.popcount(diff)), axis=[qc, qy, qx])
+
+    acc = te.compute(shp(n_, o_, oh_, ow_), mismatch, name="mismatch")
+    out = te.compute(
+        shp(n_, o_, oh_, ow_), lambda n, o, oh, ow: valid[n, oh, ow] - 2 * acc[n, o, oh, ow], name="out"
+    )
+    return [data, wbits, out]
+
+
+def binary_conv2d_primfunc(geom: ConvGeometry, mode: str):
+    """Unscheduled PrimFunc of :func:`binary_conv2d_compute`."""
+    func = te.create_prim_func(binary_conv2d_compute(geom, mode))
+    return func.with_attr({"op_pattern": 8, "tir.noalias": True})

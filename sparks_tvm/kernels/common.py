@@ -1,0 +1,81 @@
+"""Shared pieces of the binary kernels: geometry and activation binarization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+
+from ..reference import BINARIZE_MODES, out_size
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Static shape of one binary convolution (NCHW activations, OIHW weights).
+
+    Attributes
+    ----------
+    batch, in_channels, height, width : int
+        Input activation shape.
+    out_channels : int
+    kernel : tuple of int
+        (KH, KW).
+    stride : tuple of int
+        (SH, SW).
+    padding : tuple of int
+        (top, left, bottom, right) zero padding, applied after binarization.
+    """
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple = (3, 3)
+    stride: tuple = (1, 1)
+    padding: tuple = (1, 1, 1, 1)
+
+    @property
+    def out_height(self) -> int:
+        return out_size(self.height, self.kernel[0], self.stride[0], self.padding[0], self.padding[2])
+
+    @property
+    def out_width(self) -> int:
+        return out_size(self.width, self.kernel[1], self.stride[1], self.padding[1], self.padding[3])
+
+    @property
+    def out_shape(self) -> tuple:
+        return (self.batch, self.out_channels, self.out_height, self.out_width)
+
+    @property
+    def in_shape(self) -> tuple:
+        return (self.batch, self.in_channels, self.height, self.width)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the geometry cannot be computed."""
+        if min(self.batch, self.in_channels, self.height, self.width, self.out_channels) < 1:
+            raise ValueError(f"empty convolution: {self}")
+        if min(self.stride) < 1 or min(self.padding) < 0:
+            raise ValueError(f"bad stride/padding: {self}")
+        if self.out_height < 1 or self.out_width < 1:
+            raise ValueError(f"convolution has an empty output: {self}")
+
+
+def activation_bits(x: tirx.PrimExpr, mode: str):
+    """Return ``(neg, nonzero)`` as uint32 0/1 expressions for one activation.
+
+    ``neg`` marks a -1, ``nonzero`` marks a tap that holds a real +-1 value.  Only ONNX
+    ``Sign`` produces zeros; the ``x >= 0`` / ``x > 0`` forms never do.
+    """
+    u32 = "uint32"
+    if mode == "sign":
+        return x < tirx.const(0, x.dtype), x != tirx.const(0, x.dtype)
+    if mode == "ge":
+        return x < tirx.const(0, x.dtype), tirx.const(True, "bool")
+    if mode == "gt":
+        return x <= tirx.const(0, x.dtype), tirx.const(True, "bool")
+    raise ValueError(f"unknown binarize mode {mode!r}; expected one of {BINARIZE_MODES}")
+
+
+def as_u32(cond: tirx.PrimExpr) -> tirx.PrimExpr:
+    return tirx.Cast("uint32", cond)
