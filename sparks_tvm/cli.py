@@ -1,0 +1,111 @@
+"""``sparks-tvm``: compile and run Sparks models from the shell (tvmc/trtexec style).
+
+    sparks-tvm compile model.onnx --target llvm --shapes input:1x3x224x224 -o model.so
+    sparks-tvm run model.so --inputs x.npz [--outputs y.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .errors import SparksError
+
+
+def parse_shapes(text: str | None) -> dict | None:
+    """``"input:1x3x224x224,mask:1x10"`` -> ``{"input": (1, 3, 224, 224), "mask": (1, 10)}``."""
+    if not text:
+        return None
+    shapes = {}
+    for item in text.split(","):
+        name, sep, dims = item.strip().rpartition(":")
+        if not sep or not name:
+            raise SparksError(f"bad --shapes entry {item!r}: expected NAME:DxDxD, e.g. input:1x3x224x224")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise SparksError(f"bad --shapes entry {item!r}: dimensions must be integers joined by 'x'") from None
+    return shapes
+
+
+def _cmd_compile(args) -> int:
+    import sparks_tvm
+
+    model = sparks_tvm.compile(args.model, target=args.target, shapes=parse_shapes(args.shapes),
+                               strict=not args.allow_float)
+    model.export_library(args.output)
+    print(model.report)
+    print(f"wrote {args.output} (+{args.output}.sparks.json)")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    import sparks_tvm
+
+    model = sparks_tvm.load(args.library)
+    names = [d["name"] for d in model.inputs]
+    arrays = []
+    if args.inputs:
+        try:
+            data = np.load(args.inputs)
+        except Exception as err:
+            raise SparksError(f"{args.inputs}: cannot read inputs ({err})") from None
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise SparksError(f"{args.inputs} lacks input(s) {missing}; it has {sorted(data.keys())}")
+        arrays = [data[n] for n in names]
+    else:
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(d["shape"]).astype(d["dtype"]) for d in model.inputs]
+        print(f"no --inputs: using random inputs for {names}")
+    outputs = model.run(*arrays)
+    onames = model.output_names
+    for name, out in zip(onames, outputs):
+        flat = out.reshape(out.shape[0], -1) if out.ndim > 1 else out.reshape(1, -1)
+        print(f"{name}: shape {out.shape} dtype {out.dtype} argmax {np.argmax(flat, axis=1).tolist()}")
+    if args.outputs:
+        np.savez(args.outputs, **dict(zip(onames, outputs)))
+        print(f"wrote {args.outputs}")
+    if args.repeat:
+        stats = model.benchmark(*arrays, repeat=args.repeat)
+        print(f"latency: median {stats['median_ms']:.3f} ms, mean {stats['mean_ms']:.3f} ms over {args.repeat} runs")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sparks-tvm", description="TVM compiler for Sparks sub-bit BNNs")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile an ONNX model to a shared library")
+    c.add_argument("model", help="ONNX file")
+    c.add_argument("--target", default="llvm", help="llvm (this CPU, default), a TVM tag, or a target JSON")
+    c.add_argument("--shapes", help="input shapes, e.g. input:1x3x224x224[,other:1x10]")
+    c.add_argument("-o", "--output", default="model.so", help="output library (default model.so)")
+    c.add_argument("--allow-float", action="store_true",
+                   help="compile binarized convs with non-binary weights in float instead of failing")
+    c.set_defaults(func=_cmd_compile)
+    r = sub.add_parser("run", help="run a compiled library")
+    r.add_argument("library", help="library written by 'sparks-tvm compile'")
+    r.add_argument("--inputs", help=".npz with one array per model input, by name")
+    r.add_argument("--outputs", help="write outputs to this .npz")
+    r.add_argument("--repeat", type=int, default=0, help="also time this many runs")
+    r.set_defaults(func=_cmd_run)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "target", None) and args.target.lstrip().startswith("{"):
+        import json
+
+        args.target = json.loads(args.target)
+    try:
+        return args.func(args)
+    except SparksError as err:
+        print(f"sparks-tvm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Build and run the binary kernels in isolation, against the numpy references."""
+
+import numpy as np
+import tvm
+
+from schedules.host import HostSchedules
+from sparks_tvm import reference as ref
+from sparks_tvm.kernels import binary_conv2d_primfunc, pack_binary_weights, sparks_conv2d_primfunc
+from sparks_tvm.models import random_codebook
+
+
+def random_activations(rng, shape, zero_frac=0.2):
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[rng.random(shape) < zero_frac] = 0.0  # exact zeros: Sign(0) = 0 must be honoured
+    return x
+
+
+def random_layer(rng, geom, k):
+    codebook = random_codebook(rng, k).astype(np.int8)
+    idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(np.int32)
+    return codebook, idx
+
+
+def build(func, target):
+    return tvm.compile(func.with_attr("global_symbol", "main"), target=target).jit()
+
+
+def run_sparks(target, geom, x, codebook, idx, mode, scheduled=True):
+    k = codebook.shape[0]
+    func = (HostSchedules.schedule_sparks_conv2d(geom, k, mode) if scheduled
+            else sparks_conv2d_primfunc(geom, k, mode))
+    lib = build(func, target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(idx, dev), out)
+    return out.numpy()
+
+
+def run_binary(target, geom, x, signs, mode, scheduled=True):
+    func = HostSchedules.schedule_binary_conv2d(geom, mode) if scheduled else binary_conv2d_primfunc(geom, mode)
+    lib = build(func, target)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(pack_binary_weights(signs), dev), out)
+    return out.numpy()

@@ -1,0 +1,115 @@
+"""Every compiled binary kernel equals the numpy reference bit for bit (int32 results)."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernel_utils import random_activations, random_layer, run_binary, run_sparks
+from sparks_tvm import reference as ref
+from sparks_tvm.kernels import ConvGeometry
+
+
+@st.composite
+def layers(draw, max_channels=70):
+    stride = draw(st.sampled_from([1, 2]))
+    pad = draw(st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (1, 0, 1, 0), (0, 1, 1, 0)]))
+    h = draw(st.integers(3, 13))
+    w = draw(st.integers(3, 13))
+    geom = ConvGeometry(
+        batch=draw(st.integers(1, 3)),
+        in_channels=draw(st.integers(1, max_channels)),
+        height=h,
+        width=w,
+        out_channels=draw(st.integers(1, 40)),
+        stride=(stride, stride),
+        padding=pad,
+    )
+    k = draw(st.integers(2, 64))
+    mode = draw(st.sampled_from(["sign", "ge", "gt"]))
+    seed = draw(st.integers(0, 2**31))
+    return geom, k, mode, seed
+
+
+def test_references_agree(rng):
+    """The two-stage Sparks reference equals a dense binary conv with codebook[idx] kernels."""
+    geom = ConvGeometry(2, 7, 9, 8, 5, stride=(2, 2))
+    codebook, idx = random_layer(rng, geom, 6)
+    a = ref.binarize(random_activations(rng, geom.in_shape), "sign")
+    assert np.array_equal(ref.sparks_conv2d_ref(a, codebook, idx, geom.stride, geom.padding),
+                          ref.binary_conv2d_ref(a, codebook[idx], geom.stride, geom.padding))
+
+
+def test_reference_zero_and_padding_rules():
+    """Hand-checked: a zero activation and padded taps contribute 0, not +-1."""
+    a = np.zeros((1, 1, 1, 1), np.int8)
+    w = np.ones((1, 1, 3, 3), np.int8)
+    assert ref.binary_conv2d_ref(a, w, padding=(1, 1, 1, 1))[0, 0, 0, 0] == 0
+    a[...] = -1
+    assert ref.binary_conv2d_ref(a, w, padding=(1, 1, 1, 1))[0, 0, 0, 0] == -1
+    assert ref.binarize(np.array([0.0], np.float32), "sign")[0] == 0
+    assert ref.binarize(np.array([0.0], np.float32), "ge")[0] == 1
+    assert ref.binarize(np.array([0.0], np.float32), "gt")[0] == -1
+
+
+@given(layers())
+def test_sparks_kernel_exact(host, case):
+    geom, k, mode, seed = case
+    rng = np.random.default_rng(seed)
+    codebook, idx = random_layer(rng, geom, k)
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
+    assert np.array_equal(run_sparks(host, geom, x, codebook, idx, mode), expect)
+
+
+@given(layers(max_channels=100))
+def test_binary_kernel_exact(host, case):
+    geom, k, mode, seed = case
+    rng = np.random.default_rng(seed)
+    codebook, idx = random_layer(rng, geom, k)
+    signs = codebook[idx]
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.binary_conv2d_ref(ref.binarize(x, mode), signs, geom.stride, geom.padding)
+    assert np.array_equal(run_binary(host, geom, x, signs, mode), expect)
+
+
+@pytest.mark.parametrize("kernel", [(5, 5), (1, 1), (3, 1)])
+def test_binary_kernel_other_sizes(host, rng, kernel):
+    geom = ConvGeometry(2, 33, 9, 10, 7, kernel=kernel, stride=(1, 2), padding=(kernel[0] // 2, 0, kernel[0] // 2, 1))
+    signs = np.where(rng.random((7, 33) + kernel) < 0.5, -1, 1).astype(np.int8)
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.binary_conv2d_ref(ref.binarize(x, "sign"), signs, geom.stride, geom.padding)
+    assert np.array_equal(run_binary(host, geom, x, signs, "sign"), expect)
+
+
+def test_unscheduled_sparks_compute_exact(host, rng):
+    """The plain TE definition (no schedule) is itself correct: schedules only reorder it."""
+    geom = ConvGeometry(3, 5, 7, 9, 6, stride=(2, 2))
+    codebook, idx = random_layer(rng, geom, 4)
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert np.array_equal(run_sparks(host, geom, x, codebook, idx, "sign", scheduled=False), expect)
+
+
+def test_sparks_int32_accumulator(host, rng):
+    """9 * C > 32767 switches stage 2 to int32; all-(-1) inputs reach the extreme sum."""
+    geom = ConvGeometry(1, 3700, 3, 3, 2)
+    codebook = np.ones((2, 3, 3), np.int8)
+    codebook[1] = -1
+    idx = np.zeros((2, 3700), np.int32)
+    idx[1] = 1
+    x = -np.ones(geom.in_shape, np.float32)
+    out = run_sparks(host, geom, x, codebook, idx, "sign")
+    assert out[0, 0, 1, 1] == -9 * 3700 and out[0, 1, 1, 1] == 9 * 3700
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert np.array_equal(out, expect)
+
+
+@pytest.mark.parametrize("shape", [(64, 56, 64), (128, 28, 128), (512, 7, 512)])
+def test_resnet18_layer_shapes_exact(host, rng, shape):
+    cin, hw, cout = shape
+    geom = ConvGeometry(1, cin, hw, hw, cout)
+    codebook, idx = random_layer(rng, geom, 16)
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert np.array_equal(run_sparks(host, geom, x, codebook, idx, "sign"), expect)
