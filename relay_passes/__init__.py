@@ -3,6 +3,6 @@
 One pass per file; each separates its pattern, check and rewrite.
 """
 
-from .lower_binary_conv2d import LowerBinaryConv2d, LoweringOptions
+from .lower_binary_conv2d import LowerBinaryConv2d, LoweringOptions, lower_binary_conv2d
 
-__all__ = ["LowerBinaryConv2d", "LoweringOptions"]
+__all__ = ["LowerBinaryConv2d", "LoweringOptions", "lower_binary_conv2d"]

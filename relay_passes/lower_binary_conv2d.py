@@ -134,28 +134,43 @@ class LoweringOptions:
 class LowerBinaryConv2d:
     """Lower binarized conv2d calls to Sparks / dense binary TIR kernels.
 
-    After the pass runs, ``self.report`` holds one :class:`LayerRecord` per conv2d.
+    After the pass runs, ``self.report`` holds one :class:`LayerRecord` per conv2d and
+    ``self.errors`` the user errors found (a Python exception raised inside a pass reaches
+    the caller as a bare RuntimeError through TVM's FFI, so errors are collected instead and
+    raised by :func:`lower_binary_conv2d`).
     """
 
     def __init__(self, options: LoweringOptions | None = None):
         self.options = options or LoweringOptions()
         self.report: list[LayerRecord] = []
+        self.errors: list[Exception] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        self.report = []
-        rewriter = _BinaryConvRewriter(mod, self.options, self.report)
+        self.report.clear()
+        self.errors.clear()
+        rewriter = _BinaryConvRewriter(mod, self.options, self.report, self.errors)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
         return rewriter.builder_.get()
 
 
+def lower_binary_conv2d(mod: tvm.IRModule, options: LoweringOptions | None = None):
+    """Run :class:`LowerBinaryConv2d`; return ``(module, report)`` or raise the first user error."""
+    lowering = LowerBinaryConv2d(options)
+    out = lowering(mod)
+    if lowering.errors:
+        raise lowering.errors[0]
+    return out, list(lowering.report)
+
+
 @mutator
 class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
-    def __init__(self, mod, options: LoweringOptions, report: list):
+    def __init__(self, mod, options: LoweringOptions, report: list, errors: list):
         super().__init__(mod)
         self.options = options
         self.report = report
+        self.errors = errors
 
     def _name(self) -> str:
         i = len(self.report)
@@ -188,9 +203,9 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
         if not isinstance(analysis, BinaryWeights):
             msg = f"conv {name!r} reads binarized activations but its weights are not binary: {analysis.reason}"
             if self.options.strict:
-                raise NonBinaryWeightsError(
+                self.errors.append(NonBinaryWeightsError(
                     msg + ". Pass strict=False (--allow-float) to compile this conv in float instead."
-                )
+                ))
             record.reason = "weights not binary: " + analysis.reason
             return call
         return self._rewrite(call, match, analysis, record)

@@ -21,7 +21,7 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
     from tvm import relax
 
     import schedules
-    from relay_passes import LowerBinaryConv2d, LoweringOptions
+    from relay_passes import LoweringOptions, lower_binary_conv2d
 
     try:
         mod = frontend.import_onnx(proto, specs)
@@ -31,17 +31,17 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
         raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
     # In-graph weight computation (scales, codebook gathers) must be constant before matching.
     mod = relax.transform.FoldConstant()(mod)
-    lowering = LowerBinaryConv2d(
+    mod, report = lower_binary_conv2d(
+        mod,
         LoweringOptions(
             schedules=schedules.for_target(target),
             strict=strict,
             force_kind=force_kind,
             conv_names=frontend.conv_names(proto),
-        )
+        ),
     )
-    mod = lowering(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    return mod, Report(list(lowering.report))
+    return mod, Report(report)
 
 
 def compile(model, target="llvm", shapes: dict | None = None, strict: bool = True, force_kind: str | None = None):  # noqa: A001
