@@ -31,7 +31,23 @@ def padded_rows(out_height: int, rows: int) -> int:
     return -(-out_height // rows) * rows
 
 
-def schedule_sparks_conv2d(func: tirx.PrimFunc, rows: int) -> tirx.PrimFunc:
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _trailing_loops(sch, loops, extent: int) -> list:
+    """The innermost loops whose extents multiply to ``extent``."""
+    picked, total = [], 1
+    for loop in reversed(loops):
+        if total == extent:
+            break
+        picked.insert(0, loop)
+        total *= _extent(sch, loop)
+    assert total == extent, (total, extent)
+    return picked
+
+
+def schedule_sparks_conv2d(func: tirx.PrimFunc, rows: int, out_width: int) -> tirx.PrimFunc:
     """Schedule :func:`sparks_tvm.kernels.sparks_conv2d_compute` for a CPU.
 
     Parameters
@@ -40,6 +56,8 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, rows: int) -> tirx.PrimFunc:
         Built with ``oh_pad = padded_rows(OH, rows)``.
     rows : int
         Output rows per tile (see :func:`choose_rows_per_tile`).
+    out_width : int
+        OW of the convolution.
     """
     sch = s_tir.Schedule(func)
     s2 = sch.get_sblock("stage2")
@@ -54,18 +72,20 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, rows: int) -> tirx.PrimFunc:
     # Stage 1 per tile: its C*K*rows*OW int8 responses are reused by all O output channels.
     s1 = sch.get_sblock("stage1")
     sch.compute_at(s1, tile)
-    # Loops under the tile: c, k, then the tile's pixels (rows may be folded away if 1).
-    pixels = sch.get_loops(s1)[3:]
+    # Loops under the tile: c, k, then the tile's pixels; unit loops are dropped by
+    # compute_at, so find the pixel loops by their extent rather than by position.
+    pixels = _trailing_loops(sch, sch.get_loops(s1)[1:], rows * out_width)
     sch.vectorize(sch.fuse(*pixels) if len(pixels) > 1 else pixels[0])
 
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, o)
     sch.decompose_reduction(s2, ci)
 
-    pack = sch.get_sblock("patch_pack")
-    pn, pc, ph, pw = sch.get_loops(pack)
-    sch.parallel(sch.fuse(pn, pc))
-    sch.vectorize(pw)
+    for name in ("patch_neg", "patch_mask", "patch_valid"):
+        blk = sch.get_sblock(name)
+        pn, pc, _, pw = sch.get_loops(blk)
+        sch.parallel(sch.fuse(pn, pc))
+        sch.vectorize(pw)
 
     bp = sch.get_sblock("bin_pad")
     bn, bc, _, _ = sch.get_loops(bp)
@@ -115,7 +135,7 @@ class HostSchedules:
 
         rows = choose_rows_per_tile(geom.out_height, geom.out_width)
         func = sparks_conv2d_primfunc(geom, num_codewords, mode, padded_rows(geom.out_height, rows))
-        return schedule_sparks_conv2d(func, rows)
+        return schedule_sparks_conv2d(func, rows, geom.out_width)
 
     @staticmethod
     def schedule_binary_conv2d(geom, mode: str) -> tirx.PrimFunc:

@@ -10,8 +10,8 @@ holding a real +-1: inside the image and, for ONNX ``Sign``, non-zero). With the
 
     S = popcount(mask) - 2 * popcount((neg ^ code) & mask)
 
-The packed words ``pm = neg | mask << 16`` are computed once per (channel, pixel) and shared
-by the K codewords.
+The packed 9-bit words ``neg`` and ``mask`` (uint16) and ``popcount(mask)`` are computed once
+per (channel, pixel) and shared by the K codewords.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from .common import ConvGeometry, activation_bits, as_u32
-
-MASK_SHIFT = 16
-
 
 def accumulator_dtype(in_channels: int) -> str:
     """Narrowest accumulator that cannot overflow: |y| <= 9 * C."""
@@ -83,30 +80,41 @@ def sparks_conv2d_compute(geom: ConvGeometry, num_codewords: int, mode: str, oh_
         name="bin_pad",
     )
 
-    def pack(n, c, oh, ow):
-        word = tirx.const(0, "uint32")
+    def pack(n, c, oh, ow, plane):
+        # plane 0: taps holding -1; plane 1: taps holding a real +-1 (in-image, non-zero).
+        word = tirx.const(0, "uint16")
         for t in range(9):
             dy, dx = divmod(t, 3)
             b = bits[n, c, oh * sh + dy, ow * sw + dx]
-            word = word | ((b & 1) << t) | (((b >> 1) & 1) << (MASK_SHIFT + t))
+            word = word | tirx.Cast("uint16", ((b >> plane) & 1) << t)
         return word
 
-    def pack_rows(n, c, oh, ow):
-        if oh_pad == oh_:
-            return pack(n, c, oh, ow)
-        # Padding rows (oh >= OH) read a clamped row and get an empty mask: they add 0
-        # and are never stored.
-        return tirx.if_then_else(oh < oh_, pack(n, c, tirx.min(oh, oh_ - 1), ow), tirx.const(0, "uint32"))
+    def pack_rows(plane):
+        def fcompute(n, c, oh, ow):
+            if oh_pad == oh_:
+                return pack(n, c, oh, ow, plane)
+            # Padding rows (oh >= OH) read a clamped row and get an empty mask: they add 0
+            # and are never stored.
+            return tirx.if_then_else(
+                oh < oh_, pack(n, c, tirx.min(oh, oh_ - 1), ow, plane), tirx.const(0, "uint16")
+            )
 
-    pm = te.compute(shp(n_, c_, oh_pad, ow_), pack_rows, name="patch_pack")
+        return fcompute
+
+    neg = te.compute(shp(n_, c_, oh_pad, ow_), pack_rows(0), name="patch_neg")
+    mask = te.compute(shp(n_, c_, oh_pad, ow_), pack_rows(1), name="patch_mask")
+    # popcount(mask) does not depend on the codeword: computed once per (channel, pixel).
+    valid = te.compute(
+        shp(n_, c_, oh_pad, ow_), lambda n, c, oh, ow: tirx.Cast("int16", tirx.popcount(mask[n, c, oh, ow])),
+        name="patch_valid",
+    )
 
     def stage1(n, c, k, oh, ow):
-        word = pm[n, c, oh, ow]
-        mask = word >> MASK_SHIFT
-        # int32 before the subtraction: uint32 arithmetic that goes negative is poison in LLVM.
-        valid = tirx.Cast("int32", tirx.popcount(mask))
-        diff = tirx.Cast("int32", tirx.popcount((word ^ tirx.Cast("uint32", codes[k])) & mask))
-        return tirx.Cast("int8", valid - 2 * diff)
+        # 16-bit lanes end to end (popcount of a 9-bit word fits); signed before subtracting:
+        # unsigned arithmetic that goes negative is poison in LLVM.
+        code = tirx.Cast("uint16", codes[k])
+        diff = tirx.Cast("int16", tirx.popcount((neg[n, c, oh, ow] ^ code) & mask[n, c, oh, ow]))
+        return tirx.Cast("int8", valid[n, c, oh, ow] - diff * tirx.const(2, "int16"))
 
     s1 = te.compute(shp(n_, c_, k_, oh_pad, ow_), stage1, name="stage1")
 
