@@ -7,7 +7,7 @@ def for_target(target) -> object:
     """Kernel builders for a ``tvm.target.Target``."""
     kind = target.kind.name
     if kind == "llvm":
-        return HostSchedules()
+        return HostSchedules.for_target(target)
     raise NotImplementedError(f"no binary-conv schedules for target kind {kind!r} yet")
 
 

@@ -47,7 +47,21 @@ def _trailing_loops(sch, loops, extent: int) -> list:
     return picked
 
 
-def schedule_sparks_conv2d(func: tirx.PrimFunc, rows: int, out_width: int) -> tirx.PrimFunc:
+def output_chunks(out_height: int, rows: int, batch: int, out_channels: int, cores: int) -> int:
+    """Split output channels across threads when there are too few row tiles to go around.
+
+    Each chunk recomputes its tile's stage 1 (K responses per input channel), which is cheap
+    next to stage 2's Cout gathers; without it a 7x7 layer runs on one core.
+    """
+    tiles = batch * (-(-out_height // rows))
+    if cores <= 1 or tiles >= 2 * cores:
+        return 1
+    return max(1, min(out_channels // 16, -(-2 * cores // tiles)))
+
+
+def schedule_sparks_conv2d(
+    func: tirx.PrimFunc, rows: int, out_width: int, o_chunks: int = 1
+) -> tirx.PrimFunc:
     """Schedule :func:`sparks_tvm.kernels.sparks_conv2d_compute` for a CPU.
 
     Parameters
@@ -58,13 +72,16 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, rows: int, out_width: int) -> ti
         Output rows per tile (see :func:`choose_rows_per_tile`).
     out_width : int
         OW of the convolution.
+    o_chunks : int
+        Output-channel chunks run as separate parallel tasks (see :func:`output_chunks`).
     """
     sch = s_tir.Schedule(func)
     s2 = sch.get_sblock("stage2")
     n, o, oh, ow, ci = sch.get_loops(s2)
     ht, hr = sch.split(oh, [None, rows])
-    sch.reorder(n, ht, o, ci, hr, ow)
-    tile = sch.fuse(n, ht)
+    oc, o = sch.split(o, [o_chunks, None])
+    sch.reorder(n, ht, oc, o, ci, hr, ow)
+    tile = sch.fuse(n, ht, oc)
     sch.parallel(tile)
     pix = sch.fuse(hr, ow)
     sch.vectorize(pix)
@@ -129,13 +146,20 @@ class HostSchedules:
 
     name = "host"
 
-    @staticmethod
-    def schedule_sparks_conv2d(geom, num_codewords: int, mode: str) -> tirx.PrimFunc:
+    def __init__(self, cores: int = 1):
+        self.cores = cores
+
+    @classmethod
+    def for_target(cls, target) -> "HostSchedules":
+        return cls(int(target.attrs.get("num-cores", 1)) if "num-cores" in target.attrs else 1)
+
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str) -> tirx.PrimFunc:
         from sparks_tvm.kernels import sparks_conv2d_primfunc
 
         rows = choose_rows_per_tile(geom.out_height, geom.out_width)
+        chunks = output_chunks(geom.out_height, rows, geom.batch, geom.out_channels, self.cores)
         func = sparks_conv2d_primfunc(geom, num_codewords, mode, padded_rows(geom.out_height, rows))
-        return schedule_sparks_conv2d(func, rows, geom.out_width)
+        return schedule_sparks_conv2d(func, rows, geom.out_width, chunks)
 
     @staticmethod
     def schedule_binary_conv2d(geom, mode: str) -> tirx.PrimFunc:

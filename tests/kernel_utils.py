@@ -27,7 +27,7 @@ def build(func, target):
 
 def run_sparks(target, geom, x, codebook, idx, mode, scheduled=True):
     k = codebook.shape[0]
-    func = (HostSchedules.schedule_sparks_conv2d(geom, k, mode) if scheduled
+    func = (HostSchedules.for_target(target).schedule_sparks_conv2d(geom, k, mode) if scheduled
             else sparks_conv2d_primfunc(geom, k, mode))
     lib = build(func, target)
     dev = tvm.cpu()
@@ -38,7 +38,7 @@ def run_sparks(target, geom, x, codebook, idx, mode, scheduled=True):
 
 
 def run_binary(target, geom, x, signs, mode, scheduled=True):
-    func = HostSchedules.schedule_binary_conv2d(geom, mode) if scheduled else binary_conv2d_primfunc(geom, mode)
+    func = HostSchedules.for_target(target).schedule_binary_conv2d(geom, mode) if scheduled else binary_conv2d_primfunc(geom, mode)
     lib = build(func, target)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)

@@ -113,3 +113,28 @@ def test_resnet18_layer_shapes_exact(host, rng, shape):
     x = random_activations(rng, geom.in_shape)
     expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     assert np.array_equal(run_sparks(host, geom, x, codebook, idx, "sign"), expect)
+
+
+def test_single_codeword_layer(host, rng):
+    """K = 1: the codeword loop disappears from the schedule; results stay exact."""
+    geom = ConvGeometry(2, 9, 6, 7, 5, stride=(2, 2))
+    codebook, idx = random_layer(rng, geom, 1)
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert np.array_equal(run_sparks(host, geom, x, codebook, idx, "sign"), expect)
+
+
+def test_output_channel_chunks_exact(rng):
+    """Few row tiles -> output channels split across threads; still exact."""
+    from schedules.host import HostSchedules, choose_rows_per_tile, output_chunks
+    from sparks_tvm.target import host_target
+    import tvm
+
+    geom = ConvGeometry(1, 40, 7, 7, 50)
+    assert output_chunks(7, choose_rows_per_tile(7, 7), 1, 50, 4) > 1
+    target = tvm.target.Target(dict(host_target().export(), **{"num-cores": 4}))
+    codebook, idx = random_layer(rng, geom, 16)
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert HostSchedules.for_target(target).cores == 4
+    assert np.array_equal(run_sparks(target, geom, x, codebook, idx, "sign"), expect)

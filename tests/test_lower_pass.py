@@ -76,7 +76,7 @@ def test_sparks_rewrite_structure(rng):
     x = relax.Var("x", relax.TensorType(X_SHAPE, "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
-            func = HostSchedules.schedule_sparks_conv2d(geom, 5, "sign").with_attr("global_symbol", "sparks_conv2d_0")
+            func = HostSchedules().schedule_sparks_conv2d(geom, 5, "sign").with_attr("global_symbol", "sparks_conv2d_0")
             gv = bb.add_func(func, "sparks_conv2d_0")
             acc = bb.emit(relax.call_tir(gv, [x, relax.const(codes_to_bits(bw.codebook), "int32"),
                                               relax.const(bw.idx, "int32")], relax.TensorType(geom.out_shape, "int32")))
