@@ -67,7 +67,6 @@ def activation_bits(x: tirx.PrimExpr, mode: str):
     ``neg`` marks a -1, ``nonzero`` marks a tap that holds a real +-1 value.  Only ONNX
     ``Sign`` produces zeros; the ``x >= 0`` / ``x > 0`` forms never do.
     """
-    u32 = "uint32"
     if mode == "sign":
         return x < tirx.const(0, x.dtype), x != tirx.const(0, x.dtype)
     if mode == "ge":
