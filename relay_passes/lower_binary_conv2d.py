@@ -68,7 +68,8 @@ def match_conv(call: relax.Call, lookup) -> tuple[ConvMatch | None, str, str | N
     found = match_binarizer(data, lookup)
     if found is None:
         return None, "input is not binarized", None
-    weight = lookup(weight) if isinstance(weight, relax.Var) and lookup(weight) is not None else weight
+    bound = lookup(weight) if isinstance(weight, relax.Var) else None
+    weight = weight if bound is None else bound
     w = constant_array(weight)
     if w is None:
         return None, "weights are not constant", found.mode

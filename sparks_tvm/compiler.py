@@ -17,7 +17,6 @@ SIDECAR_SUFFIX = ".sparks.json"
 
 def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None):
     """Import, fold constants and lower binary convs. Returns ``(IRModule, Report)``."""
-    import tvm
     from tvm import relax
 
     import schedules
