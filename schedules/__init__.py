@@ -1,5 +1,6 @@
 """Schedules for sparks_tvm's binary kernels, one module per target family."""
 
+from .arm import ArmSchedules
 from .host import HostSchedules
 
 
@@ -7,8 +8,11 @@ def for_target(target) -> object:
     """Kernel builders for a ``tvm.target.Target``."""
     kind = target.kind.name
     if kind == "llvm":
+        triple = str(target.attrs.get("mtriple", ""))
+        if triple.startswith(("aarch64", "arm64", "arm", "thumb")):
+            return ArmSchedules.for_target(target)
         return HostSchedules.for_target(target)
     raise NotImplementedError(f"no binary-conv schedules for target kind {kind!r} yet")
 
 
-__all__ = ["HostSchedules", "for_target"]
+__all__ = ["ArmSchedules", "HostSchedules", "for_target"]

@@ -116,6 +116,13 @@ class CompiledModel:
             import tvm
             from tvm import relax
 
+            if _default_cross_compiler(self.target):
+                # Running foreign machine code in-process would crash, not raise.
+                raise SparksError(
+                    f"this model was compiled for {self.target.attrs.get('mtriple')}, not this machine: export it "
+                    "and run it on the device (sparks_tvm.rpc.RemoteModel, or `sparks-tvm run --rpc host:port`)"
+                )
+
             self._vm = relax.VirtualMachine(self._ex, tvm.cpu())
         return self._vm
 
@@ -144,16 +151,58 @@ class CompiledModel:
         times = np.array(res.results) * 1e3
         return {"median_ms": float(np.median(times)), "mean_ms": float(times.mean()), "repeat": repeat}
 
-    def export_library(self, path) -> str:
-        """Write a shared library plus ``<path>.sparks.json`` (inputs, outputs, report)."""
+    def export_library(self, path, cross_compiler: str | None = None) -> str:
+        """Write a shared library plus ``<path>.sparks.json`` (inputs, outputs, report).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            ``*.so``: a shared library, linked on this machine (for an ARM target with the
+            cross linker, e.g. ``aarch64-linux-gnu-gcc``). ``*.tar``: the object files, to be
+            linked on the device itself (``tvm.runtime.load_module`` of the tar links it there
+            with the device's ``gcc``).
+        cross_compiler : str, optional
+            Linker to use instead of the default for the target (``aarch64-linux-gnu-gcc`` for
+            aarch64 targets, the host ``gcc`` otherwise).
+
+        Returns
+        -------
+        str
+            ``path``.
+        """
         path = os.fspath(path)
+        kwargs = {}
+        linker = cross_compiler or _default_cross_compiler(self.target)
+        if linker and not path.endswith(".tar"):
+            import shutil
+
+            from tvm.support import cc
+
+            if shutil.which(linker) is None:
+                raise CompileError(
+                    f"exporting {path} for {self.target.attrs.get('mtriple', self.target)} needs the cross linker "
+                    f"{linker!r}, which is not on PATH: install it (Debian: apt-get install gcc-aarch64-linux-gnu, "
+                    "or scripts/emulated_pi/setup.sh), or export a .tar and link it on the device"
+                )
+            kwargs["fcompile"] = cc.cross_compiler(linker)
         try:
-            self._ex.export_library(path)
+            self._ex.export_library(path, **kwargs)
         except Exception as err:
             raise CompileError(f"exporting {path} failed: {str(err).splitlines()[0]}") from err
         with open(path + SIDECAR_SUFFIX, "w") as fh:
             json.dump(self._meta, fh, indent=1)
         return path
+
+
+def _default_cross_compiler(target) -> str | None:
+    """The cross linker for a target this machine cannot link natively (None: host gcc)."""
+    import platform
+
+    from .target import is_aarch64
+
+    if target is None or not is_aarch64(target) or platform.machine() in ("aarch64", "arm64"):
+        return None
+    return "aarch64-linux-gnu-gcc"
 
 
 def load(path) -> CompiledModel:

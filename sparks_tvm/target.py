@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import tvm
 from tvm.target import codegen
 
 from .errors import SparksError
+
+logger = logging.getLogger("sparks_tvm")
 
 
 def host_cpu_count() -> int:
@@ -32,6 +35,47 @@ def host_target() -> tvm.target.Target:
 ALIASES = {"llvm": host_target, "host": host_target, "cpu": host_target}
 
 
+def _aarch64(mcpu: str, cores: int = 4, model: str | None = None, mattr=("+neon",)):
+    """An aarch64 Linux CPU target (Raspberry Pi class boards run 64-bit Raspberry Pi OS)."""
+
+    def make() -> tvm.target.Target:
+        spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": list(mattr),
+                "num-cores": cores, "keys": ["arm_cpu", "cpu"]}
+        if model:
+            spec["model"] = model
+        return tvm.target.Target(spec)
+
+    return make
+
+
+# ARM boards. ``arm_cpu`` is a TVM strategy key, not a target: ours means a Raspberry Pi 4
+# (Cortex-A72, 4 cores, NEON), the most common board. The Pi 5's Cortex-A76 also has dotprod,
+# which LLVM enables from ``mcpu``.
+ARM_ALIASES = {
+    "arm_cpu": _aarch64("cortex-a72", model="bcm2711"),
+    "rpi4": _aarch64("cortex-a72", model="bcm2711"),
+    "raspberry-pi-4": _aarch64("cortex-a72", model="bcm2711"),
+    "rpi3": _aarch64("cortex-a53", model="bcm2837"),
+    "raspberry-pi-3": _aarch64("cortex-a53", model="bcm2837"),
+    "rpi5": _aarch64("cortex-a76", model="bcm2712"),
+    "raspberry-pi-5": _aarch64("cortex-a76", model="bcm2712"),
+    "cortex-a76": _aarch64("cortex-a76"),
+    "aarch64": _aarch64("generic"),
+}
+ALIASES.update(ARM_ALIASES)
+
+
+def is_aarch64(target: tvm.target.Target) -> bool:
+    """True for an LLVM target that generates 64-bit ARM code."""
+    return target.kind.name == "llvm" and str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64"))
+
+
+def is_arm(target: tvm.target.Target) -> bool:
+    """True for an LLVM target that generates ARM code (aarch64 or 32-bit ARM)."""
+    triple = str(target.attrs.get("mtriple", "")) if target.kind.name == "llvm" else ""
+    return triple.startswith(("aarch64", "arm64", "arm", "thumb"))
+
+
 def resolve_target(target) -> tvm.target.Target:
     """Resolve an alias (``"llvm"``/``"host"``), a TVM tag, a dict or a Target."""
     if isinstance(target, tvm.target.Target):
@@ -40,7 +84,10 @@ def resolve_target(target) -> tvm.target.Target:
         return tvm.target.Target(target)
     if isinstance(target, str):
         if target in ALIASES:
-            return ALIASES[target]()
+            resolved = ALIASES[target]()
+            # Always say what an alias became: "arm_cpu" or "llvm" hide a CPU model and core count.
+            logger.info("target %r resolved to %s", target, target_json(resolved))
+            return resolved
         try:
             return tvm.target.Target(target)
         except Exception as err:  # TVM raises several error types for bad targets
@@ -52,4 +99,13 @@ def resolve_target(target) -> tvm.target.Target:
 
 
 def target_json(target: tvm.target.Target) -> str:
-    return json.dumps(dict(target.export()), default=str, sort_keys=True)
+    return json.dumps(dict(target.export()), default=_jsonable, sort_keys=True)
+
+
+def _jsonable(value):
+    # TVM arrays (keys, mattr) and maps (host) become JSON lists/objects, not their repr.
+    if hasattr(value, "items"):
+        return dict(value.items())
+    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
+        return list(value)
+    return str(value)

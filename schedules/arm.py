@@ -1,0 +1,58 @@
+"""ARM (aarch64 NEON) schedules: a thin layer of target choices over the host scheduling core.
+
+The scheduling logic (tiling, stage-1 placement, parallel/vector loops) lives in
+:mod:`schedules.host` and is shared, so the ARM path picks up every kernel and schedule
+improvement made there. This file only fixes what differs on an ARM board:
+
+- the core count: a Raspberry Pi has 4 cores (the host default reads ``num-cores``, which
+  an ARM target string often leaves out, and would fall back to 1 thread);
+- the vector width: NEON registers are 128 bits (16 bytes). ``tirx.popcount`` on a vector of
+  bytes lowers through LLVM to ``cnt v.16b`` (+ ``uaddlp`` widening adds), which the tests
+  check in the cross-compiled ELF's disassembly.
+"""
+
+from __future__ import annotations
+
+from .host import HostSchedules
+
+#: NEON vector register width in bytes (128 bits) on every aarch64 core.
+NEON_BYTES = 16
+#: Cores of a Raspberry Pi 3/4/5, used when the target does not say.
+DEFAULT_ARM_CORES = 4
+
+
+class ArmSchedules(HostSchedules):
+    """Kernel builders for LLVM ARM CPU targets (aarch64 with NEON, e.g. a Raspberry Pi 4).
+
+    Parameters
+    ----------
+    cores : int
+        Threads the schedules split work across (TVM's thread pool on the device).
+    vector_bytes : int
+        Width of one vector register in bytes (16 for NEON).
+    """
+
+    name = "arm"
+
+    def __init__(self, cores: int = DEFAULT_ARM_CORES, vector_bytes: int = NEON_BYTES):
+        super().__init__(cores)
+        self.vector_bytes = vector_bytes
+
+    @classmethod
+    def for_target(cls, target) -> "ArmSchedules":
+        """Choices for a ``tvm.target.Target`` (``num-cores`` if given, else a Pi's 4 cores)."""
+        cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else DEFAULT_ARM_CORES
+        return cls(cores=max(1, cores))
+
+    @property
+    def int8_lanes(self) -> int:
+        """int8 lanes per NEON register (16): stage-1 responses and popcount bytes."""
+        return self.vector_bytes
+
+    @property
+    def int16_lanes(self) -> int:
+        """int16 lanes per NEON register (8): the Sparks accumulator."""
+        return self.vector_bytes // 2
+
+    def __repr__(self) -> str:
+        return f"ArmSchedules(cores={self.cores}, vector_bytes={self.vector_bytes})"
