@@ -12,6 +12,14 @@ Recognised forms (``g`` any expression, constants may be scalars or broadcast te
 - ``cast(x >= 0) * 2 - 1`` (and ``x > 0``), in either operand order of the multiply.
 - STE residues left by exporting ``b - g.detach() + g`` or ``x + (b - x).detach()``:
   ``(b - g) + g`` and ``g + (b - g)`` where ``b`` is any recognised binarizer.
+- ``sign(sign(x) + c)`` with a constant ``|c| < 1`` (a zero-rule fix some code writes):
+  ``c > 0``: 0 -> +1 (``ge``), ``c < 0``: 0 -> -1 (``gt``), ``c == 0``: plain sign.
+  ``|c| >= 1`` is not a binarizer (the result is constant or ternary).
+- Comparisons written with the zero first (``0 <= x``, ``0 > x``) in every form above.
+- A scaled binarizer ``b * s``, ``s * b`` or ``b / s`` with a constant ``s`` (QONNX's
+  ``BipolarQuant`` scale, XNOR-Net's activation scale): the match carries ``scale`` and
+  the check (:func:`relay_passes.binary_weights.fold_input_scale`) decides whether it can
+  be moved into the weights (per tensor or per input channel).
 """
 
 from __future__ import annotations
@@ -24,12 +32,16 @@ import tvm
 from tvm import relax
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Binarizer:
     """A recognised binarization of ``source`` with the zero rule ``mode``."""
 
     source: relax.Expr
     mode: str
+    #: Constant the binarized tensor is multiplied by (numpy, broadcastable), or None.
+    scale: np.ndarray | None = None
+    #: The idiom recognised, for reports (``"sign"``, ``"where"``, ``"ste"``, ...).
+    form: str = ""
 
 
 Lookup = Callable[[relax.Expr], relax.Expr]
@@ -81,20 +93,47 @@ _CMP_TO_MODE = {
 }
 
 
+#: ``0 <cmp> x`` is ``x <mirror(cmp)> 0``.
+_MIRROR = {
+    "relax.greater_equal": "relax.less_equal",
+    "relax.less_equal": "relax.greater_equal",
+    "relax.greater": "relax.less",
+    "relax.less": "relax.greater",
+}
+
+
 def _comparison_with_zero(expr: relax.Expr, lookup: Lookup):
-    """``(x, op_name)`` if expr is ``x <cmp> 0``, else None."""
+    """``(x, op_name)`` if expr is ``x <cmp> 0`` (or ``0 <cmp'> x``, normalised), else None."""
     expr = _resolve(expr, lookup)
     name = _op_name(expr)
-    if name in ("relax.greater_equal", "relax.less", "relax.greater", "relax.less_equal"):
+    if name in _MIRROR:
         if _const_value(expr.args[1], lookup) == 0.0:
             return expr.args[0], name
+        if _const_value(expr.args[0], lookup) == 0.0:
+            return expr.args[1], _MIRROR[name]
+    return None
+
+
+def _sign_of_shifted_sign(arg: relax.Expr, lookup: Lookup) -> Binarizer | None:
+    """``sign(sign(x) + c)``: binary iff |c| < 1; ``c`` picks the value of x == 0."""
+    arg = _resolve(arg, lookup)
+    if _op_name(arg) != "relax.add":
+        return None
+    for inner, const in ((arg.args[0], arg.args[1]), (arg.args[1], arg.args[0])):
+        c = _const_value(const, lookup)
+        inner = _resolve(inner, lookup)
+        if c is None or _op_name(inner) != "relax.sign" or not abs(c) < 1.0:
+            continue
+        # x > 0: sign(1 + c) = +1, x < 0: sign(-1 + c) = -1, x == 0: sign(c).
+        mode = "ge" if c > 0 else ("gt" if c < 0 else "sign")
+        return Binarizer(inner.args[0], mode, form="sign(sign(x)+c)")
     return None
 
 
 def match_sign(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
     expr = _resolve(expr, lookup)
     if _op_name(expr) == "relax.sign":
-        return Binarizer(expr.args[0], "sign")
+        return _sign_of_shifted_sign(expr.args[0], lookup) or Binarizer(expr.args[0], "sign", form="sign")
     return None
 
 
@@ -107,7 +146,7 @@ def match_where(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
         return None
     key = (cmp[1], _const_value(expr.args[1], lookup), _const_value(expr.args[2], lookup))
     mode = _CMP_TO_MODE.get(key)
-    return Binarizer(cmp[0], mode) if mode else None
+    return Binarizer(cmp[0], mode, form="where") if mode else None
 
 
 def match_cast_affine(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
@@ -129,7 +168,7 @@ def match_cast_affine(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
     cmp = _comparison_with_zero(cast.args[0], lookup)
     if cmp is None or cmp[1] not in ("relax.greater_equal", "relax.greater"):
         return None
-    return Binarizer(cmp[0], "ge" if cmp[1] == "relax.greater_equal" else "gt")
+    return Binarizer(cmp[0], "ge" if cmp[1] == "relax.greater_equal" else "gt", form="cast*2-1")
 
 
 def _same(a: relax.Expr, b: relax.Expr) -> bool:
@@ -150,7 +189,32 @@ def match_ste_residue(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binar
         ):
             inner = match_binarizer(sub.args[0], lookup, depth + 1)
             if inner is not None:
-                return inner
+                return Binarizer(inner.source, inner.mode, inner.scale, f"ste({inner.form})")
+    return None
+
+
+def match_scaled(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binarizer | None:
+    """``b * s``, ``s * b`` or ``b / s`` with ``b`` a binarizer and ``s`` a constant."""
+    if depth > 4:
+        return None
+    expr = _resolve(expr, lookup)
+    name = _op_name(expr)
+    if name == "relax.multiply":
+        pairs = ((expr.args[0], expr.args[1]), (expr.args[1], expr.args[0]))
+    elif name == "relax.divide":
+        pairs = ((expr.args[0], expr.args[1]),)
+    else:
+        return None
+    for b_arg, s_arg in pairs:
+        s = constant_array(_resolve(s_arg, lookup))
+        if s is None or s.dtype.kind != "f":
+            continue
+        inner = match_binarizer(b_arg, lookup, depth + 1)
+        if inner is None:
+            continue
+        s = (np.float32(1.0) / s.astype(np.float32)) if name == "relax.divide" else s.astype(np.float32)
+        scale = s if inner.scale is None else inner.scale * s
+        return Binarizer(inner.source, inner.mode, scale, f"{inner.form}*scale")
     return None
 
 
@@ -163,4 +227,4 @@ def match_binarizer(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binariz
         found = matcher(expr, lookup)
         if found is not None:
             return found
-    return match_ste_residue(expr, lookup, depth)
+    return match_ste_residue(expr, lookup, depth) or match_scaled(expr, lookup, depth)

@@ -144,3 +144,39 @@ def analyze_binary_weights(weight: np.ndarray) -> BinaryWeights | NotBinary:
             idx=idx.reshape(o, -1).astype(np.int32),
         )
     return result
+
+
+def fold_input_scale(weight: np.ndarray, scale: np.ndarray) -> np.ndarray | NotBinary:
+    """Move a constant activation scale into the weights: ``conv(s * b, W) = conv(b, W * s)``.
+
+    Valid when ``s`` is one value or one value per input channel (broadcast against NCHW).
+    The result is binary only if every ``|s_i|`` is equal (a sign per input channel is fine:
+    it flips kernels, as a folded BatchNorm does per output channel).
+
+    Parameters
+    ----------
+    weight : ndarray, (O, C, KH, KW)
+    scale : ndarray, broadcastable to (N, C, H, W)
+
+    Returns
+    -------
+    ndarray (the folded float32 weight) or NotBinary (why the scaled input is not binary).
+    """
+    s = np.asarray(scale, dtype=np.float32)
+    c = weight.shape[1]
+    if s.ndim > 4:
+        return NotBinary(f"activation scale has rank {s.ndim} > 4")
+    shape = (1,) * (4 - s.ndim) + s.shape
+    if shape[0] != 1 or shape[2] != 1 or shape[3] != 1 or shape[1] not in (1, c):
+        return NotBinary(f"activation scale of shape {tuple(s.shape)} varies over batch or space; only a "
+                         f"per-tensor or per-input-channel scale can move into the weights")
+    per_channel = np.broadcast_to(s.reshape(-1), (c,)) if shape[1] == 1 else s.reshape(c)
+    if not np.all(np.isfinite(per_channel)):
+        return NotBinary("activation scale is not finite")
+    mags = np.unique(np.abs(per_channel))
+    if mags[0] == 0:
+        return NotBinary("activation scale is 0 for some input channel")
+    if mags.size > 1:
+        return NotBinary(f"activation scale differs between input channels ({mags.size} magnitudes, "
+                         f"{mags[0]:.6g}..{mags[-1]:.6g}): the scaled activations are not binary")
+    return (np.asarray(weight, np.float32) * per_channel.reshape(1, c, 1, 1)).astype(np.float32)

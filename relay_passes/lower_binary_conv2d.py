@@ -33,7 +33,7 @@ from sparks_tvm.reference import codes_to_bits
 from sparks_tvm.report import LayerRecord
 
 from .binarizer_patterns import constant_array, match_binarizer
-from .binary_weights import BinaryWeights, analyze_binary_weights
+from .binary_weights import BinaryWeights, NotBinary, analyze_binary_weights, fold_input_scale
 
 
 @dataclass
@@ -73,6 +73,12 @@ def match_conv(call: relax.Call, lookup) -> tuple[ConvMatch | None, str, str | N
     w = constant_array(weight)
     if w is None:
         return None, "weights are not constant", found.mode
+    if found.scale is not None and w.ndim == 4:
+        # conv(s * b, W) == conv(b, s * W): the scale joins alpha (check in binary_weights).
+        folded = fold_input_scale(w, found.scale)
+        if isinstance(folded, NotBinary):
+            return None, "binarized but scaled: " + folded.reason, found.mode
+        w = folded
     attrs = call.attrs
     problems = []
     if int(attrs.groups) != 1:

@@ -12,11 +12,12 @@ class ModelLoadError(SparksError):
 class UnsupportedOpsError(SparksError):
     """The model uses ONNX operators that cannot be compiled; all of them are listed."""
 
-    def __init__(self, ops: dict):
+    def __init__(self, ops: dict, hint: str = ""):
         self.ops = ops
         lines = [f"  {op}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for op, names in ops.items()]
         super().__init__(
             f"the model uses {len(ops)} unsupported ONNX operator(s) (operator: nodes):\n" + "\n".join(lines)
+            + (f"\n{hint}" if hint else "")
         )
 
 
@@ -30,3 +31,13 @@ class ShapeError(SparksError):
 
 class CompileError(SparksError):
     """TVM failed to compile the model; the message says at which stage."""
+
+
+class QONNXError(SparksError):
+    """A QONNX quantization node (BipolarQuant, Quant) has inputs or attributes that cannot be
+    rewritten into standard ONNX (non-constant bit width, unknown rounding mode, ...)."""
+
+
+class InputValueError(SparksError):
+    """A run-time input holds NaN or infinity: the binary kernels cannot reproduce the float
+    reference's NaN propagation, so such inputs are refused rather than answered wrongly."""

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import ModelLoadError, ShapeError, UnsupportedOpsError
+from .errors import InputValueError, ModelLoadError, ShapeError, UnsupportedOpsError
 
 
 @dataclass
@@ -19,8 +19,13 @@ class InputSpec:
     dtype: str
 
 
-def load_onnx(model) -> onnx.ModelProto:
-    """Accept a path, raw bytes or an ``onnx.ModelProto``; check it."""
+def load_onnx(model, rewrite_qonnx: bool = True) -> onnx.ModelProto:
+    """Accept a path, raw bytes or an ``onnx.ModelProto``; check it.
+
+    With ``rewrite_qonnx`` (default), QONNX quantization nodes (Brevitas/FINN exports) are
+    rewritten into standard ONNX (:mod:`sparks_tvm.qonnx`) on a copy of the model, before the
+    supported-ops check sees them.
+    """
     if isinstance(model, onnx.ModelProto):
         proto, origin = model, "the given ModelProto"
     else:
@@ -46,6 +51,10 @@ def load_onnx(model) -> onnx.ModelProto:
         onnx.checker.check_model(proto)
     except Exception as err:
         raise ModelLoadError(f"{origin}: invalid ONNX model: {str(err).splitlines()[0]}") from None
+    if rewrite_qonnx:
+        from .qonnx import rewrite_qonnx as _rewrite
+
+        proto = _rewrite(proto).model
     return proto
 
 
@@ -67,7 +76,13 @@ def check_supported_ops(proto: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
             missing.setdefault(op, []).append(node.name or f"#{i}")
     if missing:
-        raise UnsupportedOpsError(missing)
+        from .qonnx import QONNX_DOMAINS
+
+        hint = ""
+        if any(op.split("::")[0] in QONNX_DOMAINS for op in missing):
+            hint = ("QONNX: BipolarQuant (binary) and Quant/IntQuant (integer, compiled in float) are "
+                    "rewritten; the other QONNX operators listed are not supported.")
+        raise UnsupportedOpsError(missing, hint)
 
 
 def conv_names(proto: onnx.ModelProto) -> list:
@@ -140,5 +155,15 @@ def as_input_arrays(specs: list, arrays) -> list:
             if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
                 raise ShapeError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {arr.dtype}")
             arr = arr.astype(spec.dtype)
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            # Binary kernels turn every activation into one bit: a NaN cannot propagate as it
+            # does through onnxruntime's Sign, and inf easily becomes NaN in the float layers
+            # before a binarizer. Refuse rather than return a result that differs silently.
+            bad = ~np.isfinite(arr)
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InputValueError(
+                f"input {spec.name!r} holds {int(bad.sum())} non-finite value(s) (NaN/inf), first at "
+                f"index {first} ({arr[first]}); binarized models need finite inputs"
+            )
         out.append(np.ascontiguousarray(arr))
     return out
