@@ -14,7 +14,8 @@ Recognised forms (``g`` any expression, constants may be scalars or broadcast te
   ``(b - g) + g`` and ``g + (b - g)`` where ``b`` is any recognised binarizer.
 - ``sign(sign(x) + c)`` with a constant ``|c| < 1`` (a zero-rule fix some code writes):
   ``c > 0``: 0 -> +1 (``ge``), ``c < 0``: 0 -> -1 (``gt``), ``c == 0``: plain sign.
-  ``|c| >= 1`` is not a binarizer (the result is constant or ternary).
+  With ``|c| >= 1`` it is no zero rule of ``x``: the outer sign then binarizes the float
+  tensor ``sign(x) + c`` like any other ``sign(y)``.
 - Comparisons written with the zero first (``0 <= x``, ``0 > x``) in every form above.
 - A scaled binarizer ``b * s``, ``s * b`` or ``b / s`` with a constant ``s`` (QONNX's
   ``BipolarQuant`` scale, XNOR-Net's activation scale): the match carries ``scale`` and
