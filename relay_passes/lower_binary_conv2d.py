@@ -28,7 +28,13 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from sparks_tvm.cost import bits_per_weight, dense_bops, sparks_bops, sparks_is_cheaper
 from sparks_tvm.errors import NonBinaryWeightsError
-from sparks_tvm.kernels import ConvGeometry, binary_conv2d_primfunc, pack_binary_weights, sparks_conv2d_primfunc
+from sparks_tvm.kernels import (
+    ConvGeometry,
+    binary_conv2d_primfunc,
+    pack_binary_weights,
+    sparks_conv2d_primfunc,
+    sparks_out_shape,
+)
 from sparks_tvm.reference import codes_to_bits
 from sparks_tvm.report import LayerRecord
 
@@ -129,12 +135,17 @@ class LoweringOptions:
         ``"sparks"`` or ``"binary"`` overrides the cost model (tests, benchmarks).
     conv_names : list of str
         Names of the convs in graph order (ONNX node names), for the report.
+    details : list or None
+        If a list, one dict per conv (parallel to the report) is appended with what the
+        pattern saw: the binarizer idiom, a constant input scale moved into the weights and
+        the kernel emitted (``sparks_tvm.inspect`` prints them).
     """
 
     schedules: object = None
     strict: bool = True
     force_kind: str | None = None
     conv_names: list = field(default_factory=list)
+    details: list | None = None
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerBinaryConv2d")
@@ -204,6 +215,15 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             reason=reason,
         )
         self.report.append(record)
+        detail = None
+        if self.options.details is not None:
+            found = match_binarizer(call.args[0], self.lookup_binding)
+            detail = {
+                "binarizer_form": found.form if found is not None else None,
+                "input_scale": None if found is None or found.scale is None else np.asarray(found.scale).tolist(),
+                "kernel_symbol": None,
+            }
+            self.options.details.append(detail)
         if match is None:
             return call
         analysis = analyze_binary_weights(match.weight)
@@ -215,7 +235,10 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
                 ))
             record.reason = "weights not binary: " + analysis.reason
             return call
-        return self._rewrite(call, match, analysis, record)
+        result = self._rewrite(call, match, analysis, record)
+        if detail is not None:
+            detail["kernel_symbol"] = f"{record.kind}_conv2d_{len(self.report) - 1}"
+        return result
 
     def _rewrite(self, call, match: ConvMatch, bw: BinaryWeights, record: LayerRecord) -> relax.Expr:
         geom = match.geom
@@ -257,8 +280,11 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             args = [match.source, relax.const(pack_binary_weights(bw.signs), "uint32")]
         symbol = f"{kind}_conv2d_{len(self.report) - 1}"
         gvar = self.builder_.add_func(func.with_attr("global_symbol", symbol), symbol)
-        out_ty = relax.TensorType(geom.out_shape, "int32")
-        acc = self.builder_.emit(relax.call_tir(gvar, args, out_ty), name_hint=f"{kind}_acc")
+        out_shape = sparks_out_shape(geom) if kind == "sparks" else geom.out_shape
+        acc = self.builder_.emit(relax.call_tir(gvar, args, relax.TensorType(out_shape, "int32")), name_hint=f"{kind}_acc")
+        if out_shape != geom.out_shape:
+            # The Sparks kernel writes flattened pixels; back to NCHW is a view, not a copy.
+            acc = self.builder_.emit(relax.op.reshape(acc, geom.out_shape))
         result = relax.op.astype(acc, "float32")
         if not np.all(bw.alpha == 1.0):
             alpha = relax.const(bw.alpha.reshape(1, -1, 1, 1), "float32")

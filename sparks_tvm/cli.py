@@ -2,6 +2,7 @@
 
     sparks-tvm compile model.onnx --target llvm --shapes input:1x3x224x224 -o model.so
     sparks-tvm run model.so --inputs x.npz [--outputs y.npz]
+    sparks-tvm inspect model.onnx [--json]
 """
 
 from __future__ import annotations
@@ -74,6 +75,20 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from .inspect import inspect_model
+
+    result = inspect_model(args.model, shapes=parse_shapes(args.shapes))
+    text = result.to_json() if args.json else str(result)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text + "\n")
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparks-tvm", description="TVM compiler for Sparks sub-bit BNNs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -85,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-float", action="store_true",
                    help="compile binarized convs with non-binary weights in float instead of failing")
     c.set_defaults(func=_cmd_compile)
+    i = sub.add_parser("inspect", help="per conv: binary or not and why, codewords, bits/weight, BOPs, "
+                                       "what will be lowered (nothing is built)")
+    i.add_argument("model", help="ONNX file")
+    i.add_argument("--shapes", help="input shapes, e.g. input:1x3x224x224[,other:1x10]")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("-o", "--output", help="write the table/JSON to this file")
+    i.set_defaults(func=_cmd_inspect)
     r = sub.add_parser("run", help="run a compiled library")
     r.add_argument("library", help="library written by 'sparks-tvm compile'")
     r.add_argument("--inputs", help=".npz with one array per model input, by name")
