@@ -75,8 +75,11 @@ def sparks_kernel(tag, geom, k, rng, target, mode="sign"):
     idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(np.int32)
     func = schedules.for_target(target).schedule_sparks_conv2d(geom, k, mode)
     expected = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
-    return Kernel(tag, f"sparks K={k}", func, [x, ref.codes_to_bits(codebook), idx], geom.out_shape,
-                  expected=expected)
+    from sparks_tvm.kernels import sparks_out_shape
+
+    # The Sparks kernel writes flattened pixels (N, O, OH*OW).
+    return Kernel(tag, f"sparks K={k}", func, [x, ref.codes_to_bits(codebook), idx], sparks_out_shape(geom),
+                  expected=expected.reshape(sparks_out_shape(geom)))
 
 
 def dense_kernel(tag, geom, rng, target, mode="sign"):

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     from schedules.host import HostSchedules
-    from sparks_tvm.kernels import ConvGeometry, pack_binary_weights
+    from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, sparks_out_shape
     from sparks_tvm.models import random_codebook
     from sparks_tvm.reference import codes_to_bits
     from sparks_tvm.target import host_target
@@ -78,12 +78,13 @@ def main(argv=None) -> int:
             x = rng.standard_normal(geom.in_shape).astype(np.float32)
             codebook = random_codebook(rng, k).astype(np.int8)
             idx = rng.integers(0, k, size=(cout, cin)).astype(np.int32)
-            out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
+            out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+            out_dense = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
             xt = tvm.runtime.tensor(x, dev)
             sparks = tvm_ms(sched.schedule_sparks_conv2d(geom, k, "sign"),
                             [xt, tvm.runtime.tensor(codes_to_bits(codebook), dev), tvm.runtime.tensor(idx, dev), out])
             dense = tvm_ms(sched.schedule_binary_conv2d(geom, "sign"),
-                           [xt, tvm.runtime.tensor(pack_binary_weights(codebook[idx]), dev), out])
+                           [xt, tvm.runtime.tensor(pack_binary_weights(codebook[idx]), dev), out_dense])
             onnxrt = ort_ms(geom, x)
             row = {"k": k, "cin": cin, "cout": cout, "in_side": side, "stride": stride, "sparks_ms": sparks,
                    "dense_binary_ms": dense, "ort_fp32_ms": onnxrt, "ort_over_sparks": onnxrt / sparks,

@@ -125,16 +125,48 @@ def test_single_codeword_layer(host, rng):
 
 
 def test_output_channel_chunks_exact(rng):
-    """Few row tiles -> output channels split across threads; still exact."""
-    from schedules.host import HostSchedules, choose_rows_per_tile, output_chunks
+    """Few pixel tiles -> output channels split across threads; still exact."""
+    from schedules.host import HostSchedules
     from sparks_tvm.target import host_target
     import tvm
 
     geom = ConvGeometry(1, 40, 7, 7, 50)
-    assert output_chunks(7, choose_rows_per_tile(7, 7), 1, 50, 4) > 1
+    assert HostSchedules(cores=4).sparks_params(geom, 16)["o_chunks"] > 1
     target = tvm.target.Target(dict(host_target().export(), **{"num-cores": 4}))
     codebook, idx = random_layer(rng, geom, 16)
     x = random_activations(rng, geom.in_shape)
     expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     assert HostSchedules.for_target(target).cores == 4
     assert np.array_equal(run_sparks(target, geom, x, codebook, idx, "sign"), expect)
+
+
+@pytest.mark.parametrize(
+    "vector_bytes, cin, k",
+    [
+        (64, 37, 16),  # channel block does not divide C: predicated tail block
+        (64, 24, 13),  # K not a power of two: clamped codeword index
+        (64, 20, 64),  # K=64: a channel block of 4
+        (32, 50, 16),  # AVX2-sized tile (T=32)
+        (16, 9, 8),  # NEON-sized vectors
+    ],
+)
+def test_schedule_knobs_exact(rng, vector_bytes, cin, k):
+    """Every default-knob regime (tile, channel block, tail, index forcing) stays exact."""
+    from schedules.host import HostSchedules, schedule_sparks_conv2d
+    from sparks_tvm.kernels import sparks_conv2d_primfunc, sparks_out_shape
+    from sparks_tvm.target import host_target
+    import tvm
+
+    geom = ConvGeometry(2, cin, 9, 11, 19, stride=(2, 1), padding=(1, 0, 1, 2))
+    sched = HostSchedules(cores=2, vector_bytes=vector_bytes)
+    knobs = sched.sparks_params(geom, k)
+    func = schedule_sparks_conv2d(sparks_conv2d_primfunc(geom, k, "sign", knobs["tile"]), **knobs)
+    codebook, idx = random_layer(rng, geom, k)
+    x = random_activations(rng, geom.in_shape)
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=host_target()).jit()
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(idx, dev), out)
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert np.array_equal(out.numpy().reshape(geom.out_shape), expect)

@@ -8,7 +8,7 @@ from tvm import relax
 from relay_passes import LoweringOptions, lower_binary_conv2d
 from schedules.host import HostSchedules
 from sparks_tvm.errors import NonBinaryWeightsError
-from sparks_tvm.kernels import ConvGeometry
+from sparks_tvm.kernels import ConvGeometry, sparks_out_shape
 from sparks_tvm.models import random_codebook
 from sparks_tvm.reference import codes_to_bits
 
@@ -79,7 +79,8 @@ def test_sparks_rewrite_structure(rng):
             func = HostSchedules().schedule_sparks_conv2d(geom, 5, "sign").with_attr("global_symbol", "sparks_conv2d_0")
             gv = bb.add_func(func, "sparks_conv2d_0")
             acc = bb.emit(relax.call_tir(gv, [x, relax.const(codes_to_bits(bw.codebook), "int32"),
-                                              relax.const(bw.idx, "int32")], relax.TensorType(geom.out_shape, "int32")))
+                                              relax.const(bw.idx, "int32")], relax.TensorType(sparks_out_shape(geom), "int32")))
+            acc = bb.emit(relax.op.reshape(acc, geom.out_shape))
             flt = bb.emit(relax.op.astype(acc, "float32"))
             y = bb.emit(relax.op.multiply(flt, relax.const(bw.alpha.reshape(1, -1, 1, 1), "float32")))
             out = bb.emit_output(y)

@@ -6,13 +6,14 @@ kernels can be checked bit for bit against :mod:`sparks_tvm.reference`.
 """
 
 from .common import ConvGeometry
-from .sparks_conv2d import sparks_conv2d_compute, sparks_conv2d_primfunc
+from .sparks_conv2d import sparks_conv2d_compute, sparks_conv2d_primfunc, sparks_out_shape
 from .binary_conv2d import binary_conv2d_compute, binary_conv2d_primfunc, pack_binary_weights
 
 __all__ = [
     "ConvGeometry",
     "sparks_conv2d_compute",
     "sparks_conv2d_primfunc",
+    "sparks_out_shape",
     "binary_conv2d_compute",
     "binary_conv2d_primfunc",
     "pack_binary_weights",

@@ -10,8 +10,12 @@ holding a real +-1: inside the image and, for ONNX ``Sign``, non-zero). With the
 
     S = popcount(mask) - 2 * popcount((neg ^ code) & mask)
 
-The packed 9-bit words ``neg`` and ``mask`` (uint16) and ``popcount(mask)`` are computed once
-per (channel, pixel) and shared by the K codewords.
+Layout. Output pixels are flattened (``p = oh * OW + ow``) and padded to a multiple of the
+pixel tile ``T``: a schedule then vectorizes over whole machine vectors of pixels whatever
+the image width (7, 14, 28 and 56 are not multiples of 32). Stage 1 is stored as
+``(N, C, K, P)`` int16 so that stage 2's inner step is one vector add of a contiguous row
+``stage1[n, ci, idx[o, ci], p0:p0+T]``; its output is ``(N, O, OH*OW)`` int32, reshaped to
+NCHW by the graph (a free view).
 """
 
 from __future__ import annotations
@@ -20,12 +24,40 @@ from tvm import te, tirx
 
 from .common import ConvGeometry, activation_bits, as_u32
 
+#: Default pixel tile (flattened output pixels per stage-2 row).
+DEFAULT_TILE = 64
+
+
 def accumulator_dtype(in_channels: int) -> str:
     """Narrowest accumulator that cannot overflow: |y| <= 9 * C."""
     return "int16" if 9 * in_channels <= 32767 else "int32"
 
 
-def sparks_conv2d_compute(geom: ConvGeometry, num_codewords: int, mode: str, oh_pad: int | None = None):
+def padded_pixels(geom: ConvGeometry, tile: int) -> int:
+    """Flattened output pixels rounded up to a multiple of ``tile``."""
+    pixels = geom.out_height * geom.out_width
+    return -(-pixels // tile) * tile
+
+
+def sparks_out_shape(geom: ConvGeometry) -> tuple:
+    """Shape of the kernel's output: ``(N, O, OH*OW)`` (reshape to NCHW is a view)."""
+    return (geom.batch, geom.out_channels, geom.out_height * geom.out_width)
+
+
+def codeword_index(idx_value: tirx.PrimExpr, num_codewords: int) -> tirx.PrimExpr:
+    """Codeword index of a kernel, forced into ``[0, K)``.
+
+    The forcing is what lets a schedule compute stage 1 per block of input channels: the
+    gathered row then provably lies in that block. It also keeps a tuning runner, which
+    fills ``idx`` with random values, from reading out of bounds. For K a power of two (the
+    Sparks case, K = 2^tau) it is a single AND; otherwise a clamp.
+    """
+    if num_codewords & (num_codewords - 1) == 0:
+        return tirx.floormod(idx_value, num_codewords)
+    return tirx.max(tirx.min(idx_value, num_codewords - 1), 0)
+
+
+def sparks_conv2d_compute(geom: ConvGeometry, num_codewords: int, mode: str, tile: int = DEFAULT_TILE):
     """Define the Sparks convolution.
 
     Parameters
@@ -36,24 +68,28 @@ def sparks_conv2d_compute(geom: ConvGeometry, num_codewords: int, mode: str, oh_
         K, the size of the layer's sub-codebook.
     mode : str
         Binarizer rule for activations (see :data:`sparks_tvm.reference.BINARIZE_MODES`).
-    oh_pad : int, optional
-        Output rows computed by the intermediate stages (>= the real output height) so that
-        a schedule can tile rows evenly; rows past the real height are never written out.
+    tile : int
+        Pixel tile T: the stages before the output are computed for
+        :func:`padded_pixels` pixels; pixels past ``OH*OW`` have an empty mask (they add 0)
+        and are never written out.
 
     Returns
     -------
     list of te.Tensor
         ``[data, codes, idx, out]``: data float32 (N, C, H, W); codes int32 (K,) with bit t
-        set where tap t of the codeword is -1; idx int32 (O, C); out int32 (N, O, OH, OW).
+        set where tap t of the codeword is -1; idx int32 (O, C); out int32 (N, O, OH*OW).
     """
     geom.validate()
     if tuple(geom.kernel) != (3, 3):
         raise ValueError(f"the Sparks op needs 3x3 kernels, got {geom.kernel}")
+    if tile < 1:
+        raise ValueError(f"pixel tile must be positive, got {tile}")
     n_, c_, h_, w_ = geom.in_shape
     o_ = geom.out_channels
     oh_, ow_ = geom.out_height, geom.out_width
-    oh_pad = oh_ if oh_pad is None else oh_pad
-    assert oh_pad >= oh_
+    pixels = oh_ * ow_
+    ppad = padded_pixels(geom, tile)
+    rows = -(-ppad // ow_)  # patch rows covering the padded pixels
     sh, sw = geom.stride
     top, left = geom.padding[0], geom.padding[1]
     k_ = num_codewords
@@ -72,7 +108,8 @@ def sparks_conv2d_compute(geom: ConvGeometry, num_codewords: int, mode: str, oh_
         val = data[n, c, tirx.max(tirx.min(y, h_ - 1), 0), tirx.max(tirx.min(x, w_ - 1), 0)]
         neg, nz = activation_bits(val, mode)
         # 2-bit code of a padded activation: bit 0 = -1, bit 1 = holds a value.
-        return tirx.if_then_else(inside, as_u32(neg) | (as_u32(nz) << 1), tirx.const(0, "uint32"))
+        code = tirx.Cast("uint8", as_u32(neg) | (as_u32(nz) << 1))
+        return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
 
     bits = te.compute(
         shp(n_, c_, h_ + geom.padding[0] + geom.padding[2], w_ + geom.padding[1] + geom.padding[3]),
@@ -80,58 +117,53 @@ def sparks_conv2d_compute(geom: ConvGeometry, num_codewords: int, mode: str, oh_
         name="bin_pad",
     )
 
-    def pack(n, c, oh, ow, plane):
+    def pack(plane):
         # plane 0: taps holding -1; plane 1: taps holding a real +-1 (in-image, non-zero).
-        word = tirx.const(0, "uint16")
-        for t in range(9):
-            dy, dx = divmod(t, 3)
-            b = bits[n, c, oh * sh + dy, ow * sw + dx]
-            word = word | tirx.Cast("uint16", ((b >> plane) & 1) << t)
-        return word
-
-    def pack_rows(plane):
-        def fcompute(n, c, oh, ow):
-            if oh_pad == oh_:
-                return pack(n, c, oh, ow, plane)
-            # Padding rows (oh >= OH) read a clamped row and get an empty mask: they add 0
-            # and are never stored.
-            return tirx.if_then_else(
-                oh < oh_, pack(n, c, tirx.min(oh, oh_ - 1), ow, plane), tirx.const(0, "uint16")
-            )
+        def fcompute(n, c, r, ow):
+            row = tirx.min(r, oh_ - 1)
+            word = tirx.const(0, "uint16")
+            for t in range(9):
+                dy, dx = divmod(t, 3)
+                b = bits[n, c, row * sh + dy, ow * sw + dx]
+                word = word | (tirx.Cast("uint16", (b >> plane) & 1) << t)
+            if rows == oh_:
+                return word
+            # Rows past the image (pixel padding) get an empty mask: they add 0.
+            return tirx.if_then_else(r < oh_, word, tirx.const(0, "uint16"))
 
         return fcompute
 
-    neg = te.compute(shp(n_, c_, oh_pad, ow_), pack_rows(0), name="patch_neg")
-    mask = te.compute(shp(n_, c_, oh_pad, ow_), pack_rows(1), name="patch_mask")
+    neg = te.compute(shp(n_, c_, rows, ow_), pack(0), name="patch_neg")
+    mask = te.compute(shp(n_, c_, rows, ow_), pack(1), name="patch_mask")
     # popcount(mask) does not depend on the codeword: computed once per (channel, pixel).
     valid = te.compute(
-        shp(n_, c_, oh_pad, ow_), lambda n, c, oh, ow: tirx.Cast("int16", tirx.popcount(mask[n, c, oh, ow])),
+        shp(n_, c_, rows, ow_), lambda n, c, r, w: tirx.Cast("int16", tirx.popcount(mask[n, c, r, w])),
         name="patch_valid",
     )
 
-    def stage1(n, c, k, oh, ow):
+    def stage1(n, c, k, p):
+        # The patch planes are (rows, OW) row-major, so [p // OW, p % OW] is address p.
+        r, w = p // ow_, p % ow_
+        code = tirx.Cast("uint16", codes[k])
         # 16-bit lanes end to end (popcount of a 9-bit word fits); signed before subtracting:
         # unsigned arithmetic that goes negative is poison in LLVM.
-        code = tirx.Cast("uint16", codes[k])
-        diff = tirx.Cast("int16", tirx.popcount((neg[n, c, oh, ow] ^ code) & mask[n, c, oh, ow]))
-        return tirx.Cast("int8", valid[n, c, oh, ow] - diff * tirx.const(2, "int16"))
+        diff = tirx.Cast("int16", tirx.popcount((neg[n, c, r, w] ^ code) & mask[n, c, r, w]))
+        return valid[n, c, r, w] - diff * tirx.const(2, "int16")
 
-    s1 = te.compute(shp(n_, c_, k_, oh_pad, ow_), stage1, name="stage1")
+    s1 = te.compute(shp(n_, c_, k_, ppad), stage1, name="stage1")
 
     ci = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", c_)), name="ci")
 
-    def stage2(n, o, oh, ow):
-        # Clamp: tuning runners fill idx with random values; an OOB gather kills them.
-        k = tirx.max(tirx.min(idx[o, ci], k_ - 1), 0)
-        return te.sum(tirx.Cast(acc_dtype, s1[n, ci, k, oh, ow]), axis=ci)
+    def stage2(n, o, p):
+        return te.sum(tirx.Cast(acc_dtype, s1[n, ci, codeword_index(idx[o, ci], k_), p]), axis=ci)
 
-    acc = te.compute(shp(n_, o_, oh_pad, ow_), stage2, name="stage2")
-    out = te.compute(shp(n_, o_, oh_, ow_), lambda n, o, oh, ow: tirx.Cast("int32", acc[n, o, oh, ow]), name="out")
+    acc = te.compute(shp(n_, o_, ppad), stage2, name="stage2")
+    out = te.compute(shp(n_, o_, pixels), lambda n, o, p: tirx.Cast("int32", acc[n, o, p]), name="out")
     return [data, codes, idx, out]
 
 
-def sparks_conv2d_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, oh_pad: int | None = None):
+def sparks_conv2d_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, tile: int = DEFAULT_TILE):
     """Unscheduled PrimFunc of :func:`sparks_conv2d_compute`, marked opaque for Relax fusion."""
-    func = te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, oh_pad))
+    func = te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, tile))
     # The data-dependent gather must not be fused or inlined by Relax: keep it opaque (8).
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})
