@@ -75,11 +75,22 @@ def sparks_kernel(tag, geom, k, rng, target, mode="sign"):
     idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(np.int32)
     func = schedules.for_target(target).schedule_sparks_conv2d(geom, k, mode)
     expected = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
-    from sparks_tvm.kernels import sparks_out_shape
+    shape = out_shape_of("sparks", geom)
+    return Kernel(tag, f"sparks K={k}", func, [x, ref.codes_to_bits(codebook), idx], shape,
+                  expected=expected.reshape(shape))
 
-    # The Sparks kernel writes flattened pixels (N, O, OH*OW).
-    return Kernel(tag, f"sparks K={k}", func, [x, ref.codes_to_bits(codebook), idx], sparks_out_shape(geom),
-                  expected=expected.reshape(sparks_out_shape(geom)))
+
+def out_shape_of(kind: str, geom) -> tuple:
+    """Shape of a kernel's output buffer, whatever layout the kernels module chose.
+
+    ``sparks_tvm.kernels.<kind>_out_shape(geom)`` when the kernel writes another layout
+    than NCHW (e.g. flattened pixels ``(N, O, OH*OW)``); NCHW otherwise. The values are the
+    same either way: the reference is reshaped to it.
+    """
+    from sparks_tvm import kernels
+
+    fn = getattr(kernels, f"{kind}_out_shape", None)
+    return tuple(int(d) for d in fn(geom)) if fn is not None else tuple(geom.out_shape)
 
 
 def dense_kernel(tag, geom, rng, target, mode="sign"):
@@ -92,7 +103,9 @@ def dense_kernel(tag, geom, rng, target, mode="sign"):
     signs = np.where(rng.random((geom.out_channels, geom.in_channels, 3, 3)) < 0.5, -1, 1).astype(np.int8)
     func = schedules.for_target(target).schedule_binary_conv2d(geom, mode)
     expected = ref.binary_conv2d_ref(ref.binarize(x, mode), signs, geom.stride, geom.padding)
-    return Kernel(tag, "dense binary", func, [x, pack_binary_weights(signs)], geom.out_shape, expected=expected)
+    shape = out_shape_of("binary", geom)
+    return Kernel(tag, "dense binary", func, [x, pack_binary_weights(signs)], shape,
+                  expected=expected.reshape(shape))
 
 
 def float_kernel(tag, geom, rng):

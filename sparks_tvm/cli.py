@@ -37,6 +37,9 @@ def _cmd_compile(args) -> int:
     model = sparks_tvm.compile(args.model, target=args.target, shapes=parse_shapes(args.shapes),
                                strict=not args.allow_float)
     model.export_library(args.output)
+    from .target import target_json
+
+    print(f"target: {target_json(model.target)}")
     print(model.report)
     print(f"wrote {args.output} (+{args.output}.sparks.json)")
     return 0
@@ -45,7 +48,14 @@ def _cmd_compile(args) -> int:
 def _cmd_run(args) -> int:
     import sparks_tvm
 
-    model = sparks_tvm.load(args.library)
+    if args.rpc or args.tracker:
+        # A library built for another machine (e.g. --target arm_cpu): run it on the device.
+        from . import rpc
+
+        model = rpc.deploy(args.library, args.rpc, tracker=args.tracker, key=args.key, timeout=args.rpc_timeout)
+        print(f"running on the remote device {args.rpc or args.tracker + ' key ' + str(args.key)}")
+    else:
+        model = sparks_tvm.load(args.library)
     names = [d["name"] for d in model.inputs]
     arrays = []
     if args.inputs:
@@ -94,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile an ONNX model to a shared library")
     c.add_argument("model", help="ONNX file")
-    c.add_argument("--target", default="llvm", help="llvm (this CPU, default), a TVM tag, or a target JSON")
+    c.add_argument("--target", default="llvm",
+                   help="llvm (this CPU, default), arm_cpu (Raspberry Pi 4, aarch64; also rpi3, rpi5, aarch64), "
+                        "a TVM tag, or a target JSON")
     c.add_argument("--shapes", help="input shapes, e.g. input:1x3x224x224[,other:1x10]")
     c.add_argument("-o", "--output", default="model.so", help="output library (default model.so)")
     c.add_argument("--allow-float", action="store_true",
@@ -112,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inputs", help=".npz with one array per model input, by name")
     r.add_argument("--outputs", help="write outputs to this .npz")
     r.add_argument("--repeat", type=int, default=0, help="also time this many runs")
+    r.add_argument("--rpc", metavar="HOST:PORT", help="run on a remote device's tvm.exec.rpc_server (e.g. a Raspberry Pi)")
+    r.add_argument("--tracker", metavar="HOST:PORT", help="get the remote device from this RPC tracker (with --key)")
+    r.add_argument("--key", help="device key registered with the tracker, e.g. rpi4b")
+    r.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the device (default 60)")
     r.set_defaults(func=_cmd_run)
     return ap
 

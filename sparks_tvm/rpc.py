@@ -49,7 +49,8 @@ def _bounded(fn, timeout: float, what: str):
     th.start()
     th.join(timeout)
     if th.is_alive():
-        raise RemoteError(f"{what}: no answer within {timeout:.0f} s (is the server alive and reachable?)")
+        raise RemoteError(f"{what}: no answer within {timeout:.0f} s (is the server alive, reachable, and not "
+                          "busy with another client's session? TVM's rpc_server serves one session at a time)")
     if "error" in box:
         err = box["error"]
         if isinstance(err, SparksError):
@@ -134,6 +135,29 @@ class RemoteModel:
         self._vm = _bounded(lambda: relax.VirtualMachine(self._rlib, self.device), timeout,
                             "creating the Relax VM on the device")
 
+    def close(self) -> None:
+        """End the RPC session (drop every remote handle).
+
+        TVM's RPC server serves one session at a time: a session kept alive (e.g. by a
+        traceback that references this object) makes the next client wait. Closing drops the
+        VM, the module and the session; the server ends the session when the last goes.
+        """
+        self._vm = self._rlib = self.device = self.session = None
+        import gc
+
+        gc.collect()
+
+    def __enter__(self) -> "RemoteModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _live_vm(self):
+        if self._vm is None:
+            raise RemoteError("this RemoteModel is closed; deploy the model again")
+        return self._vm
+
     @property
     def inputs(self) -> list:
         return list(self._meta["inputs"])
@@ -155,21 +179,30 @@ class RemoteModel:
         """Run on the device; numpy inputs (model order) in, list of numpy outputs back."""
         from .compiler import _flatten
 
+        vm = self._live_vm()
         tensors = self._tensors(arrays)
-        out = _bounded(lambda: self._vm["main"](*tensors), self.timeout, "running the model on the device")
-        return _flatten(out)
+        try:
+            out = _bounded(lambda: vm["main"](*tensors), self.timeout, "running the model on the device")
+            return _flatten(out)
+        finally:
+            # A traceback keeps this frame: remote handles in it would keep the session open.
+            vm = tensors = out = None
 
     def benchmark(self, *arrays, repeat: int = 10, number: int = 1) -> dict:
         """Device-side latency (TVM's time evaluator, timed on the device) in ms."""
+        vm, dev = self._live_vm(), self.device
         tensors = self._tensors(arrays)
 
         def timed():
-            self._vm.set_input("main", *tensors)
-            ev = self._vm.time_evaluator("invoke_stateful", self.device, number=number, repeat=repeat)
-            return ev("main")
+            vm.set_input("main", *tensors)
+            ev = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)
+            return ev("main").results
 
-        res = _bounded(timed, self.timeout, "timing the model on the device")
-        times = np.array(res.results) * 1e3
+        try:
+            results = _bounded(timed, self.timeout, "timing the model on the device")
+        finally:
+            vm = dev = tensors = None  # see run()
+        times = np.array(results) * 1e3
         return {"median_ms": float(np.median(times)), "mean_ms": float(times.mean()), "repeat": repeat}
 
 

@@ -1,0 +1,219 @@
+"""End to end on an emulated Raspberry Pi 4: compile for arm_cpu -> cross-link -> upload over
+TVM RPC to a qemu-aarch64 rpc_server on 127.0.0.1 -> run -> compare with the host references.
+
+The emulated device is provisioned by scripts/emulated_pi/setup.sh (apt + a cached aarch64
+userland with TVM's runtime, ~1 min from scratch, ~1 s cached); the module starts one RPC
+server on a free port and stops it at the end.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tvm
+
+import schedules
+import sparks_tvm
+from sparks_tvm import cli, models, rpc
+from sparks_tvm import reference as ref
+from sparks_tvm.kernels import ConvGeometry, pack_binary_weights
+from sparks_tvm.models import random_codebook
+from sparks_tvm.target import resolve_target
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts" / "emulated_pi"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_arm_icount as bench  # noqa: E402
+import pi  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def device():
+    try:
+        pi.setup()
+    except pi.ProvisionError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the emulated-Pi tests, but provisioning is impossible: {err}")
+        pytest.skip(f"cannot provision the emulated Pi here: {err}")
+    with pi.EmulatedPi(startup_timeout=180) as server:
+        yield server
+    assert not server.alive()
+
+
+@pytest.fixture(scope="module")
+def arm():
+    return resolve_target("arm_cpu")
+
+
+def ort_run(data, x):
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+
+
+def assert_close(got, want):
+    # Same bound as test_models: binary layers are exact and the dyadic example weights keep
+    # the float ops exact up to the average pool / classifier, which may round differently
+    # (aarch64 fuses multiply-adds where x86 and onnxruntime may not).
+    scale = max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - want).max() <= 2e-6 * scale, (np.abs(got - want).max(), scale)
+
+
+# Random small layers: odd sizes, stride 2, batch > 1, channel counts that are not multiples
+# of 32 (and above 32: two packed words), zeros in the input (Sign(0) = 0), all binarizers.
+def _small_layers():
+    rng = np.random.default_rng(2024)
+    fixed = [
+        (ConvGeometry(2, 33, 7, 9, 17, stride=(1, 1)), 5, "sign"),
+        (ConvGeometry(1, 40, 11, 6, 24, stride=(2, 2)), 16, "ge"),
+        (ConvGeometry(3, 5, 5, 5, 3, stride=(2, 2), padding=(0, 0, 0, 0)), 2, "gt"),
+        (ConvGeometry(1, 64, 8, 8, 70, stride=(1, 1), padding=(1, 0, 1, 0)), 64, "sign"),
+    ]
+    rand = []
+    for _ in range(3):
+        geom = ConvGeometry(int(rng.integers(1, 3)), int(rng.integers(1, 70)), int(rng.integers(3, 12)),
+                            int(rng.integers(3, 12)), int(rng.integers(1, 50)),
+                            stride=(int(rng.integers(1, 3)),) * 2)
+        rand.append((geom, int(rng.integers(1, 65)), str(rng.choice(["sign", "ge", "gt"]))))
+    return fixed + rand
+
+
+def test_random_small_layers_exact_on_device(device, arm, tmp_path):
+    """Both binary kernels, ARM schedules, in one cross-linked library: int32 bit-exact on the Pi."""
+    rng = np.random.default_rng(7)
+    sched = schedules.for_target(arm)
+    funcs, cases = {}, []
+    for i, (geom, k, mode) in enumerate(_small_layers()):
+        x = rng.standard_normal(geom.in_shape).astype(np.float32)
+        x[rng.random(geom.in_shape) < 0.2] = 0.0
+        a = ref.binarize(x, mode)
+        codebook = random_codebook(rng, k).astype(np.int8)
+        idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(np.int32)
+        funcs[f"sparks_{i}"] = sched.schedule_sparks_conv2d(geom, k, mode)
+        cases.append((f"sparks_{i}", [x, ref.codes_to_bits(codebook), idx],
+                      ref.sparks_conv2d_ref(a, codebook, idx, geom.stride, geom.padding),
+                      bench.out_shape_of("sparks", geom)))
+        signs = codebook[idx]  # (O, C, 3, 3) in {-1, +1}
+        funcs[f"binary_{i}"] = sched.schedule_binary_conv2d(geom, mode)
+        cases.append((f"binary_{i}", [x, pack_binary_weights(signs)],
+                      ref.binary_conv2d_ref(a, signs, geom.stride, geom.padding),
+                      bench.out_shape_of("binary", geom)))
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    from tvm.support import cc
+
+    path = tmp_path / "layers.so"
+    tvm.compile(mod, target=arm).export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
+    got = run_remote_functions(device.address, path, [(name, args, buf) for name, args, _, buf in cases])
+    for (name, _, want, _), out in zip(cases, got):
+        # The kernel may write NCHW or flattened pixels (N, O, OH*OW): same values either way.
+        out = out.reshape(want.shape)
+        assert np.array_equal(out, want), (name, int((out != want).sum()))
+
+
+def run_remote_functions(address, lib_path, calls):
+    """Upload a library and call each ``(function, inputs, output shape)`` on the device.
+
+    Only numpy leaves this function, and its remote handles are dropped even when a call
+    fails: the server serves one session at a time, so a leaked session would stall the
+    other tests.
+    """
+    sess = rlib = dev = out = None
+    try:
+        sess = rpc.connect(address, timeout=60, session_timeout=300)
+        sess.upload(str(lib_path))
+        rlib = sess.load_module(lib_path.name)
+        dev = sess.cpu()
+        outs = []
+        for name, args, shape in calls:
+            out = tvm.runtime.tensor(np.zeros(shape, np.int32), dev)
+            rlib[name](*[tvm.runtime.tensor(a, dev) for a in args], out)
+            outs.append(out.numpy())
+        return outs
+    finally:
+        sess = rlib = dev = out = None
+
+
+@pytest.mark.parametrize("kind,shape", [("sparks", (2, 3, 9, 7)), ("binary", (1, 3, 11, 13))])
+def test_tiny_model_on_device_matches_host(device, kind, shape):
+    net = models.sparks_resnet_tiny(k=8, seed=11, widths=(9, 40), ste="detach")
+    data = models.export_onnx(net, shape)
+    model = sparks_tvm.compile(data, target="arm_cpu", force_kind=kind)
+    assert [r.kind for r in model.report if r.binarizer] == [kind] * 4
+    x = models.example_input(shape, seed=4)
+    with rpc.deploy(model, device.address) as remote:
+        got = remote.run(x)[0]
+    host = sparks_tvm.compile(data, target="llvm", force_kind=kind).run(x)[0]
+    assert_close(got, ort_run(data, x))
+    assert_close(got, host)
+    assert np.array_equal(np.argmax(got, 1), np.argmax(host, 1))
+
+
+def test_resnet18_on_device(device, tmp_path):
+    """The example Sparks ResNet-18 (K=16, 224x224) on the emulated Pi: ~5 s of emulated run."""
+    net = models.sparks_resnet18(k=16)
+    data = models.export_onnx(net, (1, 3, 224, 224), tmp_path / "r18.onnx")
+    model = sparks_tvm.compile(str(tmp_path / "r18.onnx"), target="arm_cpu")
+    kinds = [r.kind for r in model.report]
+    assert kinds.count("sparks") == 16 and kinds.count("float") == 4
+    x = models.example_input((1, 3, 224, 224), seed=2)
+    with rpc.deploy(model, device.address, session_timeout=300) as remote:
+        got = remote.run(x)[0]
+        stats = remote.benchmark(x, repeat=1)  # TVM's time evaluator, run on the device
+    want = ort_run(data, x)
+    assert_close(got, want)
+    assert np.argmax(got) == np.argmax(want)
+    assert stats["median_ms"] > 0 and stats["repeat"] == 1
+
+
+def test_cli_compile_arm_and_run_over_rpc(device, tmp_path, capsys):
+    net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
+    onnx_path = tmp_path / "m.onnx"
+    data = models.export_onnx(net, (2, 3, 7, 7), onnx_path)
+    so = tmp_path / "m.so"
+    assert cli.main(["compile", str(onnx_path), "--target", "arm_cpu", "-o", str(so)]) == 0
+    out = capsys.readouterr().out
+    assert '"mtriple": "aarch64-linux-gnu"' in out and "4 sparks" in out
+    x = models.example_input((2, 3, 7, 7), seed=9)
+    np.savez(tmp_path / "x.npz", input=x)
+    assert cli.main(["run", str(so), "--rpc", device.address, "--inputs", str(tmp_path / "x.npz"),
+                     "--outputs", str(tmp_path / "y.npz"), "--repeat", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "remote device" in out and "latency: median" in out
+    assert_close(np.load(tmp_path / "y.npz")["output"], ort_run(data, x))
+    meta = json.loads((tmp_path / "m.so.sparks.json").read_text())
+    assert "aarch64" in meta["target"]
+
+
+def test_cli_run_rpc_dead_server_is_one_line_error(tmp_path, capsys):
+    net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
+    onnx_path = tmp_path / "m.onnx"
+    models.export_onnx(net, (1, 3, 7, 7), onnx_path)
+    so = tmp_path / "m.so"
+    try:
+        cli.main(["compile", str(onnx_path), "--target", "arm_cpu", "-o", str(so)])
+    except Exception:  # pragma: no cover - cross tools missing
+        pytest.skip("cross linker unavailable")
+    capsys.readouterr()
+    port = pi.free_port()
+    t0 = time.monotonic()
+    assert cli.main(["run", str(so), "--rpc", f"127.0.0.1:{port}", "--rpc-timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparks-tvm: error: cannot reach the RPC server") and "Traceback" not in err
+    assert time.monotonic() - t0 < 10
+
+
+def test_instruction_counts_exact_and_repeatable(device, arm):
+    """The icount plugin: same count on every run; two calls count exactly twice one call."""
+    rng = np.random.default_rng(0)
+    geom = ConvGeometry(1, 16, 9, 9, 24)
+    one = bench.sparks_kernel(0, geom, 8, rng, arm)
+    two = bench.Kernel(1, "x2", one.func, one.args, one.out_shape, calls=2, expected=one.expected)
+    dense = bench.dense_kernel(2, geom, rng, arm)
+    first = bench.count([one, two, dense], arm)
+    again = bench.count([one, two, dense], arm)
+    assert first == again
+    assert first[0] > 10_000 and first[1] == 2 * first[0]
+    assert first[2] > 10_000 and first[2] != first[0]
