@@ -4,5 +4,6 @@ One pass per file; each separates its pattern, check and rewrite.
 """
 
 from .lower_binary_conv2d import LowerBinaryConv2d, LoweringOptions, lower_binary_conv2d
+from .lower_float_conv2d import LowerFloatConv2d
 
-__all__ = ["LowerBinaryConv2d", "LoweringOptions", "lower_binary_conv2d"]
+__all__ = ["LowerBinaryConv2d", "LowerFloatConv2d", "LoweringOptions", "lower_binary_conv2d"]

@@ -46,6 +46,11 @@ def channel_block(in_channels: int, num_codewords: int, tile: int, l1_bytes: int
     return best if 2 * best >= cap else cap
 
 
+def _scheduled(sch) -> tirx.PrimFunc:
+    # The attribute tells dlight's default rules (run on the rest of the model) to keep off.
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
@@ -115,7 +120,7 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, tile: int, block: int, o_chunks:
     bn, bc, _, bx = sch.get_loops(bp)
     sch.parallel(sch.fuse(bn, bc))
     sch.vectorize(bx)
-    return sch.mod["main"]
+    return _scheduled(sch)
 
 
 def schedule_binary_conv2d(func: tirx.PrimFunc, vector_width: int = 16) -> tirx.PrimFunc:
@@ -146,7 +151,45 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, vector_width: int = 16) -> tirx.
         blk = sch.get_sblock(name)
         pn, pc, py, px = sch.get_loops(blk)
         sch.parallel(sch.fuse(pn, pc, py))
-    return sch.mod["main"]
+    return _scheduled(sch)
+
+
+def register_tile(out_width: int, cap: int = 12) -> int:
+    """Output columns held in registers by the float conv: the largest divisor of OW <= cap.
+
+    Each column is one vector accumulator (V output channels); 12 leaves room for the
+    weight vector and broadcasts in AVX-512's 32 registers.
+    """
+    return max(d for d in range(1, min(out_width, cap) + 1) if out_width % d == 0)
+
+
+def schedule_float_conv2d(func: tirx.PrimFunc, columns: int, padded: bool) -> tirx.PrimFunc:
+    """Schedule :func:`sparks_tvm.kernels.float_conv2d_compute` for a CPU.
+
+    Parallel over (batch, channel block, output row); a register tile of ``columns`` output
+    pixels x V lanes accumulates over (c, kh, kw), each input value broadcast into one FMA.
+    """
+    sch = s_tir.Schedule(func)
+    conv = sch.get_sblock("conv")
+    n, ob, oh, ow, v, rc, ry, rx = sch.get_loops(conv)
+    owo, owi = sch.split(ow, [None, columns])
+    sch.reorder(n, ob, oh, owo, rc, ry, rx, owi, v)
+    task = sch.fuse(n, ob, oh)
+    sch.parallel(task)
+    sch.unroll(owi)
+    sch.vectorize(v)
+    acc = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(acc, owo)
+    sch.decompose_reduction(conv, rc)
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, task)
+    sch.vectorize(sch.get_loops(out)[-1])
+    if padded:
+        pad = sch.get_sblock("pad")
+        pn, pc, _, px = sch.get_loops(pad)
+        sch.parallel(sch.fuse(pn, pc))
+        sch.vectorize(px)
+    return _scheduled(sch)
 
 
 class HostSchedules:
@@ -189,6 +232,18 @@ class HostSchedules:
         knobs = self.sparks_params(geom, num_codewords)
         func = sparks_conv2d_primfunc(geom, num_codewords, mode, knobs["tile"])
         return schedule_sparks_conv2d(func, knobs["tile"], knobs["block"], knobs["o_chunks"])
+
+    @property
+    def float_lanes(self) -> int:
+        """float32 lanes per vector: output channels computed together by the float conv."""
+        return max(4, self.vector_bytes // 4)
+
+    def schedule_float_conv2d(self, geom) -> tirx.PrimFunc:
+        """The packed float conv (weights from ``pack_float_weights(w, self.float_lanes)``)."""
+        from sparks_tvm.kernels.float_conv2d import float_conv2d_primfunc
+
+        func = float_conv2d_primfunc(geom, self.float_lanes)
+        return schedule_float_conv2d(func, register_tile(geom.out_width), any(geom.padding))
 
     @staticmethod
     def schedule_binary_conv2d(geom, mode: str) -> tirx.PrimFunc:

@@ -20,7 +20,7 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
     from tvm import relax
 
     import schedules
-    from relay_passes import LoweringOptions, lower_binary_conv2d
+    from relay_passes import LowerFloatConv2d, LoweringOptions, lower_binary_conv2d
 
     try:
         mod = frontend.import_onnx(proto, specs)
@@ -30,17 +30,59 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
         raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
     # In-graph weight computation (scales, codebook gathers) must be constant before matching.
     mod = relax.transform.FoldConstant()(mod)
+    sched = schedules.for_target(target)
     mod, report = lower_binary_conv2d(
         mod,
         LoweringOptions(
-            schedules=schedules.for_target(target),
+            schedules=sched,
             strict=strict,
             force_kind=force_kind,
             conv_names=frontend.conv_names(proto),
         ),
     )
+    # The float convs left (stem, shortcuts) get a real schedule too: stock TVM has none on CPUs.
+    mod = LowerFloatConv2d(sched)(mod)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     return mod, Report(report)
+
+
+def relax_pipeline(target):
+    """TVM's CPU pipeline plus a default schedule for the ops it leaves unscheduled.
+
+    Stock ``tvm.compile`` runs no schedule rule on LLVM targets, so the fused elementwise
+    functions between the binary convs are serial scalar loops. dlight's CPU GEMV/reduction
+    rules and :class:`schedules.cpu_fallback.InjectiveFallback` are applied after fusion;
+    our own kernels carry ``tirx.is_scheduled`` and are left alone. Other targets get TVM's
+    default pipeline.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight
+
+    from schedules.cpu_fallback import InjectiveFallback
+    from schedules.host import vector_bytes_of
+
+    if target.kind.name != "llvm":
+        return "default"
+
+    @tvm.transform.module_pass(opt_level=0, name="SparksHostPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + [
+                    dlight.ApplyDefaultSchedule(
+                        dlight.cpu.GEMV(), dlight.cpu.Reduction(), InjectiveFallback(vector_bytes_of(target))
+                    )
+                ]
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
 
 
 def compile(model, target="llvm", shapes: dict | None = None, strict: bool = True, force_kind: str | None = None):  # noqa: A001
@@ -72,7 +114,7 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
     tgt = resolve_target(target)
     mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind)
     try:
-        ex = tvm.compile(mod, target=tgt)
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
     except Exception as err:
         raise CompileError(f"TVM failed to build the module for {target_json(tgt)}: {str(err).splitlines()[0]}") from err
     meta = {

@@ -88,14 +88,14 @@ def test_sparks_rewrite_structure(rng):
     tvm.ir.assert_structural_equal(after, bb.get())
     (rec,) = report
     assert (rec.kind, rec.codewords, rec.binarizer, rec.stride) == ("sparks", 5, "sign", (1, 1))
-    assert "relax.sign" not in after.script() and "relax.nn.conv2d" not in after.script()
+    assert "R.sign" not in after.script() and "R.nn.conv2d" not in after.script()
 
 
 @pytest.mark.parametrize("name", sorted(BINARIZERS))
 def test_binarizer_forms_recognised(rng, name):
     after, report = run_pass(before_module(sparks_weight(rng), name))
     assert report[0].kind == "sparks" and report[0].binarizer == BINARIZERS[name][1]
-    assert "relax.nn.conv2d" not in after.script()
+    assert "R.nn.conv2d" not in after.script()
 
 
 def test_large_k_uses_dense_binary(rng):
