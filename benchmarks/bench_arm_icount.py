@@ -72,7 +72,9 @@ def sparks_kernel(tag, geom, k, rng, target, mode="sign"):
 
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
     codebook = random_codebook(rng, k).astype(np.int8)
-    idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(np.int32)
+    from sparks_tvm.kernels import idx_dtype
+
+    idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(idx_dtype(k))
     func = schedules.for_target(target).schedule_sparks_conv2d(geom, k, mode)
     expected = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
     shape = out_shape_of("sparks", geom)
@@ -181,6 +183,16 @@ def count(kernels: list, target, workdir=None, timeout: float = 1800.0) -> dict:
             tmp.cleanup()
 
 
+def code_version() -> str:
+    """Commit of the measured code, and whether the kernels/schedules differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "sparks_tvm/kernels", "schedules")
+    return head + (" + uncommitted kernel/schedule edits" if dirty else "")
+
+
 def qemu_version() -> str:
     try:
         return subprocess.run(["qemu-aarch64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
@@ -260,6 +272,7 @@ def main(argv=None) -> int:
             "qemu": qemu_version(), "counter": "scripts/emulated_pi/icount.c (TCG plugin, instructions executed "
             "inside the kernel library's code segment, one call, batch 1, TVM_NUM_THREADS=1)",
             "repeat_runs_identical": args.repeat if deterministic else 0, "tvm": tvm.__version__,
+            "code": code_version(),
             "host": platform.machine(), "schedules": "schedules/arm.py over schedules/host.py (default, untuned)",
             "float_baseline": "topi.nn.conv2d_nchw compiled by tvm.compile for the same target, untuned"}
     print(json.dumps({"summary": summary, "goal_k16": goal_met}, indent=1))

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     from schedules.host import HostSchedules
-    from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, sparks_out_shape
+    from sparks_tvm.kernels import ConvGeometry, idx_dtype, pack_binary_weights, sparks_out_shape
     from sparks_tvm.models import random_codebook
     from sparks_tvm.reference import codes_to_bits
     from sparks_tvm.target import host_target
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
             geom = ConvGeometry(1, cin, side, side, cout, stride=(stride, stride))
             x = rng.standard_normal(geom.in_shape).astype(np.float32)
             codebook = random_codebook(rng, k).astype(np.int8)
-            idx = rng.integers(0, k, size=(cout, cin)).astype(np.int32)
+            idx = rng.integers(0, k, size=(cout, cin)).astype(idx_dtype(k))
             out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
             out_dense = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
             xt = tvm.runtime.tensor(x, dev)

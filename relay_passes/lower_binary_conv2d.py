@@ -31,6 +31,7 @@ from sparks_tvm.errors import NonBinaryWeightsError
 from sparks_tvm.kernels import (
     ConvGeometry,
     binary_conv2d_primfunc,
+    idx_dtype,
     pack_binary_weights,
     sparks_conv2d_primfunc,
     sparks_out_shape,
@@ -269,7 +270,7 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             args = [
                 match.source,
                 relax.const(codes_to_bits(bw.codebook), "int32"),
-                relax.const(bw.idx.astype(np.int32), "int32"),
+                relax.const(bw.idx.astype(idx_dtype(bw.num_codewords)), idx_dtype(bw.num_codewords)),
             ]
         else:
             func = (

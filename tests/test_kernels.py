@@ -153,7 +153,7 @@ def test_output_channel_chunks_exact(rng):
 def test_schedule_knobs_exact(rng, vector_bytes, cin, k):
     """Every default-knob regime (tile, channel block, tail, index forcing) stays exact."""
     from schedules.host import HostSchedules, schedule_sparks_conv2d
-    from sparks_tvm.kernels import sparks_conv2d_primfunc, sparks_out_shape
+    from sparks_tvm.kernels import idx_dtype, sparks_conv2d_primfunc, sparks_out_shape
     from sparks_tvm.target import host_target
     import tvm
 
@@ -167,6 +167,6 @@ def test_schedule_knobs_exact(rng, vector_bytes, cin, k):
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
     lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(idx, dev), out)
+                tvm.runtime.tensor(idx.astype(idx_dtype(k)), dev), out)
     expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     assert np.array_equal(out.numpy().reshape(geom.out_shape), expect)

@@ -6,7 +6,7 @@ kernels can be checked bit for bit against :mod:`sparks_tvm.reference`.
 """
 
 from .common import ConvGeometry
-from .sparks_conv2d import sparks_conv2d_compute, sparks_conv2d_primfunc, sparks_out_shape
+from .sparks_conv2d import idx_dtype, sparks_conv2d_compute, sparks_conv2d_primfunc, sparks_out_shape
 from .float_conv2d import float_conv2d_compute, float_conv2d_primfunc, pack_float_weights
 from .binary_conv2d import binary_conv2d_compute, binary_conv2d_primfunc, pack_binary_weights
 
@@ -15,6 +15,7 @@ __all__ = [
     "sparks_conv2d_compute",
     "sparks_conv2d_primfunc",
     "sparks_out_shape",
+    "idx_dtype",
     "binary_conv2d_compute",
     "binary_conv2d_primfunc",
     "pack_binary_weights",
