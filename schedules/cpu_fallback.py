@@ -45,21 +45,26 @@ class InjectiveFallback(CPUScheduleRule):
             s_loops, r_loops, o_loops = [], [], []
             for loop, kind in zip(sch.get_loops(block), info.dom_kind()):
                 {"S": s_loops, "R": r_loops, "O": o_loops}[kind].append(loop)
-            if o_loops or not s_loops:
+            if o_loops or not s_loops or not all(isinstance(sch.get(l).extent, tirx.IntImm) for l in s_loops):
                 continue
-            sch.reorder(*s_loops, *r_loops)
-            fused = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
-            extent = sch.get(fused).extent
-            if not isinstance(extent, tirx.IntImm):
-                continue
-            extent = int(extent)
+            total = 1
+            for loop in s_loops:
+                total *= int(sch.get(loop).extent)
+            # Vectorize the innermost spatial axis itself (not a fused one): its accesses stay
+            # affine, so they become contiguous vector loads instead of div/mod gathers.
+            outer, inner = s_loops[:-1], s_loops[-1]
+            sch.reorder(*outer, *r_loops, inner)
             lanes = self._lanes(sch, block)
-            if not r_loops and lanes > 1 and extent % lanes == 0 and extent >= lanes:
-                outer, inner = sch.split(fused, [None, lanes])
+            width = int(sch.get(inner).extent)
+            if lanes > 1 and width > lanes and width % lanes == 0:
+                io, inner = sch.split(inner, [None, lanes])
+                if not r_loops:
+                    outer = outer + [io]
                 sch.vectorize(inner)
-                fused = outer
-            if extent >= MIN_PARALLEL_ELEMENTS:
-                sch.parallel(fused)
+            elif lanes > 1 and 1 < width <= 4 * lanes:
+                sch.vectorize(inner)
+            if outer and total >= MIN_PARALLEL_ELEMENTS:
+                sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
             if r_loops:
                 reductions.append((block, r_loops[0]))
         for block, loop in reductions:
