@@ -8,7 +8,9 @@ improvement made there. This file only fixes what differs on an ARM board:
   an ARM target string often leaves out, and would fall back to 1 thread);
 - the vector width: NEON registers are 128 bits (16 bytes). ``tirx.popcount`` on a vector of
   bytes lowers through LLVM to ``cnt v.16b`` (+ ``uaddlp`` widening adds), which the tests
-  check in the cross-compiled ELF's disassembly.
+  check in the cross-compiled ELF's disassembly;
+- the Sparks op's pixel tile (see :attr:`ArmSchedules.sparks_pixel_tile`), picked by counting
+  instructions on the emulated Pi.
 """
 
 from __future__ import annotations
@@ -36,13 +38,33 @@ class ArmSchedules(HostSchedules):
 
     def __init__(self, cores: int = DEFAULT_ARM_CORES, vector_bytes: int = NEON_BYTES):
         super().__init__(cores)
-        self.vector_bytes = vector_bytes
+        self.vector_bytes = vector_bytes  # set after: the host default is its widest (AVX-512) vector
 
     @classmethod
     def for_target(cls, target) -> "ArmSchedules":
         """Choices for a ``tvm.target.Target`` (``num-cores`` if given, else a Pi's 4 cores)."""
         cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else DEFAULT_ARM_CORES
         return cls(cores=max(1, cores))
+
+    #: Stage-2 pixel tile of the Sparks op on NEON: 64 int16 pixels, i.e. 8 q-registers of
+    #: independent accumulators. Chosen with benchmarks/bench_arm_icount.py's counter (K=16,
+    #: ResNet-18 shapes 56/28/14/7): 15-25% fewer aarch64 instructions than the host rule's 32
+    #: for 16-byte vectors; 16 and 128 are worse.
+    sparks_pixel_tile = 64
+
+    def sparks_params(self, geom, num_codewords: int) -> dict:
+        """The host core's knobs, with the NEON pixel tile (channel block and chunks follow it)."""
+        from sparks_tvm.kernels.sparks_conv2d import padded_pixels
+
+        from . import host
+
+        knobs = super().sparks_params(geom, num_codewords)
+        tile = self.sparks_pixel_tile
+        if knobs.get("tile") != tile:
+            tiles = geom.batch * padded_pixels(geom, tile) // tile
+            knobs.update(tile=tile, block=host.channel_block(geom.in_channels, num_codewords, tile),
+                         o_chunks=host.output_chunks(tiles, geom.out_channels, self.cores))
+        return knobs
 
     @property
     def int8_lanes(self) -> int:
