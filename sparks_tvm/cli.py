@@ -3,6 +3,7 @@
     sparks-tvm compile model.onnx --target llvm --shapes input:1x3x224x224 -o model.so
     sparks-tvm run model.so --inputs x.npz [--outputs y.npz]
     sparks-tvm inspect model.onnx [--json]
+    sparks-tvm bench model.so [--warmup 5] [--repeat 50] [--layers] [--json]
 """
 
 from __future__ import annotations
@@ -99,6 +100,40 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    import json
+
+    import sparks_tvm
+
+    from . import bench
+
+    model = sparks_tvm.load(args.library)
+    if args.inputs:
+        with np.load(args.inputs) as data:
+            arrays = [data[d["name"]] for d in model.inputs]
+    else:
+        # Latency does not depend on the values: a fixed random input of the recorded shape.
+        rng = np.random.default_rng(0)
+        arrays = [rng.standard_normal(d["shape"]).astype(d["dtype"]) for d in model.inputs]
+    if args.warmup < 0 or args.repeat < 1:
+        raise SparksError("--warmup must be >= 0 and --repeat >= 1")
+    result = {"library": args.library, "target": model._meta.get("target"),
+              "latency": bench.benchmark_model(model, arrays, args.warmup, args.repeat)}
+    if args.layers:
+        result["layers"] = bench.layer_times(model, arrays, repeat=min(args.repeat, 20))
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    lat = result["latency"]
+    print(f"{args.library}: {lat['runs']} runs after {lat['warmup']} warm-up")
+    print(f"  latency ms: mean {lat['mean_ms']:.3f}  median {lat['median_ms']:.3f}  p90 {lat['p90_ms']:.3f}  "
+          f"p99 {lat['p99_ms']:.3f}  min {lat['min_ms']:.3f}")
+    print(f"  throughput: {lat['throughput_per_s']:.1f} samples/s")
+    if args.layers:
+        print(bench.format_layer_table(result["layers"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparks-tvm", description="TVM compiler for Sparks sub-bit BNNs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -129,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--key", help="device key registered with the tracker, e.g. rpi4b")
     r.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the device (default 60)")
     r.set_defaults(func=_cmd_run)
+    b = sub.add_parser("bench", help="latency (mean, median, p90/p99), throughput and per-kernel times")
+    b.add_argument("library", help="library written by 'sparks-tvm compile'")
+    b.add_argument("--inputs", help=".npz inputs (default: random, of the recorded shapes)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    b.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
+    b.add_argument("--layers", action="store_true", help="also a per-kernel time table")
+    b.add_argument("--json", action="store_true", help="print JSON")
+    b.set_defaults(func=_cmd_bench)
     return ap
 
 

@@ -31,6 +31,17 @@ def test_compile_run_roundtrip(tmp_path, capsys):
     meta = json.loads((tmp_path / "m.so.sparks.json").read_text())
     assert meta["inputs"][0]["shape"] == [2, 3, 7, 7]
 
+    capsys.readouterr()
+    assert cli.main(["bench", str(so), "--warmup", "1", "--repeat", "4", "--layers", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    lat = result["latency"]
+    assert lat["runs"] == 4 and lat["min_ms"] <= lat["median_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert lat["throughput_per_s"] > 0
+    kernels = {r["kernel"]: r for r in result["layers"]}
+    assert sum(1 for k in kernels if k.startswith("sparks_conv2d_")) == 4
+    assert abs(sum(r["share"] for r in result["layers"]) - 1.0) < 1e-6
+    assert cli.main(["bench", str(so), "--repeat", "0"]) == 2
+
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.onnx"
