@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Relative spread tolerated between the magnitudes of one channel. Folding a scale in
-#: float32 gives bit-identical magnitudes; anything wider is a real-valued weight.
-MAGNITUDE_RTOL = 1e-6
+#: Relative spread tolerated between the magnitudes of one channel: none. Folding a scale
+#: (or a BatchNorm) in float32 multiplies equal magnitudes by the same factor, so a binary
+#: weight has bit-identical magnitudes. A weight even one ulp off is not replaced by alpha:
+#: the difference would reach the next binarizer and could flip its sign (found by the
+#: bit-flip fuzz test), so it is reported instead (strict) or compiled in float (lenient).
+MAGNITUDE_RTOL = 0.0
 
 
 @dataclass
@@ -124,7 +127,7 @@ def analyze_binary_weights(weight: np.ndarray) -> BinaryWeights | NotBinary:
         spread = (mag[ch].max() - mag[ch].min()) / alpha[ch]
         if spread > MAGNITUDE_RTOL:
             distinct = np.unique(mag[ch].astype(np.float32))
-            shown = ", ".join(f"{v:.6g}" for v in distinct[:4]) + (", ..." if distinct.size > 4 else "")
+            shown = ", ".join(f"{v:.9g}" for v in distinct[:4]) + (", ..." if distinct.size > 4 else "")
             return NotBinary(
                 f"output channel {ch} is not +-alpha: its weights take {distinct.size} distinct "
                 f"magnitudes ({shown})",

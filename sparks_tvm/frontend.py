@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
+import onnx.shape_inference
 from onnx import helper
 
 from .errors import InputValueError, ModelLoadError, ShapeError, UnsupportedOpsError
@@ -55,7 +57,47 @@ def load_onnx(model, rewrite_qonnx: bool = True) -> onnx.ModelProto:
         from .qonnx import rewrite_qonnx as _rewrite
 
         proto = _rewrite(proto).model
+    check_weights_finite(proto, origin)
+    try:
+        # The checker does not run the ops' shape inference; onnxruntime does, and TVM's
+        # importer silently ignores e.g. a kernel_shape that contradicts the weight or a
+        # dilations list of the wrong length. Strict inference rejects what ORT rejects.
+        # (Not above protobuf's 2 GB limit, where the in-memory API cannot serialize.)
+        if proto.ByteSize() < 2**31 - 1:
+            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as err:
+        raise ModelLoadError(f"{origin}: invalid ONNX model (shape inference): {str(err).splitlines()[0]}") from None
     return proto
+
+
+#: Ops whose constant inputs are learned parameters: NaN/inf there is a corrupt model, not a
+#: deliberate sentinel (unlike e.g. an infinite Clip bound or a -inf attention mask).
+_WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "PRelu", "InstanceNormalization")
+
+
+def check_weights_finite(proto: onnx.ModelProto, origin: str = "the model") -> None:
+    """Raise :class:`ModelLoadError` if a weight initializer holds NaN or infinity.
+
+    A binary kernel cannot carry NaN, so a NaN weight would make the compiled model and the
+    float reference disagree silently; it is always a corrupt or diverged checkpoint.
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type not in _WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        for name in node.input[1:]:
+            t = inits.get(name)
+            if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            try:
+                arr = onnx.numpy_helper.to_array(t)
+            except Exception as err:
+                raise ModelLoadError(f"{origin}: initializer {name!r} of node {node.name or node.op_type!r} "
+                                     f"cannot be read: {err}") from None
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                bad = int((~np.isfinite(arr)).sum())
+                raise ModelLoadError(f"{origin}: weight {name!r} of node {node.name or node.op_type!r} holds "
+                                     f"{bad} NaN/inf value(s): the model is corrupt")
 
 
 def default_opset(proto: onnx.ModelProto) -> int:
@@ -133,13 +175,60 @@ def import_onnx(proto: onnx.ModelProto, specs: list):
     """Relax IRModule of the model with constant weights (no params kept as inputs)."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    return from_onnx(
+    mod = from_onnx(
         proto,
         shape_dict={s.name: list(s.shape) for s in specs},
         dtype_dict={s.name: s.dtype for s in specs},
         opset=default_opset(proto),
         keep_params_in_input=False,
     )
+    check_no_empty_activations(mod, conv_names(proto))
+    return mod
+
+
+def _static_dims(expr):
+    """Static shape of a Relax tensor expression as a tuple of ints, else None."""
+    import tvm
+    from tvm import relax
+
+    ty = getattr(expr, "ty", None)
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
+        return None
+    if not all(isinstance(d, tvm.tirx.IntImm) for d in ty.shape.values):
+        return None
+    return tuple(int(d) for d in ty.shape.values)
+
+
+def check_no_empty_activations(mod, convs: list = ()) -> None:
+    """Raise :class:`ShapeError` if an op's float activation (rank >= 3) has an empty dimension.
+
+    The importer accepts e.g. a 3x3 conv on a 2x2 input without padding (output 0x0); TVM's
+    passes then fail with a bare ValueError. Caught here with the op and the shapes.
+    """
+    from tvm import relax
+
+    conv_i = 0
+    for func in mod.functions.values():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if not isinstance(value, relax.Call):
+                    continue
+                op = getattr(value.op, "name", str(value.op))
+                label = op
+                if op == "relax.nn.conv2d":
+                    label = f"conv {convs[conv_i]!r}" if conv_i < len(convs) else "a conv"
+                    conv_i += 1
+                dims = _static_dims(binding.var)
+                if dims is None or len(dims) < 3 or not str(binding.var.ty.dtype).startswith("float"):
+                    continue
+                if min(dims) <= 0:
+                    ins = [d for d in (_static_dims(a) for a in value.args) if d is not None][:1]
+                    raise ShapeError(f"{label} produces an empty tensor of shape {dims}"
+                                     + (f" from input {ins[0]}" if ins else "")
+                                     + ": the input is too small for its kernel/stride/padding")
 
 
 def as_input_arrays(specs: list, arrays) -> list:

@@ -168,7 +168,7 @@ def test_bipolarquant_domains_exact(domain):
         helper.make_node("Conv", ["xb", "wb"], ["y"], name="conv", pads=[1, 0, 0, 1], strides=[2, 1]),
     ]
     inits = [numpy_helper.from_array(latent, "latent"), numpy_helper.from_array(wscale, "wscale")]
-    model = _graph(nodes, inits, (3, 5, 8, 7), [("y", [3, 6, 4, 7])], domain)
+    model = _graph(nodes, inits, (3, 5, 8, 7), [("y", [3, 6, 4, 6])], domain)
     compiled = sparks_tvm.compile(model, force_kind="sparks")
     rec = compiled.report[0]
     assert (rec.name, rec.kind, rec.binarizer, rec.codewords) == ("conv", "sparks", "ge", 3)
