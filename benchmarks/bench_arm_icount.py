@@ -2,7 +2,7 @@
 
 Timings under emulation mean nothing; the number of aarch64 instructions a kernel executes
 does, and it is exact and repeatable. For each ResNet-18 binary layer shape (the same seven
-shapes as ``bench_layers.py``) and K in {16, 32, 64}, this counts, for one batch-1 call:
+shapes as ``bench.py``) and K in {16, 32, 64}, this counts, for one batch-1 call:
 
 - the Sparks op (our kernel, ARM schedule, cross-compiled for ``arm_cpu``),
 - the dense binary conv (our XOR-popcount kernel, same schedule family),
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "emulated_pi"))
 sys.path.insert(0, str(ROOT))
 
-# (cin, cout, input side, stride) of ResNet-18's binary 3x3 convs at 224x224 (bench_layers.py).
+# (cin, cout, input side, stride) of ResNet-18's binary 3x3 convs at 224x224 (bench.py).
 SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
           (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
 GUEST = ROOT / "scripts" / "emulated_pi" / "icount_guest.py"

@@ -180,20 +180,24 @@ class RemoteModel:
         from .compiler import _flatten
 
         vm = self._live_vm()
-        tensors = self._tensors(arrays)
+
+        def call():
+            # Uploading inputs and fetching outputs are RPC calls too: all under the deadline.
+            tensors = self._tensors(arrays)
+            return _flatten(vm["main"](*tensors))
+
         try:
-            out = _bounded(lambda: vm["main"](*tensors), self.timeout, "running the model on the device")
-            return _flatten(out)
+            return _bounded(call, self.timeout, "running the model on the device")
         finally:
             # A traceback keeps this frame: remote handles in it would keep the session open.
-            vm = tensors = out = None
+            vm = None
 
     def benchmark(self, *arrays, repeat: int = 10, number: int = 1) -> dict:
         """Device-side latency (TVM's time evaluator, timed on the device) in ms."""
         vm, dev = self._live_vm(), self.device
-        tensors = self._tensors(arrays)
 
         def timed():
+            tensors = self._tensors(arrays)
             vm.set_input("main", *tensors)
             ev = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)
             return ev("main").results
@@ -201,7 +205,7 @@ class RemoteModel:
         try:
             results = _bounded(timed, self.timeout, "timing the model on the device")
         finally:
-            vm = dev = tensors = None  # see run()
+            vm = dev = None  # see run()
         times = np.array(results) * 1e3
         return {"median_ms": float(np.median(times)), "mean_ms": float(times.mean()), "repeat": repeat}
 

@@ -219,3 +219,22 @@ def test_instruction_counts_exact_and_repeatable(device, arm):
     assert first == again
     assert first[0] > 10_000 and first[1] == 2 * first[0]
     assert first[2] > 10_000 and first[2] != first[0]
+
+
+def test_server_dying_mid_session_is_a_clear_error(device):
+    """A second emulated Pi, killed while a model is loaded on it: the next run fails fast."""
+    net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
+    model = sparks_tvm.compile(models.export_onnx(net, (1, 3, 7, 7)), target="arm_cpu")
+    x = models.example_input((1, 3, 7, 7), seed=1)
+    with pi.EmulatedPi(startup_timeout=180) as other:
+        remote = rpc.deploy(model, other.address, timeout=30, session_timeout=60)
+        assert remote.run(x)[0].shape == (1, 10)
+        other.stop()
+        assert not other.alive()
+        t0 = time.monotonic()
+        with pytest.raises(rpc.RemoteError, match="running the model on the device"):
+            remote.run(x)
+        assert time.monotonic() - t0 < 60
+        remote.close()
+    with pytest.raises(rpc.RemoteError, match="cannot reach"):
+        rpc.connect(other.address, timeout=5)
