@@ -17,6 +17,8 @@ Recognised forms (``g`` any expression, constants may be scalars or broadcast te
   With ``|c| >= 1`` it is no zero rule of ``x``: the outer sign then binarizes the float
   tensor ``sign(x) + c`` like any other ``sign(y)``.
 - Comparisons written with the zero first (``0 <= x``, ``0 > x``) in every form above.
+- A cast to a float type of any recognised binarizer (``Cast(Where(x >= 0, 1, -1))`` with
+  integer constants): the kernels read the float source, the intermediate type is moot.
 - A scaled binarizer ``b * s``, ``s * b`` or ``b / s`` with a constant ``s`` (QONNX's
   ``BipolarQuant`` scale, XNOR-Net's activation scale): the match carries ``scale`` and
   the check (:func:`relay_passes.binary_weights.fold_input_scale`) decides whether it can
@@ -219,6 +221,16 @@ def match_scaled(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binarizer 
     return None
 
 
+def match_float_cast(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binarizer | None:
+    """``astype(b, float*)`` of a binarizer ``b`` (exporters cast integer Where results)."""
+    if depth > 4:
+        return None
+    expr = _resolve(expr, lookup)
+    if _op_name(expr) != "relax.astype" or not str(expr.attrs.dtype).startswith("float"):
+        return None
+    return match_binarizer(expr.args[0], lookup, depth + 1)
+
+
 MATCHERS = (match_sign, match_where, match_cast_affine)
 
 
@@ -228,4 +240,5 @@ def match_binarizer(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binariz
         found = matcher(expr, lookup)
         if found is not None:
             return found
-    return match_ste_residue(expr, lookup, depth) or match_scaled(expr, lookup, depth)
+    return (match_ste_residue(expr, lookup, depth) or match_scaled(expr, lookup, depth)
+            or match_float_cast(expr, lookup, depth))

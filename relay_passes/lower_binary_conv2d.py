@@ -238,7 +238,7 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             return call
         result = self._rewrite(call, match, analysis, record)
         if detail is not None:
-            detail["kernel_symbol"] = f"{record.kind}_conv2d_{len(self.report) - 1}"
+            detail["kernel_symbol"] = self._last_symbol
         return result
 
     def _rewrite(self, call, match: ConvMatch, bw: BinaryWeights, record: LayerRecord) -> relax.Expr:
@@ -280,6 +280,7 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             )
             args = [match.source, relax.const(pack_binary_weights(bw.signs), "uint32")]
         symbol = f"{kind}_conv2d_{len(self.report) - 1}"
+        self._last_symbol = symbol  # for LoweringOptions.details
         gvar = self.builder_.add_func(func.with_attr("global_symbol", symbol), symbol)
         out_shape = sparks_out_shape(geom) if kind == "sparks" else geom.out_shape
         acc = self.builder_.emit(relax.call_tir(gvar, args, relax.TensorType(out_shape, "int32")), name_hint=f"{kind}_acc")

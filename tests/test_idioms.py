@@ -231,3 +231,15 @@ def test_soft_binarizer_reported(rng):
     w = sparks_weight(rng)[0]
     compiled = check(conv_model([helper.make_node("Tanh", ["x"], ["b"])], w), rng, kind=("float",), exact=False)
     assert compiled.report[0].reason == "input is not binarized"
+
+
+@pytest.mark.parametrize("int_type", [TensorProto.INT64, TensorProto.INT8])
+def test_integer_where_cast_to_float(rng, int_type):
+    """Where(x >= 0, 1, -1) on integer constants, then Cast to float (an exporter's choice)."""
+    w = sparks_weight(rng)[0]
+    np_t = {TensorProto.INT64: np.int64, TensorProto.INT8: np.int8}[int_type]
+    nodes = [helper.make_node("GreaterOrEqual", ["x", "z"], ["m"]), helper.make_node("Where", ["m", "pi", "ni"], ["bi"]),
+             helper.make_node("Cast", ["bi"], ["b"], to=TensorProto.FLOAT)]
+    inits = [const("z", np.float32(0)), numpy_helper.from_array(np.array(1, np_t), "pi"),
+             numpy_helper.from_array(np.array(-1, np_t), "ni")]
+    check(conv_model(nodes, w, inits), rng, mode="ge")

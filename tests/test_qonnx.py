@@ -20,10 +20,8 @@ from sparks_tvm.errors import QONNXError, UnsupportedOpsError
 from sparks_tvm.models import random_codebook
 from sparks_tvm.reference import binarize, binary_conv2d_ref
 
-brevitas = pytest.importorskip("brevitas")
-
-
 def _brevitas_classes():
+    pytest.importorskip("brevitas")  # pinned in the test extra; only these cases need it
     import torch
     import brevitas.nn as qnn
     from brevitas.core.function_wrapper import TensorClamp
@@ -143,6 +141,42 @@ def test_brevitas_first_conv_exact(brevitas_net):
     with torch.no_grad():
         out = First(net)(torch.from_numpy(x))
     assert np.allclose(got, (out.value if hasattr(out, "value") else out).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_brevitas_integer_quant_export_compiles_in_float():
+    """A real Brevitas 8-bit input / 4-bit weight / 4-bit ReLU export: Quant nodes (inputs from
+    Constant nodes, as Brevitas writes them) are rewritten and compiled in float."""
+    pytest.importorskip("brevitas")
+    import torch
+    import brevitas.nn as qnn
+
+    class IntNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = qnn.QuantIdentity(bit_width=8, return_quant_tensor=True)
+            self.conv = qnn.QuantConv2d(3, 5, 3, padding=1, weight_bit_width=4, bias=False)
+            self.relu = qnn.QuantReLU(bit_width=4, return_quant_tensor=False)
+
+        def forward(self, x):
+            return self.relu(self.conv(self.inp(x)))
+
+    torch.manual_seed(0)
+    net = IntNet().eval()
+    shape = (2, 3, 7, 6)
+    model = _export(net, shape)
+    assert sum(n.op_type == "Quant" for n in model.graph.node) == 3
+    compiled = sparks_tvm.compile(model)
+    assert [r.kind for r in compiled.report] == ["float"]
+    notes = qonnx.rewrite_qonnx(model).notes
+    assert [n.action.split(":")[0] for n in notes] == ["activation", "constant", "activation"]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = compiled.run(x)[0]
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    step = float(np.unique(np.diff(np.unique(ref)))[0])  # the 4-bit ReLU's quantization step
+    # Same levels; a float-conv rounding difference may move a value sitting on a rounding
+    # boundary by one step, nothing more.
+    assert np.abs(got - ref).max() <= step * 1.001 and np.mean(got == ref) > 0.98
 
 
 def _graph(nodes, inits, in_shape, out_shapes, domain, opset=13):
