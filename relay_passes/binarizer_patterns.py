@@ -17,6 +17,10 @@ Recognised forms (``g`` any expression, constants may be scalars or broadcast te
   With ``|c| >= 1`` it is no zero rule of ``x``: the outer sign then binarizes the float
   tensor ``sign(x) + c`` like any other ``sign(y)``.
 - Comparisons written with the zero first (``0 <= x``, ``0 > x``) in every form above.
+- A constant threshold instead of 0 (``Where(x >= t, 1, -1)``, per tensor or broadcast, e.g.
+  a learnt per-channel threshold): the match carries ``threshold`` and the rewrite feeds
+  ``x - t`` to the kernel. Exact: for finite IEEE floats ``x - t`` is 0 iff ``x == t`` and
+  has the sign of the exact difference.
 - A cast to a float type of any recognised binarizer (``Cast(Where(x >= 0, 1, -1))`` with
   integer constants): the kernels read the float source, the intermediate type is moot.
 - A scaled binarizer ``b * s``, ``s * b`` or ``b / s`` with a constant ``s`` (QONNX's
@@ -27,6 +31,7 @@ Recognised forms (``g`` any expression, constants may be scalars or broadcast te
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +50,8 @@ class Binarizer:
     scale: np.ndarray | None = None
     #: The idiom recognised, for reports (``"sign"``, ``"where"``, ``"ste"``, ...).
     form: str = ""
+    #: Constant the source is compared with instead of 0 (a Relax constant), or None.
+    threshold: relax.Expr | None = None
 
 
 Lookup = Callable[[relax.Expr], relax.Expr]
@@ -106,14 +113,21 @@ _MIRROR = {
 
 
 def _comparison_with_zero(expr: relax.Expr, lookup: Lookup):
-    """``(x, op_name)`` if expr is ``x <cmp> 0`` (or ``0 <cmp'> x``, normalised), else None."""
+    """``(x, op_name, threshold)`` if expr is ``x <cmp> t`` (or ``t <cmp'> x``, normalised)
+    with a constant finite float ``t``; ``threshold`` is None when ``t`` is all zeros."""
     expr = _resolve(expr, lookup)
     name = _op_name(expr)
-    if name in _MIRROR:
-        if _const_value(expr.args[1], lookup) == 0.0:
-            return expr.args[0], name
-        if _const_value(expr.args[0], lookup) == 0.0:
-            return expr.args[1], _MIRROR[name]
+    if name not in _MIRROR:
+        return None
+    for x, t, op in ((expr.args[0], expr.args[1], name), (expr.args[1], expr.args[0], _MIRROR[name])):
+        t = _resolve(t, lookup)
+        value = constant_array(t)
+        if value is None or constant_array(_resolve(x, lookup)) is not None:
+            continue
+        if value.size and np.all(value == 0):
+            return x, op, None
+        if value.dtype.kind == "f" and value.size and np.all(np.isfinite(value)):
+            return x, op, t
     return None
 
 
@@ -149,7 +163,8 @@ def match_where(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
         return None
     key = (cmp[1], _const_value(expr.args[1], lookup), _const_value(expr.args[2], lookup))
     mode = _CMP_TO_MODE.get(key)
-    return Binarizer(cmp[0], mode, form="where") if mode else None
+    form = "where" if cmp[2] is None else "where(x>=t)"
+    return Binarizer(cmp[0], mode, form=form, threshold=cmp[2]) if mode else None
 
 
 def match_cast_affine(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
@@ -171,7 +186,8 @@ def match_cast_affine(expr: relax.Expr, lookup: Lookup) -> Binarizer | None:
     cmp = _comparison_with_zero(cast.args[0], lookup)
     if cmp is None or cmp[1] not in ("relax.greater_equal", "relax.greater"):
         return None
-    return Binarizer(cmp[0], "ge" if cmp[1] == "relax.greater_equal" else "gt", form="cast*2-1")
+    return Binarizer(cmp[0], "ge" if cmp[1] == "relax.greater_equal" else "gt",
+                     form="cast*2-1" if cmp[2] is None else "cast(x>=t)*2-1", threshold=cmp[2])
 
 
 def _same(a: relax.Expr, b: relax.Expr) -> bool:
@@ -192,7 +208,7 @@ def match_ste_residue(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binar
         ):
             inner = match_binarizer(sub.args[0], lookup, depth + 1)
             if inner is not None:
-                return Binarizer(inner.source, inner.mode, inner.scale, f"ste({inner.form})")
+                return dataclasses.replace(inner, form=f"ste({inner.form})")
     return None
 
 
@@ -217,7 +233,7 @@ def match_scaled(expr: relax.Expr, lookup: Lookup, depth: int = 0) -> Binarizer 
             continue
         s = (np.float32(1.0) / s.astype(np.float32)) if name == "relax.divide" else s.astype(np.float32)
         scale = s if inner.scale is None else inner.scale * s
-        return Binarizer(inner.source, inner.mode, scale, f"{inner.form}*scale")
+        return dataclasses.replace(inner, scale=scale, form=f"{inner.form}*scale")
     return None
 
 

@@ -51,6 +51,8 @@ class ConvMatch:
     source: relax.Expr
     mode: str
     weight: np.ndarray
+    #: Constant the binarizer compares ``source`` with (the kernel then reads source - t).
+    threshold: relax.Expr | None = None
 
 
 def _static_shape(expr: relax.Expr):
@@ -100,6 +102,11 @@ def match_conv(call: relax.Call, lookup) -> tuple[ConvMatch | None, str, str | N
         problems.append("dynamic input shape")
     if found.source.ty.dtype != "float32" or call.ty.dtype != "float32":
         problems.append(f"dtype {found.source.ty.dtype}")
+    if found.threshold is not None and shape is not None:
+        t = constant_array(found.threshold)
+        tshape = (1,) * (len(shape) - t.ndim) + t.shape if t.ndim <= len(shape) else None
+        if tshape is None or any(d not in (1, s) for d, s in zip(tshape, shape)) or t.dtype != np.float32:
+            problems.append(f"threshold of shape {t.shape} ({t.dtype}) does not broadcast to the input {shape}")
     if problems:
         return None, "binarized but unsupported: " + ", ".join(problems), found.mode
     pad = tuple(int(p) for p in attrs.padding)
@@ -117,7 +124,7 @@ def match_conv(call: relax.Call, lookup) -> tuple[ConvMatch | None, str, str | N
     )
     if geom.out_shape != out_shape:
         return None, f"unexpected output shape {out_shape} (expected {geom.out_shape})", found.mode
-    return ConvMatch(geom, found.source, found.mode, w), "", found.mode
+    return ConvMatch(geom, found.source, found.mode, w, found.threshold), "", found.mode
 
 
 @dataclass
@@ -243,6 +250,9 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
 
     def _rewrite(self, call, match: ConvMatch, bw: BinaryWeights, record: LayerRecord) -> relax.Expr:
         geom = match.geom
+        if match.threshold is not None:  # binarize(x >= t) == binarize(x - t >= 0), exactly
+            match = ConvMatch(geom, self.builder_.emit(relax.op.subtract(match.source, match.threshold)),
+                              match.mode, match.weight)
         pixels = geom.out_height * geom.out_width
         record.dense_bops = dense_bops(geom.in_channels, geom.out_channels, pixels, geom.kernel[0] * geom.kernel[1])
         record.sparks_bops = record.dense_bops

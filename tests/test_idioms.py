@@ -243,3 +243,40 @@ def test_integer_where_cast_to_float(rng, int_type):
     inits = [const("z", np.float32(0)), numpy_helper.from_array(np.array(1, np_t), "pi"),
              numpy_helper.from_array(np.array(-1, np_t), "ni")]
     check(conv_model(nodes, w, inits), rng, mode="ge")
+
+
+@pytest.mark.parametrize("form", ["where_ge_scalar", "where_gt_channel", "zero_first_channel", "cast_affine_scalar"])
+def test_threshold_instead_of_zero(rng, form):
+    """Where(x >= t, 1, -1) with a constant t (per tensor or per input channel): exact,
+    including the values equal to t (x is a multiple of 0.5, so ties occur)."""
+    w = sparks_weight(rng)[0]
+    t_channel = np.array([0.5, -1.0, 0.0, 1.5, -0.5, 1.0], np.float32).reshape(1, 6, 1, 1)
+    if form == "where_ge_scalar":
+        t, mode = np.float32(0.5), "ge"
+        nodes = [helper.make_node("GreaterOrEqual", ["x", "t"], ["m"]), helper.make_node("Where", ["m", "p", "n"], ["b"])]
+    elif form == "where_gt_channel":
+        t, mode = t_channel, "gt"
+        nodes = [helper.make_node("Greater", ["x", "t"], ["m"]), helper.make_node("Where", ["m", "p", "n"], ["b"])]
+    elif form == "zero_first_channel":  # Where(t > x, -1, 1): x >= t -> +1
+        t, mode = t_channel.reshape(6, 1, 1), "ge"
+        nodes = [helper.make_node("Greater", ["t", "x"], ["m"]), helper.make_node("Where", ["m", "n", "p"], ["b"])]
+    else:
+        t, mode = np.float32(-0.5), "ge"
+        nodes = [helper.make_node("GreaterOrEqual", ["x", "t"], ["m"]),
+                 helper.make_node("Cast", ["m"], ["f"], to=TensorProto.FLOAT), helper.make_node("Mul", ["f", "two"], ["d"]),
+                 helper.make_node("Sub", ["d", "p"], ["b"])]
+    inits = [const("t", t), const("p", np.float32(1)), const("n", np.float32(-1)), const("two", np.float32(2))]
+    check(conv_model(nodes, w, inits), rng, mode=mode)
+    from sparks_tvm.inspect import inspect_model
+
+    assert inspect_model(conv_model(nodes, w, inits)).convs[0].binarizer_form.endswith(">=t)*2-1" if "cast" in form
+                                                                                   else "where(x>=t)")
+
+
+def test_full_shape_threshold(rng):
+    """A threshold with the activation's full shape (one per position) is exact too."""
+    w = sparks_weight(rng)[0]
+    t = (rng.integers(-2, 3, size=X_SHAPE) * 0.5).astype(np.float32)
+    nodes = [helper.make_node("GreaterOrEqual", ["x", "t"], ["m"]), helper.make_node("Where", ["m", "p", "n"], ["b"])]
+    inits = [const("t", t), const("p", np.float32(1)), const("n", np.float32(-1))]
+    check(conv_model(nodes, w, inits), rng, mode="ge")
