@@ -27,22 +27,24 @@ def vector_bytes_of(target) -> int:
 
 
 def pixel_tile(vector_bytes: int) -> int:
-    """Pixels per stage-2 row: two int16 vectors (two independent add chains), >= 32.
+    """Pixels per stage-2 row: one int8 vector register, at least 32.
 
     Measured on znver4 (AVX-512) over the ResNet-18 shapes: 64 beats 32 and 128.
     """
     return max(32, vector_bytes)
 
 
-def channel_block(in_channels: int, num_codewords: int, tile: int, l1_bytes: int = 32 * 1024) -> int:
-    """Input channels whose stage-1 block (``CB * K * T`` int16) fits in L1.
+def groups_per_block(in_channels: int, num_codewords: int, tile: int, group: int, block_bytes: int = 64 * 1024) -> int:
+    """Int8 channel groups whose stage-1 block (``groups * G * K * T`` bytes) is computed at once.
 
-    Stage 2 re-reads that block once per output channel, so it has to stay in L1: with the
-    whole channel range (128 KB at C=64, K=16) stage 2 was bound by L2 bandwidth.
-    Prefers a divisor of ``in_channels`` (no predicated tail) when one is at least half the cap.
+    Stage 2 re-reads that block once per output channel, so it has to stay close: with the
+    whole channel range (1 MB at C=512, K=16, int16) stage 2 was bound by L2 bandwidth.
+    64 KB measured best on znver4 (32 KB L1d + a fast L2) for K=16, T=64 (CB=64 channels).
+    Prefers a divisor of the group count (no partial block) when one is at least half the cap.
     """
-    cap = max(1, min(in_channels, l1_bytes // (num_codewords * tile * 2)))
-    best = max(d for d in range(1, cap + 1) if in_channels % d == 0)
+    total = -(-in_channels // group)
+    cap = max(1, min(total, block_bytes // (num_codewords * tile * group)))
+    best = max(d for d in range(1, cap + 1) if total % d == 0)
     return best if 2 * best >= cap else cap
 
 
@@ -71,11 +73,14 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, tile: int, block: int, o_chunks:
 
     Loop nest (per parallel task = pixel tile x output-channel chunk)::
 
-        for cb in channel blocks:            # stage 1 for CB channels: CB*K*T int16, in L1
-            stage1[cb*CB:(cb+1)*CB, :, tile]
+        for gb in channel blocks:             # block = `block` int8 groups of G channels
+            stage1[gb channels, :, tile]      # int8, reused by every output channel
             for o in chunk:
-                for cj in CB:                # acc[o, 0:T] += stage1[c, idx[o, c], 0:T]
-                    for p in T (vector)
+                for g in block:
+                    part[0:T] = 0             # int8, one vector register
+                    for j in G:               # part += stage1[c, idx[o, c], 0:T]
+                        for p in T (vector)
+                    acc[o, 0:T] += widen(part)
         out[:, tile] = acc
 
     Parameters
@@ -85,30 +90,42 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, tile: int, block: int, o_chunks:
     tile : int
         Pixel tile T (see :func:`pixel_tile`).
     block : int
-        Input-channel block CB (see :func:`channel_block`).
+        Int8 channel groups per stage-1 block (see :func:`groups_per_block`).
     o_chunks : int
         Output-channel chunks run as separate parallel tasks (see :func:`output_chunks`).
     """
     sch = s_tir.Schedule(func)
     s2 = sch.get_sblock("stage2")
-    n, o, p, ci = sch.get_loops(s2)
+    n, o, p, g = sch.get_loops(s2)
     pt, pi = sch.split(p, [None, tile])
     oc, o = sch.split(o, [o_chunks, None])
-    cb, cj = sch.split(ci, [None, block])
-    sch.reorder(n, pt, oc, cb, o, cj, pi)
+    gb, gi = sch.split(g, [None, block])
+    sch.reorder(n, pt, oc, gb, o, gi, pi)
     task = sch.fuse(n, pt, oc)
     sch.parallel(task)
     sch.vectorize(pi)
 
-    # Stage 1 per channel block: its CB*K*T responses are reused by every output channel.
+    # The int8 partial sum of one group lives in a register: computed right where it is widened.
+    part = sch.get_sblock("stage2_int8")
+    sch.compute_at(part, gi)
+    loops = sch.get_loops(part)
+    if _extent(sch, loops[-1]) == tile:  # G = 1: compute_at dropped the unit channel loop
+        sch.vectorize(loops[-1])
+    else:
+        sch.reorder(loops[-1], loops[-2])  # (p, j) -> (j, p): the pixel loop innermost, vectorized
+        loops = sch.get_loops(part)
+        sch.vectorize(loops[-1])
+        sch.decompose_reduction(part, loops[-2])
+
+    # Stage 1 per channel block: its responses are reused by every output channel.
     s1 = sch.get_sblock("stage1")
-    sch.compute_at(s1, cb)
+    sch.compute_at(s1, gb)
     sch.vectorize(sch.get_loops(s1)[-1])
 
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, task)
     sch.vectorize(sch.get_loops(out)[-1])
-    sch.decompose_reduction(s2, cb)
+    sch.decompose_reduction(s2, gb)
 
     for name in ("patch_neg", "patch_mask", "patch_valid"):
         blk = sch.get_sblock(name)
@@ -216,13 +233,13 @@ class HostSchedules:
 
     def sparks_params(self, geom, num_codewords: int) -> dict:
         """The default schedule's knobs for one layer: pixel tile, channel block, chunks."""
-        from sparks_tvm.kernels.sparks_conv2d import padded_pixels
+        from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
 
         tile = pixel_tile(self.vector_bytes)
         tiles = geom.batch * padded_pixels(geom, tile) // tile
         return {
             "tile": tile,
-            "block": channel_block(geom.in_channels, num_codewords, tile),
+            "block": groups_per_block(geom.in_channels, num_codewords, tile, DEFAULT_GROUP),
             "o_chunks": output_chunks(tiles, geom.out_channels, self.cores),
         }
 

@@ -143,7 +143,8 @@ def test_output_channel_chunks_exact(rng):
 @pytest.mark.parametrize(
     "vector_bytes, cin, k",
     [
-        (64, 37, 16),  # channel block does not divide C: predicated tail block
+        (64, 37, 16),  # C not a multiple of the int8 group: a tail group with skipped channels
+        (64, 200, 16),  # several channel blocks, the last one partial
         (64, 24, 13),  # K not a power of two: clamped codeword index
         (64, 20, 64),  # K=64: a channel block of 4
         (32, 50, 16),  # AVX2-sized tile (T=32)
@@ -170,3 +171,27 @@ def test_schedule_knobs_exact(rng, vector_bytes, cin, k):
                 tvm.runtime.tensor(idx.astype(idx_dtype(k)), dev), out)
     expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     assert np.array_equal(out.numpy().reshape(geom.out_shape), expect)
+
+
+@pytest.mark.parametrize("group", [1, 5, 14])
+def test_int8_group_sums_at_their_limit(group):
+    """Every response +-9 (uniform input, matching/opposite codewords): the int8 partial sum of
+    a full group reaches +-9*G (126 at G=14) without overflowing; a tail group adds its part."""
+    from schedules.host import schedule_sparks_conv2d
+    from sparks_tvm.kernels import idx_dtype, sparks_conv2d_primfunc, sparks_out_shape
+    from sparks_tvm.target import host_target
+    import tvm
+
+    geom = ConvGeometry(1, 2 * group + 3, 5, 5, 2, padding=(0, 0, 0, 0))
+    codebook = np.stack([-np.ones((3, 3)), np.ones((3, 3))]).astype(np.int8)
+    idx = np.zeros((2, geom.in_channels), np.int64)
+    idx[1] = 1
+    x = -np.ones(geom.in_shape, np.float32)
+    func = schedule_sparks_conv2d(sparks_conv2d_primfunc(geom, 2, "sign", 32, group), tile=32, block=2)
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=host_target()).jit()
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(idx.astype(idx_dtype(2)), dev), out)
+    got = out.numpy().reshape(geom.out_shape)
+    assert (got[0, 0] == 9 * geom.in_channels).all() and (got[0, 1] == -9 * geom.in_channels).all()
