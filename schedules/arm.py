@@ -54,7 +54,7 @@ class ArmSchedules(HostSchedules):
 
     def sparks_params(self, geom, num_codewords: int) -> dict:
         """The host core's knobs, with the NEON pixel tile (channel block and chunks follow it)."""
-        from sparks_tvm.kernels.sparks_conv2d import padded_pixels
+        from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
 
         from . import host
 
@@ -62,7 +62,7 @@ class ArmSchedules(HostSchedules):
         tile = self.sparks_pixel_tile
         if knobs.get("tile") != tile:
             tiles = geom.batch * padded_pixels(geom, tile) // tile
-            knobs.update(tile=tile, block=host.channel_block(geom.in_channels, num_codewords, tile),
+            knobs.update(tile=tile, block=host.groups_per_block(geom.in_channels, num_codewords, tile, DEFAULT_GROUP),
                          o_chunks=host.output_chunks(tiles, geom.out_channels, self.cores))
         return knobs
 
