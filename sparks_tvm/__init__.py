@@ -19,12 +19,15 @@ from .errors import (  # noqa: E402
     UnsupportedOpsError,
 )
 from .report import LayerRecord, Report  # noqa: E402
+from .tune import TuningError, tune  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "compile",
     "load",
+    "tune",
+    "TuningError",
     "CompiledModel",
     "Report",
     "LayerRecord",

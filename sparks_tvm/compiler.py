@@ -15,8 +15,12 @@ from .target import resolve_target, target_json
 SIDECAR_SUFFIX = ".sparks.json"
 
 
-def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None):
-    """Import, fold constants and lower binary convs. Returns ``(IRModule, Report)``."""
+def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None, kernel_schedules=None):
+    """Import, fold constants and lower binary convs. Returns ``(IRModule, Report)``.
+
+    ``kernel_schedules`` replaces ``schedules.for_target(target)`` as the source of the binary
+    kernels' schedules (:mod:`schedules.tuning`: records the kernels, or applies tuning records).
+    """
     from tvm import relax
 
     import schedules
@@ -30,7 +34,7 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
         raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
     # In-graph weight computation (scales, codebook gathers) must be constant before matching.
     mod = relax.transform.FoldConstant()(mod)
-    sched = schedules.for_target(target)
+    sched = kernel_schedules if kernel_schedules is not None else schedules.for_target(target)
     mod, report = lower_binary_conv2d(
         mod,
         LoweringOptions(
@@ -85,7 +89,8 @@ def relax_pipeline(target):
     return _pipeline
 
 
-def compile(model, target="llvm", shapes: dict | None = None, strict: bool = True, force_kind: str | None = None):  # noqa: A001
+def compile(model, target="llvm", shapes: dict | None = None, strict: bool = True, force_kind: str | None = None,  # noqa: A001
+            tuning_db=None):
     """Compile an ONNX Sparks / binary network with TVM.
 
     Parameters
@@ -101,6 +106,10 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
         +-alpha per channel is an error; if False it is compiled in float and reported.
     force_kind : {"sparks", "binary"}, optional
         Override the BOPs cost model's choice of kernel (for tests and benchmarks).
+    tuning_db : str or os.PathLike, optional
+        A work dir written by :func:`sparks_tvm.tune` for this target: each binary kernel
+        with a record there gets its tuned schedule (the others keep the default one). A work
+        dir tuned for another target raises :class:`sparks_tvm.tune.TuningError`.
 
     Returns
     -------
@@ -112,7 +121,13 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
     frontend.check_supported_ops(proto)
     specs = frontend.input_specs(proto, shapes)
     tgt = resolve_target(target)
-    mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind)
+    kernel_schedules = None
+    if tuning_db is not None:
+        from .tune import tuned_schedules
+
+        kernel_schedules = tuned_schedules(tuning_db, tgt)
+    mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind,
+                              kernel_schedules=kernel_schedules)
     try:
         ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
     except Exception as err:

@@ -1,0 +1,443 @@
+"""MetaSchedule design spaces for sparks_tvm's binary kernels (LLVM CPUs: x86 and ARM).
+
+Generic MetaSchedule rules do not fit the Sparks op (STACK.md: a naive two-stage op tuned
+generically ends slower than a float conv; AutoInline folds stage 1 back into stage 2), so
+each binary kernel gets a hand-written space: the structure of :mod:`schedules.host`'s
+default schedule, with its knobs as sampled decisions.
+
+Sparks op (:func:`sparks_space`), knobs sampled with ``SampleCategorical``:
+
+- pixel tile ``T`` (parallel tasks x vector width): a divisor of the padded pixel count
+  ``Ppad``, which is fixed by the default tile the kernel was built with, so every tile
+  sampled is a sub-tile of the default layout and the default tile is one of them;
+- channel block ``CB`` (stage 1 computed per CB input channels; its ``CB*K*T`` responses
+  should stay in L1);
+- output-channel chunks (parallel tasks when pixel tiles are few);
+- unroll factor of the gather-accumulate loop over input channels;
+- output-channel register block (``OB`` accumulator rows updated per input channel: more
+  independent add chains);
+- where stage 1 is computed: per channel block (default) or once per task (all channels).
+
+Structural choices (whether the unroll / register-block splits exist, stage 1's location)
+are separate design spaces: a trace is replayed with new decisions but the same
+instructions. Space 0 is exactly the default schedule's structure, so with the default
+decisions it yields the default schedule itself (``tests/test_tune.py`` checks that it is
+structurally equal to :func:`schedules.host.schedule_sparks_conv2d`'s): tuning can match
+it and only keeps something else if it measures faster.
+
+Dense binary conv (:func:`binary_space`): the default schedule, and a variant with an
+output-channel register block (one packed activation word reused by ``OB`` output
+channels) and a split of the output columns.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tvm import s_tir, tirx
+
+from . import host
+
+#: Name of the workload function in a tuning task (MetaSchedule's convention).
+WORKLOAD_NAME = "main"
+
+
+def _scheduled(sch) -> tirx.PrimFunc:
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _uniq(values) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(int(v))
+    return out
+
+
+# ----------------------------------------------------------------------------- Sparks op
+
+
+def sparks_knob_candidates(geom, num_codewords: int, default: dict, cores: int) -> dict:
+    """Candidate values of each Sparks knob; each list starts with the default's value.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+    num_codewords : int
+    default : dict
+        ``{"tile", "block", "o_chunks"}`` of the default schedule
+        (:meth:`schedules.host.HostSchedules.sparks_params`); ``tile`` also fixed ``Ppad``.
+    cores : int
+        Threads of the target (bounds the output-channel chunks worth trying).
+    """
+    from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
+
+    t0 = int(default["tile"])
+    ppad = padded_pixels(geom, t0)
+    # Sub-tiles of whole vectors (>= 16 int8 lanes, one 128-bit NEON/SSE register).
+    tiles = [t0] + [t for t in (16, 32, 64, 128, 256) if t != t0 and ppad % t == 0]
+    groups = -(-geom.in_channels // DEFAULT_GROUP)
+    # Stage-1 block of b groups = b*G*K*T int8: from one group up to 256 KB (L2-sized) at the default tile.
+    cap = max(1, (256 * 1024) // (DEFAULT_GROUP * num_codewords * t0))
+    blocks = [int(default["block"])] + [d for d in _divisors(groups) if d <= cap]
+    chunks = [int(default["o_chunks"])] + [d for d in (1, 2, 4, 8) if d <= max(1, geom.out_channels // 8)
+                                            and d <= 4 * cores]
+    return {
+        "tile": _uniq(tiles),
+        "block": _uniq(blocks)[:8],
+        "o_chunks": _uniq(chunks),
+        "o_block": [2, 4],
+    }
+
+
+def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_block=None, stage1_at: str = "block"):
+    """Schedule the Sparks op in ``sch`` (in place) with the given knob values.
+
+    Knobs may be Python ints or MetaSchedule random variables (``sch.sample_categorical``);
+    ``unroll=False``, ``o_block=None``, ``stage1_at="block"`` reproduce
+    :func:`schedules.host.schedule_sparks_conv2d` primitive for primitive.
+
+    Loop nest (G = the kernel's int8 channel group)::
+
+        for task in (n, pixel tile T, o chunk):             # parallel
+            [stage 1, all channels of the tile]             # stage1_at == "task"
+            for gb in blocks of `block` groups:
+                [stage 1 for the block's channels]          # stage1_at == "block"
+                for o_out in chunk / OB:
+                    for g in block:
+                        for o_in in OB:   (unrolled)        # OB independent chains
+                            part[0:T] = 0                   # int8
+                            for j in G:   (unrolled if `unroll`)
+                                part += stage1[c, idx[o, c], 0:T]     (vector)
+                            acc[o, 0:T] += widen(part)
+            out[:, tile] = acc
+    """
+    s2 = sch.get_sblock("stage2")
+    n, o, p, g = sch.get_loops(s2)
+    pt, pi = sch.split(p, [None, tile])
+    oc, o = sch.split(o, [o_chunks, None])
+    gb, gi = sch.split(g, [None, block])
+    if o_block is None:
+        sch.reorder(n, pt, oc, gb, o, gi, pi)
+        anchor = gi
+    else:
+        oo, oi = sch.split(o, [None, o_block])
+        sch.reorder(n, pt, oc, gb, oo, gi, oi, pi)
+        sch.unroll(oi)
+        anchor = oi
+    task = sch.fuse(n, pt, oc)
+    sch.parallel(task)
+    sch.vectorize(pi)
+
+    part = sch.get_sblock("stage2_int8")
+    sch.compute_at(part, anchor)
+    loops = sch.get_loops(part)
+    sch.reorder(loops[-1], loops[-2])  # (p, j) -> (j, p): pixels innermost, vectorized
+    loops = sch.get_loops(part)
+    sch.vectorize(loops[-1])
+    if unroll:
+        sch.unroll(loops[-2])
+    sch.decompose_reduction(part, loops[-2])
+
+    s1 = sch.get_sblock("stage1")
+    sch.compute_at(s1, gb if stage1_at == "block" else task)
+    sch.vectorize(sch.get_loops(s1)[-1])
+
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, task)
+    sch.vectorize(sch.get_loops(out)[-1])
+    sch.decompose_reduction(s2, gb)
+
+    for name in ("patch_neg", "patch_mask", "patch_valid"):
+        blk = sch.get_sblock(name)
+        pn, pc, _, pw = sch.get_loops(blk)
+        sch.parallel(sch.fuse(pn, pc))
+        sch.vectorize(pw)
+
+    bp = sch.get_sblock("bin_pad")
+    bn, bc, _, bx = sch.get_loops(bp)
+    sch.parallel(sch.fuse(bn, bc))
+    sch.vectorize(bx)
+    return sch
+
+
+#: Structural variants of the Sparks space: (unroll the group loop, o register block, stage-1 place).
+SPARKS_STRUCTURES = (
+    (False, False, "block"),  # the default schedule's structure
+    (True, False, "block"),
+    (False, True, "block"),
+    (True, True, "block"),
+    (True, False, "task"),
+)
+
+
+def _sample(sch, values):
+    """A categorical decision over ``values``, uniform; a lone value needs no sampling."""
+    if len(values) == 1:
+        return int(values[0])
+    return sch.sample_categorical(candidates=[int(v) for v in values], probs=[1.0 / len(values)] * len(values))
+
+
+def sparks_space(geom, num_codewords: int, default: dict, cores: int):
+    """The Sparks op's design space: a ``ScheduleFn`` function returning one schedule per structure."""
+    cand = sparks_knob_candidates(geom, num_codewords, default, cores)
+
+    def space(sch: s_tir.Schedule):
+        outs = []
+        for unroll, with_oblock, stage1_at in SPARKS_STRUCTURES:
+            s = sch.copy()
+            s.seed(random.randrange(1 << 30))
+            apply_sparks_schedule(
+                s,
+                tile=_sample(s, cand["tile"]),
+                block=_sample(s, cand["block"]),
+                o_chunks=_sample(s, cand["o_chunks"]),
+                unroll=unroll,
+                o_block=_sample(s, cand["o_block"]) if with_oblock else None,
+                stage1_at=stage1_at,
+            )
+            outs.append(s)
+        return outs
+
+    return space
+
+
+# ----------------------------------------------------------------------------- dense binary conv
+
+
+def binary_knob_candidates(geom) -> dict:
+    ow = geom.out_width
+    return {
+        "o_block": [2, 4, 8],
+        "columns": _uniq([ow] + [d for d in _divisors(ow) if d >= 4][-3:]),
+    }
+
+
+def apply_binary_schedule(sch, o_block=None, columns=None):
+    """Schedule the dense binary conv; ``o_block=None`` is :func:`schedules.host.schedule_binary_conv2d`.
+
+    With ``o_block``: the mismatch loop nest becomes ``(n, oh) | o_out | ow_out | rc ry rx |
+    o_in (unrolled) | ow_in (vector)``: each packed activation word loaded feeds ``OB``
+    output channels' accumulators.
+    """
+    acc = sch.get_sblock("mismatch")
+    n, o, oh, ow, rc, ry, rx = sch.get_loops(acc)
+    if o_block is None:
+        sch.reorder(n, oh, o, rc, ry, rx, ow)
+        row = sch.fuse(n, oh)
+        sch.parallel(row)
+        sch.unroll(rx)
+        sch.vectorize(ow)
+        sch.decompose_reduction(acc, rc)
+    else:
+        oo, oi = sch.split(o, [None, o_block])
+        wo, wi = sch.split(ow, [None, columns])
+        sch.reorder(n, oh, oo, wo, rc, ry, rx, oi, wi)
+        row = sch.fuse(n, oh)
+        sch.parallel(row)
+        sch.unroll(rx)
+        sch.unroll(oi)
+        sch.vectorize(wi)
+        sch.decompose_reduction(acc, rc)
+    out = sch.get_sblock("out")
+    on, oo2, _, ow2 = sch.get_loops(out)
+    sch.parallel(sch.fuse(on, oo2))
+    sch.vectorize(ow2)
+
+    valid = sch.get_sblock("valid")
+    vn, voh, vow, vc, vy, vx = sch.get_loops(valid)
+    sch.reorder(vn, voh, vc, vy, vx, vow)
+    sch.parallel(sch.fuse(vn, voh))
+    sch.vectorize(vow)
+    sch.decompose_reduction(valid, vc)
+
+    for name in ("pack_neg", "pack_mask"):
+        blk = sch.get_sblock(name)
+        pn, pc, py, px = sch.get_loops(blk)
+        sch.parallel(sch.fuse(pn, pc, py))
+    return sch
+
+
+def binary_space(geom):
+    """The dense binary conv's design space (default structure + register-blocked variant)."""
+    cand = binary_knob_candidates(geom)
+
+    def space(sch: s_tir.Schedule):
+        base = sch.copy()
+        apply_binary_schedule(base)
+        blocked = sch.copy()
+        blocked.seed(random.randrange(1 << 30))
+        apply_binary_schedule(blocked, o_block=_sample(blocked, cand["o_block"]),
+                              columns=_sample(blocked, cand["columns"]))
+        return [base, blocked]
+
+    return space
+
+
+# ----------------------------------------------------------------------------- mutator
+
+
+def mutate_categorical():
+    """A MetaSchedule mutator that re-draws one ``SampleCategorical`` decision of a trace.
+
+    MetaSchedule's own mutators only touch tile sizes, unroll annotations, parallel extents
+    and compute locations; without this one, evolutionary search could not move between
+    neighbouring points of these spaces (it would only re-sample them at random).
+    """
+    from tvm.s_tir.meta_schedule.mutator import PyMutator
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class MutateCategorical(PyMutator):
+        def __init__(self, seed: int = 0):
+            self._rng = random.Random(seed)
+
+        def _initialize_with_tune_context(self, context) -> None:
+            pass
+
+        def apply(self, trace, _rand_state=None):
+            choices = []
+            for inst in trace.insts:
+                if inst.kind.name == "SampleCategorical":
+                    cands = inst.attrs[0]
+                    if len(cands) > 1:
+                        choices.append((inst, len(cands)))
+            if not choices:
+                return None
+            inst, count = self._rng.choice(choices)
+            current = int(trace.decisions[inst])
+            new = self._rng.choice([i for i in range(count) if i != current])
+            return trace.with_decision(inst, new, remove_postproc=True)
+
+        def clone(self):
+            return MutateCategorical(self._rng.randrange(1 << 30))
+
+    return MutateCategorical()
+
+
+# ----------------------------------------------------------------------------- schedules objects
+
+
+class RecordingSchedules:
+    """Wraps a target's schedules object and records every binary kernel the lowering emits.
+
+    Used by :func:`sparks_tvm.tune` to extract tuning tasks: the lowering pass calls
+    ``schedule_sparks_conv2d(geom, K, mode)`` / ``schedule_binary_conv2d(geom, mode)`` once
+    per conv; the defaults are returned unchanged.
+    """
+
+    def __init__(self, base):
+        self.base = base
+        self.calls = []  # (kind, geom, K or None, mode)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str):
+        self.calls.append(("sparks", geom, num_codewords, mode))
+        return self.base.schedule_sparks_conv2d(geom, num_codewords, mode)
+
+    def schedule_binary_conv2d(self, geom, mode: str):
+        self.calls.append(("binary", geom, None, mode))
+        return self.base.schedule_binary_conv2d(geom, mode)
+
+
+class TunedSchedules(RecordingSchedules):
+    """Schedules object that takes each binary kernel's schedule from a tuning database.
+
+    A kernel with no record keeps the default schedule (``self.applied`` / ``self.missed``
+    say which did which).
+
+    Parameters
+    ----------
+    base : HostSchedules or ArmSchedules
+    database : tvm.s_tir.meta_schedule.database.Database
+    target : tvm.target.Target
+    """
+
+    def __init__(self, base, database, target):
+        super().__init__(base)
+        self.database = database
+        self.target = target
+        self.applied = []
+        self.missed = []
+
+    def _lookup(self, kind, geom, num_codewords, mode, default):
+        task = make_task(self.base, kind, geom, num_codewords, mode)
+        sch = self.database.query_schedule(task.mod, self.target, WORKLOAD_NAME)
+        if sch is None:
+            self.missed.append(task.name)
+            return default()
+        self.applied.append(task.name)
+        return _scheduled(sch)
+
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str):
+        self.calls.append(("sparks", geom, num_codewords, mode))
+        return self._lookup("sparks", geom, num_codewords, mode,
+                            lambda: self.base.schedule_sparks_conv2d(geom, num_codewords, mode))
+
+    def schedule_binary_conv2d(self, geom, mode: str):
+        self.calls.append(("binary", geom, None, mode))
+        return self._lookup("binary", geom, None, mode, lambda: self.base.schedule_binary_conv2d(geom, mode))
+
+
+class KernelTask:
+    """One tuning task: an unscheduled binary kernel, its design space and default schedule.
+
+    Attributes
+    ----------
+    name : str
+        ``sparks_<C>x<H>x<W>_<O>_s<stride>_K<K>_<mode>`` or ``binary_...``.
+    mod : IRModule
+        The unscheduled kernel as ``{"main": PrimFunc}`` (the database's workload key).
+    space : callable
+        ``ScheduleFn`` function of the design space.
+    default_schedule : callable
+        ``() -> s_tir.Schedule`` (with trace) of the default schedule.
+    """
+
+    def __init__(self, name, mod, space, default_schedule):
+        self.name = name
+        self.mod = mod
+        self.space = space
+        self.default_schedule = default_schedule
+
+
+def _geom_name(geom) -> str:
+    s = "x".join(str(v) for v in geom.stride)
+    return (f"{geom.batch}x{geom.in_channels}x{geom.height}x{geom.width}_o{geom.out_channels}_s{s}"
+            f"_p{''.join(str(v) for v in geom.padding)}")
+
+
+def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
+    """The tuning task of one binary kernel for a schedules object (host or ARM choices)."""
+    import tvm
+
+    if kind == "sparks":
+        from sparks_tvm.kernels import sparks_conv2d_primfunc
+
+        default = base.sparks_params(geom, num_codewords)
+        func = sparks_conv2d_primfunc(geom, num_codewords, mode, default["tile"])
+        mod = tvm.IRModule({WORKLOAD_NAME: func.with_attr("global_symbol", WORKLOAD_NAME)})
+        space = sparks_space(geom, num_codewords, default, base.cores)
+
+        def default_schedule():
+            sch = s_tir.Schedule(mod)
+            return apply_sparks_schedule(sch, default["tile"], default["block"], default["o_chunks"])
+
+        return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}", mod, space, default_schedule)
+    if kind == "binary":
+        from sparks_tvm.kernels import binary_conv2d_primfunc
+
+        func = binary_conv2d_primfunc(geom, mode)
+        mod = tvm.IRModule({WORKLOAD_NAME: func.with_attr("global_symbol", WORKLOAD_NAME)})
+
+        def default_schedule():
+            return apply_binary_schedule(s_tir.Schedule(mod))
+
+        return KernelTask(f"binary_{_geom_name(geom)}_{mode}", mod, binary_space(geom), default_schedule)
+    raise ValueError(f"unknown kernel kind {kind!r}")
