@@ -221,20 +221,30 @@ def test_instruction_counts_exact_and_repeatable(device, arm):
     assert first[2] > 10_000 and first[2] != first[0]
 
 
-def test_server_dying_mid_session_is_a_clear_error(device):
-    """A second emulated Pi, killed while a model is loaded on it: the next run fails fast."""
+def test_tracker_deploy_and_server_dying_mid_session(device):
+    """A second emulated Pi registered with an RPC tracker under a key: deploy through the
+    tracker, run; then the Pi dies mid-session: the next run is a RemoteError, fast."""
+    from tvm.rpc.tracker import Tracker
+
     net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
-    model = sparks_tvm.compile(models.export_onnx(net, (1, 3, 7, 7)), target="arm_cpu")
+    data = models.export_onnx(net, (1, 3, 7, 7))
+    model = sparks_tvm.compile(data, target="arm_cpu")
     x = models.example_input((1, 3, 7, 7), seed=1)
-    with pi.EmulatedPi(startup_timeout=180) as other:
-        remote = rpc.deploy(model, other.address, timeout=30, session_timeout=60)
-        assert remote.run(x)[0].shape == (1, 10)
-        other.stop()
-        assert not other.alive()
-        t0 = time.monotonic()
-        with pytest.raises(rpc.RemoteError, match="running the model on the device"):
-            remote.run(x)
-        assert time.monotonic() - t0 < 60
-        remote.close()
+    tport = pi.free_port()
+    tracker = Tracker("127.0.0.1", tport, tport + 1, silent=True)
+    try:
+        with pi.EmulatedPi(startup_timeout=180, tracker=f"127.0.0.1:{tracker.port}", key="rpi4b") as other:
+            remote = rpc.deploy(model, tracker=f"127.0.0.1:{tracker.port}", key="rpi4b", timeout=60,
+                                session_timeout=120)
+            assert_close(remote.run(x)[0], ort_run(data, x))
+            other.stop()
+            assert not other.alive()
+            t0 = time.monotonic()
+            with pytest.raises(rpc.RemoteError, match="running the model on the device"):
+                remote.run(x)
+            assert time.monotonic() - t0 < 60
+            remote.close()
+    finally:
+        tracker.terminate()
     with pytest.raises(rpc.RemoteError, match="cannot reach"):
         rpc.connect(other.address, timeout=5)
