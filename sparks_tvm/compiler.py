@@ -54,8 +54,8 @@ def relax_pipeline(target):
     """TVM's CPU pipeline plus a default schedule for the ops it leaves unscheduled.
 
     Stock ``tvm.compile`` runs no schedule rule on LLVM targets, so the fused elementwise
-    functions between the binary convs are serial scalar loops. dlight's CPU GEMV/reduction
-    rules and :class:`schedules.cpu_fallback.InjectiveFallback` are applied after fusion;
+    functions between the binary convs are serial scalar loops.
+    :class:`schedules.cpu_fallback.InjectiveFallback` (a dlight rule) is applied after fusion;
     our own kernels carry ``tirx.is_scheduled`` and are left alone. Other targets get TVM's
     default pipeline.
     """
@@ -77,9 +77,7 @@ def relax_pipeline(target):
                 cpu_generic.library_dispatch_passes(target)
                 + cpu_generic.legalize_passes(target)
                 + [
-                    dlight.ApplyDefaultSchedule(
-                        dlight.cpu.GEMV(), dlight.cpu.Reduction(), InjectiveFallback(vector_bytes_of(target))
-                    )
+                    dlight.ApplyDefaultSchedule(InjectiveFallback(vector_bytes_of(target)))
                 ]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
