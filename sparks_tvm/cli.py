@@ -4,6 +4,7 @@
     sparks-tvm run model.so --inputs x.npz [--outputs y.npz]
     sparks-tvm inspect model.onnx [--json]
     sparks-tvm bench model.so [--warmup 5] [--repeat 50] [--layers] [--json]
+    sparks-tvm tune model.onnx --target llvm --trials 64 --work-dir tune-host
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _cmd_compile(args) -> int:
     import sparks_tvm
 
     model = sparks_tvm.compile(args.model, target=args.target, shapes=parse_shapes(args.shapes),
-                               strict=not args.allow_float)
+                               strict=not args.allow_float, tuning_db=args.tuning_db)
     model.export_library(args.output)
     from .target import target_json
 
@@ -134,6 +135,29 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    import json
+
+    import sparks_tvm
+
+    from . import tune as tune_mod
+
+    if bool(args.rpc_tracker) != bool(args.rpc_key):
+        raise SparksError("--rpc-tracker and --rpc-key go together (the device key registered with the tracker)")
+    runner = tune_mod.rpc_runner(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
+    result = sparks_tvm.tune(args.model, target=args.target, work_dir=args.work_dir, trials=args.trials,
+                             runner=runner, shapes=parse_shapes(args.shapes), strict=not args.allow_float,
+                             batch=args.batch, seed=args.seed)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+    else:
+        print(result.table())
+        if result.curve_png:
+            print(f"tuning curve: {result.curve_png}")
+        print(f"use the records: sparks-tvm compile {args.model} --target ... --tuning-db {args.work_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparks-tvm", description="TVM compiler for Sparks sub-bit BNNs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -146,7 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", default="model.so", help="output library (default model.so)")
     c.add_argument("--allow-float", action="store_true",
                    help="compile binarized convs with non-binary weights in float instead of failing")
+    c.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records of 'sparks-tvm tune' in DIR")
     c.set_defaults(func=_cmd_compile)
+    t = sub.add_parser("tune", help="autotune the binary kernels with MetaSchedule (XGBoost); resumable records")
+    t.add_argument("model", help="ONNX file")
+    t.add_argument("--target", default="llvm", help="as for compile (one work dir per target)")
+    t.add_argument("--trials", type=int, default=64, help="measured candidates over all kernels (default 64)")
+    t.add_argument("--work-dir", required=True, help="records, logs, curve; rerun with it to resume")
+    t.add_argument("--shapes", help="input shapes, e.g. input:1x3x224x224[,other:1x10]")
+    t.add_argument("--batch", type=int, default=8, help="candidates per search round (default 8)")
+    t.add_argument("--seed", type=int, default=0, help="search seed")
+    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device of this RPC tracker (ARM)")
+    t.add_argument("--rpc-key", metavar="KEY", help="device key registered with the tracker, e.g. rpi4b")
+    t.add_argument("--allow-float", action="store_true", help="as for compile")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t.set_defaults(func=_cmd_tune)
     i = sub.add_parser("inspect", help="per conv: binary or not and why, codewords, bits/weight, BOPs, "
                                        "what will be lowered (nothing is built)")
     i.add_argument("model", help="ONNX file")

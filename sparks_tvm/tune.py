@@ -80,7 +80,7 @@ def _make_in_process_builder():
             self.count = 0
 
         def build(self, build_inputs):
-            from tvm.driver import build as tvm_build
+            from tvm.tirx import build as tvm_build
 
             results = []
             t0 = time.perf_counter()
@@ -183,6 +183,60 @@ class _NoTensorIntrinsics:
         if self.installed and isinstance(sys.modules.get(self.NAME), type(sys)) and \
                 (sys.modules[self.NAME].__doc__ or "").startswith("stand-in"):
             del sys.modules[self.NAME]
+        return False
+
+
+def _task_loggers(work_dir: str, names: list) -> list:
+    """One DEBUG file log per task in ``work_dir/logs`` (MetaSchedule's per-task logs).
+
+    Not ``get_loggers_from_work_dir``: its ``dictConfig`` fails on a second call in the same
+    process (a handler without a name), i.e. on any second :func:`tune`.
+    """
+    log_dir = os.path.join(work_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    out = []
+    for i, name in enumerate(names):
+        path = os.path.abspath(os.path.join(log_dir, f"task_{i:02d}_{name[:100]}.log"))
+        lg = logging.getLogger("sparks_tvm.tune.task." + str(abs(hash(path))))
+        lg.setLevel(logging.DEBUG)
+        lg.propagate = False
+        if not lg.handlers:
+            handler = logging.FileHandler(path)
+            handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+            lg.addHandler(handler)
+        out.append(lg)
+    return out
+
+
+class _SchedulerLog:
+    """Route MetaSchedule's own logger (task scheduler tables, XGBoost) to ``logs/task_scheduler.log``.
+
+    Only warnings and errors still reach the console, so a tuning run's terminal shows the
+    progress bar and the final table, not thousands of INFO lines.
+    """
+
+    def __init__(self, work_dir: str):
+        self.path = os.path.join(work_dir, "logs", "task_scheduler.log")
+
+    def __enter__(self):
+        self.logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.file = logging.FileHandler(self.path)
+        self.file.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+        self.console = logging.StreamHandler(sys.stderr)
+        self.console.setLevel(logging.WARNING)
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False
+        self.logger.addHandler(self.file)
+        self.logger.addHandler(self.console)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.file)
+        self.logger.removeHandler(self.console)
+        self.file.close()
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
         return False
 
 
@@ -508,7 +562,6 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
         schedule that cannot be measured; trials were run but none could be measured.
     """
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
 
     from . import frontend
     from .target import resolve_target, target_json
@@ -560,11 +613,7 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
 
     if remaining > 0:
         names = [t.name for t, _ in pairs]
-        # MetaSchedule logs everything (DEBUG) to work_dir/logs; only warnings reach the console.
-        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-        if ms_logger.level == logging.NOTSET:
-            ms_logger.setLevel(logging.WARNING)
-        loggers = get_loggers_from_work_dir(work_dir, names)
+        loggers = _task_loggers(work_dir, names)
         from tvm.s_tir.meta_schedule.utils import fork_seed
 
         from schedules.tuning import mutate_categorical
@@ -584,21 +633,22 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
                     rand_state=rand_state, num_threads=1, logger=log,
                 ).clone())
         callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_progress_callback()(run)]
-        ms.tune.tune_tasks(
-            tasks=contexts,
-            task_weights=[float(n) for _, n in pairs],
-            work_dir=work_dir,
-            max_trials_global=remaining,
-            num_trials_per_iter=batch,
-            builder=builder,
-            runner=runner,
-            database=database,
-            cost_model=ms.cost_model.XGBModel(
-                extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True, num_tuning_cores=1
-            ),
-            measure_callbacks=callbacks,
-            task_scheduler="gradient",
-        )
+        with _SchedulerLog(work_dir):
+            ms.tune.tune_tasks(
+                tasks=contexts,
+                task_weights=[float(n) for _, n in pairs],
+                work_dir=work_dir,
+                max_trials_global=remaining,
+                num_trials_per_iter=batch,
+                builder=builder,
+                runner=runner,
+                database=database,
+                cost_model=ms.cost_model.XGBModel(
+                    extractor=ms.feature_extractor.PerStoreFeature(), adaptive_training=True, num_tuning_cores=1
+                ),
+                measure_callbacks=callbacks,
+                task_scheduler="gradient",
+            )
         if progress:
             sys.stderr.write("\n")
         if run.attempted > 0 and run.measured == 0:
