@@ -33,6 +33,23 @@ SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2
           (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
 
 
+def _clock_hz() -> float:
+    """Nominal core clock from /proc/cpuinfo (for ops per cycle); 1 GHz if unknown."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) * 1e6
+    except OSError:
+        pass
+    return 1e9
+
+
+CLOCK_HZ = _clock_hz()
+#: A 512-bit XNOR+popcount per cycle (AVX-512 VPOPCNTQ on one pipe): the dense binary peak.
+PEAK_BOPS_PER_CYCLE = 512
+
+
 def _median_ms(fn, warmup: int, repeat: int, number: int) -> float:
     import numpy as np
 
@@ -58,6 +75,7 @@ def run_child(args) -> dict:
     import schedules
     import sparks_tvm
     from sparks_tvm import bench, models
+    from sparks_tvm.cost import dense_bops, sparks_bops
     from sparks_tvm.kernels import ConvGeometry, idx_dtype, pack_binary_weights, pack_float_weights, sparks_out_shape
     from sparks_tvm.reference import codes_to_bits
     from sparks_tvm.target import resolve_target, target_json
@@ -125,6 +143,14 @@ def run_child(args) -> dict:
             if not exact:
                 raise SystemExit(f"Sparks op != dense binary conv at {cin}->{cout} {side} s{stride} K={k}")
             row = dict(row_base, k=k, sparks_ms=sparks_ms, dense_binary_ms=this_dense, exact_vs_dense=exact)
+            # Binary ops per cycle at the nominal clock (one XNOR-popcount bit = one op).
+            cycles = sparks_ms * 1e-3 * CLOCK_HZ
+            pixels = geom.out_height * geom.out_width
+            row["dense_bops"] = dense_bops(cin, cout, pixels)
+            row["sparks_bops"] = sparks_bops(cin, cout, pixels, k)
+            row["sparks_bops_per_cycle"] = row["sparks_bops"] / cycles
+            row["dense_equiv_bops_per_cycle"] = row["dense_bops"] / cycles
+            row["dense_kernel_bops_per_cycle"] = row["dense_bops"] / (this_dense * 1e-3 * CLOCK_HZ)
             for name in ("dense_binary", "tvm_float", "ort_fp32", "torch_fp32"):
                 row[f"{name}_over_sparks"] = row[f"{name}_ms"] / sparks_ms
             layers.append(row)
@@ -172,13 +198,15 @@ def write_outputs(results: list, meta: dict, out_dir: str, stem: str) -> list:
     for res in results:
         lines.append(f"\n## {res['threads']} thread(s)\n")
         lines.append("| K | cin->cout | in | s | Sparks ms | dense bin ms | TVM float ms | ORT fp32 ms | torch fp32 ms "
-                     "| dense/Sparks | ORT/Sparks | torch/Sparks |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                     "| dense/Sparks | ORT/Sparks | torch/Sparks | BOPs/cycle Sparks (dense-equiv.) | dense kernel |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in res["layers"]:
             lines.append(f"| {r['k']} | {r['cin']}->{r['cout']} | {r['in_side']} | {r['stride']} | {r['sparks_ms']:.3f} | "
                          f"{r['dense_binary_ms']:.3f} | {r['tvm_float_ms']:.3f} | {r['ort_fp32_ms']:.3f} | "
                          f"{r['torch_fp32_ms']:.3f} | {r['dense_binary_over_sparks']:.2f}x | "
-                         f"{r['ort_fp32_over_sparks']:.2f}x | {r['torch_fp32_over_sparks']:.2f}x |")
+                         f"{r['ort_fp32_over_sparks']:.2f}x | {r['torch_fp32_over_sparks']:.2f}x | "
+                         f"{r['sparks_bops_per_cycle']:.0f} ({r['dense_equiv_bops_per_cycle']:.0f}) | "
+                         f"{r['dense_kernel_bops_per_cycle']:.0f} |")
         m = res["model"]
         if m:
             lines.append(f"\nWhole example ResNet-18 (K={m['k']}, 224x224, batch 1): sparks_tvm **{m['sparks_tvm_ms']:.2f} ms**, "
@@ -264,7 +292,8 @@ def main(argv=None) -> int:
             "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
             "target": results[0]["target"], "tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
-            "schedules": "default sparks_tvm schedules (untuned)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "schedules": "default sparks_tvm schedules (untuned)", "clock_mhz": round(CLOCK_HZ / 1e6),
+            "peak_bops_per_cycle": f"{PEAK_BOPS_PER_CYCLE} (one 512-bit XNOR-popcount per cycle)", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.out:
         stem = "bench_" + ("host" if args.target in ("llvm", "host", "cpu") else str(args.target).replace("/", "_"))
         for path in write_outputs(results, meta, args.out, stem):
