@@ -3,7 +3,8 @@
 Each configuration is one binarized convolution with random geometry (batch, channels not
 multiples of 32, odd sizes, 1x1/3x3/5x5/3x1 kernels, stride 1-3, asymmetric padding),
 a random binarizer idiom (Sign, Where >= / >, Cast*2-1, STE residue, sign(sign(x)+c),
-QONNX BipolarQuant), random Sparks weights (K codewords, per-channel +-alpha with sign
+QONNX BipolarQuant, Where(x >= t) with a per-channel threshold, Sign times a scale,
+an integer Where cast to float), random Sparks weights (K codewords, per-channel +-alpha with sign
 flips) and inputs with exact zeros and -0.0. Several configurations share one ONNX model
 (independent branches) so that one ``sparks_tvm.compile`` checks many; the kernel choice
 (cost model, forced Sparks, forced dense binary) is drawn per model. Every output must
@@ -30,9 +31,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 #: Binarizer idioms: name -> (zero rule, builder of ONNX nodes mapping ``x`` to ``b``).
-FORMS = ("sign", "where_ge", "where_gt", "cast_affine", "ste_detach", "sign_sign_c", "qonnx_bipolar")
+FORMS = ("sign", "where_ge", "where_gt", "cast_affine", "ste_detach", "sign_sign_c", "qonnx_bipolar",
+         "where_threshold", "scaled_sign", "int_where_cast")
 FORM_MODE = {"sign": "sign", "where_ge": "ge", "where_gt": "gt", "cast_affine": "ge", "ste_detach": "sign",
-             "sign_sign_c": "ge", "qonnx_bipolar": "ge"}
+             "sign_sign_c": "ge", "qonnx_bipolar": "ge", "where_threshold": "ge", "scaled_sign": "sign",
+             "int_where_cast": "ge"}
+#: The activation scale of ``scaled_sign`` (dyadic: the folded alpha stays exact).
+ACT_SCALE = 0.5
 KERNELS = ((3, 3),) * 6 + ((1, 1), (5, 5), (3, 1), (2, 2))
 
 
@@ -97,14 +102,28 @@ def binarizer_nodes(form: str, x: str, b: str, p: str):
         return [mk("Sign", [x], [p + "s"]), mk("Add", [p + "s", "half"], [p + "t"]), mk("Sign", [p + "t"], [b])], []
     if form == "qonnx_bipolar":
         return [mk("BipolarQuant", [x, "one"], [b], domain="qonnx.custom_op.general")], ["qonnx"]
+    if form == "where_threshold":  # per-input-channel threshold p + "t", an initializer
+        return [mk("GreaterOrEqual", [x, p + "t"], [p + "m"]), mk("Where", [p + "m", "one", "mone"], [b])], []
+    if form == "scaled_sign":
+        return [mk("Sign", [x], [p + "s"]), mk("Mul", [p + "s", "act_scale"], [b])], []
+    if form == "int_where_cast":
+        return [mk("GreaterOrEqual", [x, "zero"], [p + "m"]), mk("Where", [p + "m", "one_i", "mone_i"], [p + "i"]),
+                mk("Cast", [p + "i"], [b], to=TensorProto.FLOAT)], []
     raise ValueError(form)
+
+
+def threshold(cfg):
+    """The per-input-channel threshold of ``where_threshold`` (multiples of 0.25: ties occur)."""
+    return ((np.arange(cfg["cin"]) % 5 - 2) * 0.25).astype(np.float32).reshape(1, -1, 1, 1)
 
 
 def build_model(rng, cfgs):
     """One ONNX model with an independent binarize -> conv branch per configuration."""
     nodes, inits, inputs, outputs, refs, domains = [], [], [], [], [], set()
-    for v, n in (("zero", 0.0), ("one", 1.0), ("mone", -1.0), ("two", 2.0), ("half", 0.5)):
+    for v, n in (("zero", 0.0), ("one", 1.0), ("mone", -1.0), ("two", 2.0), ("half", 0.5), ("act_scale", ACT_SCALE)):
         inits.append(numpy_helper.from_array(np.array(n, np.float32), v))
+    inits += [numpy_helper.from_array(np.array(1, np.int64), "one_i"),
+              numpy_helper.from_array(np.array(-1, np.int64), "mone_i")]
     for j, cfg in enumerate(cfgs):
         p = f"l{j}_"
         w, signs, alpha = layer_weights(rng, cfg)
@@ -114,6 +133,8 @@ def build_model(rng, cfgs):
         nodes.append(helper.make_node("Conv", [p + "b", p + "w"], [f"y{j}"], name=f"conv{j}", pads=cfg["pads"],
                                       strides=cfg["stride"]))
         inits.append(numpy_helper.from_array(w, p + "w"))
+        if cfg["form"] == "where_threshold":
+            inits.append(numpy_helper.from_array(threshold(cfg), p + "t"))
         shape = [cfg["batch"], cfg["cin"], cfg["h"], cfg["w"]]
         inputs.append(helper.make_tensor_value_info(f"x{j}", TensorProto.FLOAT, shape))
         outputs.append(helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT,
@@ -127,7 +148,10 @@ def build_model(rng, cfgs):
 def reference(cfg, x, signs, alpha):
     from sparks_tvm.reference import binarize, binary_conv2d_ref
 
-    ints = binary_conv2d_ref(binarize(x, FORM_MODE[cfg["form"]]), signs, tuple(cfg["stride"]), tuple(cfg["pads"]))
+    src = x - threshold(cfg) if cfg["form"] == "where_threshold" else x
+    ints = binary_conv2d_ref(binarize(src, FORM_MODE[cfg["form"]]), signs, tuple(cfg["stride"]), tuple(cfg["pads"]))
+    if cfg["form"] == "scaled_sign":
+        alpha = (alpha * np.float32(ACT_SCALE)).astype(np.float32)
     return ints.astype(np.float32) * alpha.reshape(1, -1, 1, 1)
 
 
