@@ -134,9 +134,9 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, tile: int, block: int, o_chunks:
         sch.vectorize(pw)
 
     bp = sch.get_sblock("bin_pad")
-    bn, bc, _, bx = sch.get_loops(bp)
-    sch.parallel(sch.fuse(bn, bc))
-    sch.vectorize(bx)
+    loops = sch.get_loops(bp)
+    sch.parallel(sch.fuse(*loops[:2]))
+    sch.vectorize(loops[-1])
     return _scheduled(sch)
 
 

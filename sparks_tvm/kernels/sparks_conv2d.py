@@ -136,9 +136,13 @@ def sparks_conv2d_compute(
         code = tirx.Cast("uint8", as_u32(neg) | (as_u32(nz) << 1))
         return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
 
+    # Padded 2-bit codes with columns split by phase (x = q * SW + phase): a strided conv's
+    # patch reads then walk q contiguously (vector loads) instead of gathering every SW-th
+    # column; for SW = 1 this is the plain padded image.
+    wp = w_ + geom.padding[1] + geom.padding[3]
     bits = te.compute(
-        shp(n_, c_, h_ + geom.padding[0] + geom.padding[2], w_ + geom.padding[1] + geom.padding[3]),
-        lambda n, c, y, x: tap_bits(n, c, y - top, x - left),
+        shp(n_, c_, h_ + geom.padding[0] + geom.padding[2], sw, -(-wp // sw)),
+        lambda n, c, y, ph, q: tap_bits(n, c, y - top, q * sw + ph - left),
         name="bin_pad",
     )
 
@@ -149,7 +153,7 @@ def sparks_conv2d_compute(
             word = tirx.const(0, "uint16")
             for t in range(9):
                 dy, dx = divmod(t, 3)
-                b = bits[n, c, row * sh + dy, ow * sw + dx]
+                b = bits[n, c, row * sh + dy, dx % sw, ow + dx // sw]
                 word = word | (tirx.Cast("uint16", (b >> plane) & 1) << t)
             if rows == oh_:
                 return word
