@@ -159,9 +159,9 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         sch.vectorize(pw)
 
     bp = sch.get_sblock("bin_pad")
-    bn, bc, _, bx = sch.get_loops(bp)
-    sch.parallel(sch.fuse(bn, bc))
-    sch.vectorize(bx)
+    loops = sch.get_loops(bp)  # (n, c, y, x) or, for strided convs, (n, c, y, phase, q)
+    sch.parallel(sch.fuse(*loops[:2]))
+    sch.vectorize(loops[-1])
     return sch
 
 
@@ -204,6 +204,47 @@ def sparks_space(geom, num_codewords: int, default: dict, cores: int):
         return outs
 
     return space
+
+
+def describe_trace(trace) -> str:
+    """Knob values of a Sparks-op trace, e.g. ``T=32 chunks=1 blocks=2 OB=2 unroll stage1@block``.
+
+    Reads the split factors from the trace (sampled or literal), so it describes the default
+    schedule's trace too. Relies on :func:`apply_sparks_schedule`'s instruction order.
+    """
+    splits, unrolls, fuses, compute_ats = [], 0, [], []
+    for inst in trace.insts:
+        name = inst.kind.name
+        if name == "Split":
+            splits.append([_factor(trace, f) for f in inst.inputs[1:]])
+        elif name == "Unroll":
+            unrolls += 1
+        elif name == "Fuse":
+            fuses.append(inst.outputs[0])
+        elif name == "ComputeAt":
+            compute_ats.append(inst)
+    if len(splits) < 3:
+        return "?"
+    parts = [f"T={splits[0][1]}", f"chunks={splits[1][0]}", f"blocks={splits[2][1]}"]
+    has_oblock = len(splits) >= 4
+    if has_oblock:
+        parts.append(f"OB={splits[3][1]}")
+    if unrolls - int(has_oblock) > 0:
+        parts.append("unroll")
+    at_task = len(compute_ats) >= 2 and bool(fuses) and compute_ats[1].inputs[1].same_as(fuses[0])
+    parts.append("stage1@" + ("task" if at_task else "block"))
+    return " ".join(parts)
+
+
+def _factor(trace, f):
+    if f is None:
+        return None
+    if isinstance(f, tirx.IntImm):
+        return int(f)
+    for inst, v in trace.decisions.items():
+        if inst.kind.name == "SampleCategorical" and inst.outputs[0].same_as(f):
+            return int(inst.attrs[0][int(v)])
+    return None
 
 
 # ----------------------------------------------------------------------------- dense binary conv

@@ -561,13 +561,10 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
         No binary kernel to tune; records of another target in ``work_dir``; a default
         schedule that cannot be measured; trials were run but none could be measured.
     """
-    from tvm.s_tir import meta_schedule as ms
-
     from . import frontend
-    from .target import resolve_target, target_json
+    from .target import resolve_target
 
     t_start = time.perf_counter()
-    work_dir = os.fspath(work_dir)
     if trials < 0:
         raise TuningError(f"trials must be >= 0, got {trials}")
     proto = frontend.load_onnx(model)
@@ -577,7 +574,27 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
     pairs = extract_tasks(proto, specs, tgt, strict=strict, force_kind=force_kind)
     if not pairs:
         raise TuningError("the model has no binary convolution to tune (see `sparks-tvm inspect`)")
+    return tune_kernels(pairs, tgt, work_dir, trials, runner, builder=builder, batch=batch, seed=seed,
+                        progress=progress, plot=plot, t_start=t_start)
 
+
+def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None, batch: int = 8, seed: int = 0,
+                 progress: bool | None = None, plot: bool = True, t_start: float | None = None,
+                 skip_intrinsics: bool = True, max_trials_per_task: int | None = None) -> TuneResult:
+    """Tune kernel tasks directly: ``pairs`` is ``[(schedules.tuning.KernelTask, layers)]``.
+
+    :func:`tune` after task extraction; also used by ``benchmarks/bench_tune.py`` on layer
+    shapes without a model. ``skip_intrinsics=False`` keeps MetaSchedule's import of every
+    tensor intrinsic (to measure the stock set-up).
+    """
+    import contextlib
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from .target import target_json
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    work_dir = os.fspath(work_dir)
     os.makedirs(work_dir, exist_ok=True)
     meta = _read_meta(work_dir)
     check_target(work_dir, tgt, meta)
@@ -627,7 +644,7 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
                 population_size=64, init_measured_ratio=0.25, init_min_unmeasured=16, genetic_num_iters=2,
                 max_fail_count=3,
             )
-            with _NoTensorIntrinsics():
+            with _NoTensorIntrinsics() if skip_intrinsics else contextlib.nullcontext():
                 contexts.append(ms.TuneContext(
                     mod=task.mod, target=tgt, space_generator=space, search_strategy=strategy, task_name=task.name,
                     rand_state=rand_state, num_threads=1, logger=log,
@@ -639,6 +656,7 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
                 task_weights=[float(n) for _, n in pairs],
                 work_dir=work_dir,
                 max_trials_global=remaining,
+                max_trials_per_task=max_trials_per_task,
                 num_trials_per_iter=batch,
                 builder=builder,
                 runner=runner,

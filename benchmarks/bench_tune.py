@@ -1,0 +1,238 @@
+"""Tuned Sparks op vs its default schedule on ResNet-18's binary layer shapes; tuning throughput.
+
+Layers mode (default): tune the Sparks kernel of each ResNet-18 binary 3x3 shape (K=16, batch
+1, ONNX Sign binarizer) with :func:`sparks_tvm.tune.tune_kernels`, then, in the same process,
+time the default schedule (``schedules.host``) and the best tuned one *interleaved* (rounds
+alternating default/tuned, medians over rounds: the machine is shared and noisy), after
+checking that both give identical outputs.
+
+    python benchmarks/bench_tune.py --trials-per-task 32 --out benchmarks/results
+
+Throughput mode: trials per minute of one tuning run of a small layer, with MetaSchedule's
+stock builder (``LocalBuilder``: fresh worker processes per batch, each importing every
+tensor intrinsic; time-out raised to 600 s so builds can finish at all) vs this project's
+set-up (in-process builder, no tensor-intrinsic import):
+
+    python benchmarks/bench_tune.py --throughput --trials 16 --out benchmarks/results
+
+Writes ``tune_layers.{json,md}`` + ``tune_curve.png`` (layers) or ``tune_throughput.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+#: (cin, cout, input side, stride) of ResNet-18's binary 3x3 convs at 224x224.
+SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
+          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+
+
+def _code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def _geom(cin, cout, side, stride):
+    from sparks_tvm.kernels import ConvGeometry
+
+    return ConvGeometry(1, cin, side, side, cout, stride=(stride, stride))
+
+
+def _interleaved(funcs, args_np, target, rounds: int, seconds_per_call: float = 0.02):
+    """Median seconds per call of each function, timed in alternating rounds (same process)."""
+    import numpy as np
+    import tvm
+
+    dev = tvm.cpu()
+    libs = [tvm.compile(f.with_attr("global_symbol", "main"), target=target).jit() for f in funcs]
+    outs = []
+    for lib in libs:
+        args = [tvm.runtime.tensor(a, dev) for a in args_np]
+        lib["main"](*args)
+        outs.append(args[-1].numpy())
+    # Calls per measurement: ~seconds_per_call of work, so a timer tick or a context switch is noise.
+    args = [tvm.runtime.tensor(a, dev) for a in args_np]
+    probe = libs[0].time_evaluator("main", dev, number=3, repeat=1)(*args).mean
+    number = max(1, int(seconds_per_call / max(probe, 1e-7)))
+    evals = [lib.time_evaluator("main", dev, number=number, repeat=1) for lib in libs]
+    times = [[] for _ in libs]
+    for r in range(rounds):
+        order = range(len(libs)) if r % 2 == 0 else reversed(range(len(libs)))
+        for i in order:
+            times[i].append(evals[i](*args).mean)
+    return [float(np.median(t)) for t in times], outs, number
+
+
+def bench_layers(args):
+    import numpy as np
+    import tvm
+
+    from schedules import tuning
+    from schedules.host import HostSchedules
+    from sparks_tvm import reference as ref
+    from sparks_tvm.kernels import idx_dtype, sparks_out_shape
+    from sparks_tvm.models import random_codebook
+    from sparks_tvm.target import host_target, target_json
+    from sparks_tvm.tune import open_database, tune_kernels
+
+    target = host_target()
+    base = HostSchedules.for_target(target)
+    k = args.codewords
+    work = args.work_dir or tempfile.mkdtemp(prefix="sparks_bench_tune_")
+    geoms = [_geom(*s) for s in SHAPES]
+    pairs = [(tuning.make_task(base, "sparks", g, k, "sign"), 1) for g in geoms]
+    t0 = time.perf_counter()
+    res = tune_kernels(pairs, target, work, trials=args.trials_per_task * len(pairs), batch=args.batch,
+                       max_trials_per_task=args.trials_per_task, progress=sys.stderr.isatty())
+    tune_s = time.perf_counter() - t0
+    print(res.table(), flush=True)
+    db = open_database(work)
+    rng = np.random.default_rng(0)
+    rows = []
+    for (task, _), geom, (cin, cout, side, stride) in zip(pairs, geoms, SHAPES):
+        sch = db.query_schedule(task.mod, target, "main")
+        tuned = tuning._scheduled(sch)
+        default = base.schedule_sparks_conv2d(geom, k, "sign")
+        codebook = random_codebook(rng, k).astype(np.int8)
+        idx = rng.integers(0, k, size=(cout, cin))
+        x = rng.standard_normal(geom.in_shape).astype(np.float32)
+        args_np = [x, ref.codes_to_bits(codebook), idx.astype(idx_dtype(k)), np.zeros(sparks_out_shape(geom), np.int32)]
+        (t_def, t_tun), (o_def, o_tun), number = _interleaved([default, tuned], args_np, target, args.rounds)
+        expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+        exact = bool(np.array_equal(o_tun.reshape(geom.out_shape), expect) and np.array_equal(o_def, o_tun))
+        # Sampled knob values in trace order (candidates[decision]); [] = the default schedule's trace.
+        decisions = [int(inst.attrs[0][int(v)]) for inst, v in sch.trace.decisions.items()
+                     if inst.kind.name == "SampleCategorical"]
+        structure = tuning.describe_trace(sch.trace)
+        task_res = next(t for t in res.tasks if t.name == task.name)
+        rows.append({
+            "layer": f"{cin}->{cout} {side}x{side} s{stride}", "task": task.name, "trials": task_res.trials,
+            "default_ms": t_def * 1e3, "tuned_ms": t_tun * 1e3, "speedup": t_def / t_tun, "exact": exact,
+            "tuner_default_ms": task_res.default_ms, "tuner_best_ms": task_res.best_ms, "calls_per_sample": number,
+            "tuned_trace": str(sch.trace), "decisions": decisions, "schedule": structure,
+        })
+        print(f"{rows[-1]['layer']:<22} default {t_def * 1e3:8.4f} ms  tuned {t_tun * 1e3:8.4f} ms  "
+              f"{t_def / t_tun:5.2f}x  exact={exact}", flush=True)
+    geo = float(np.exp(np.mean([np.log(r["speedup"]) for r in rows])))
+    out = {
+        "what": "tuned Sparks op vs its default schedule (schedules.host), same process, interleaved rounds",
+        "command": " ".join(["python", "benchmarks/bench_tune.py"] + sys.argv[1:]),
+        "target": target_json(target), "machine": platform.processor() or platform.machine(),
+        "code_version": _code_version(), "codewords": k, "trials_per_task": args.trials_per_task,
+        "rounds": args.rounds, "tuning_seconds": tune_s, "trials_per_minute": res.trials_per_minute,
+        "geomean_speedup": geo, "layers": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tune_layers.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+    lines = [
+        f"# Tuned Sparks op vs default schedule (K={k}, batch 1, {target_json(target)})", "",
+        f"`{out['command']}` at {out['code_version']}: {args.trials_per_task} MetaSchedule trials per layer "
+        f"({tune_s / 60:.1f} min of tuning, {res.trials_per_minute:.1f} trials/min), then default and tuned "
+        f"timed in {args.rounds} interleaved rounds in one process (medians). Outputs identical and equal to the "
+        "numpy reference on every layer: " + str(all(r["exact"] for r in rows)) + ".", "",
+        "| layer | trials | default ms | tuned ms | speed-up | tuned schedule |", "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['trials']} | {r['default_ms']:.4f} | {r['tuned_ms']:.4f} | "
+                     f"{r['speedup']:.2f}x | {r['schedule']} |")
+    lines += ["", f"Geometric mean speed-up: {geo:.2f}x."]
+    with open(os.path.join(args.out, "tune_layers.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    if res.curve_png:
+        shutil.copy(res.curve_png, os.path.join(args.out, "tune_curve.png"))
+    print("\n".join(lines))
+
+
+def bench_throughput(args):
+    """Trials/min of the stock MetaSchedule builder vs the in-process one, each in a fresh process."""
+    results = {}
+    for mode in ("stock", "in_process"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--_throughput-child", mode, "--trials", str(args.trials),
+               "--batch", str(args.batch)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:])
+            raise SystemExit(f"{mode} run failed")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        child["process_wall_s"] = wall
+        child["trials_per_minute_incl_startup"] = 60.0 * child["trials_run"] / wall
+        results[mode] = child
+        print(mode, json.dumps(child), flush=True)
+    out = {"command": " ".join(["python", "benchmarks/bench_tune.py"] + sys.argv[1:]), "code_version": _code_version(),
+           "layer": "Sparks 1x64x28x28 -> 64, K=16", "trials": args.trials, "batch": args.batch, "results": results}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tune_throughput.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+    md = ["# Tuning throughput on this machine (trials per minute)", "",
+          f"`{out['command']}` at {out['code_version']}: {args.trials} trials in batches of {args.batch} on "
+          f"{out['layer']}; each set-up in a fresh process (import and start-up included in the second column).", "",
+          "| builder | trials measured | tuning s | trials/min (tuning) | process s | trials/min (whole process) |",
+          "|---|---|---|---|---|---|"]
+    for mode, r in results.items():
+        md.append(f"| {mode} | {r['measured']}/{r['trials_run']} | {r['seconds']:.0f} | {r['trials_per_minute']:.1f} | "
+                  f"{r['process_wall_s']:.0f} | {r['trials_per_minute_incl_startup']:.1f} |")
+    with open(os.path.join(args.out, "tune_throughput.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def _throughput_child(mode, trials, batch):
+    from tvm.s_tir import meta_schedule as ms
+
+    from schedules import tuning
+    from schedules.host import HostSchedules
+    from sparks_tvm.target import host_target
+    from sparks_tvm.tune import tune_kernels
+
+    target = host_target()
+    base = HostSchedules.for_target(target)
+    task = tuning.make_task(base, "sparks", _geom(64, 64, 28, 1), 16, "sign")
+    work = tempfile.mkdtemp(prefix="sparks_tput_")
+    kwargs = {}
+    if mode == "stock":
+        kwargs = dict(builder=ms.builder.LocalBuilder(max_workers=2, timeout_sec=600), skip_intrinsics=False)
+    res = tune_kernels([(task, 1)], target, work, trials=trials, batch=batch, plot=False, progress=False, **kwargs)
+    shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"trials_run": res.trials_run, "measured": res.measured, "seconds": res.seconds,
+                      "trials_per_minute": res.trials_per_minute}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--trials-per-task", type=int, default=32)
+    ap.add_argument("--codewords", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
+    ap.add_argument("--work-dir", help="tuning work dir (default: a fresh temporary one)")
+    ap.add_argument("--throughput", action="store_true", help="trials/min: stock builder vs in-process")
+    ap.add_argument("--trials", type=int, default=16, help="trials of the throughput runs")
+    ap.add_argument("--_throughput-child", dest="child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _throughput_child(args.child, args.trials, args.batch)
+    elif args.throughput:
+        bench_throughput(args)
+    else:
+        bench_layers(args)
+
+
+if __name__ == "__main__":
+    main()
