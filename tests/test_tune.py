@@ -131,6 +131,26 @@ def test_sampled_points_are_exact(host, rng):
     assert np.array_equal(_run_kernel(tuning._scheduled(extreme), geom, x, codebook, idx, host), expect)
 
 
+def test_binary_space_default_point_and_exact(host, rng):
+    from sparks_tvm.kernels import pack_binary_weights
+
+    geom = ConvGeometry(2, 40, 9, 9, 24, stride=(2, 2))
+    base = HostSchedules.for_target(host)
+    task = tuning.make_task(base, "binary", geom, None, "sign")
+    theirs = base.schedule_binary_conv2d(geom, "sign").with_attr("global_symbol", "main")
+    assert tvm_ffi.structural_equal(tuning._scheduled(task.default_schedule()), theirs)
+    signs = np.where(rng.random((24, 40, 3, 3)) < 0.5, -1, 1).astype(np.int8)
+    x = random_activations(rng, geom.in_shape)
+    expect = ref.binary_conv2d_ref(ref.binarize(x, "sign"), signs, geom.stride, geom.padding)
+    random.seed(4)
+    dev = tvm.cpu()
+    for sch in task.space(s_tir.Schedule(task.mod)):
+        lib = tvm.compile(tuning._scheduled(sch), target=host).jit()
+        out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
+        lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(pack_binary_weights(signs), dev), out)
+        assert np.array_equal(out.numpy(), expect)
+
+
 def test_mutator_changes_one_decision(host):
     geom = ConvGeometry(1, 64, 14, 14, 64)
     task = tuning.make_task(HostSchedules.for_target(host), "sparks", geom, 16, "sign")
