@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, nargs="+", default=[2, 2])
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--selection-lr", type=float, default=2e-2)
+    ap.add_argument("--selection-end", type=float, default=1.0,
+                    help="fraction of training after which the Sparks selection is frozen")
     ap.add_argument("--t0", type=float, default=1.0)
     ap.add_argument("--t1", type=float, default=0.05)
     ap.add_argument("--noise0", type=float, default=0.3)
@@ -207,7 +209,8 @@ def main(argv=None) -> int:
         for seed in seeds:
             net = BiRealNet(kind, widths=tuple(args.widths), blocks=tuple(args.blocks), codewords=k or 16, seed=seed)
             cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              selection_lr=args.selection_lr, seed=seed, schedule=sched)
+                              selection_lr=args.selection_lr, seed=seed, schedule=sched,
+                              selection_end=args.selection_end)
             log(f"{row} seed {seed}")
             res = train(net, split.x_train, split.y_train, cfg, split.x_test, split.y_test, log=log)
             accs.append(res.final_accuracy)
@@ -228,7 +231,8 @@ def main(argv=None) -> int:
         "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()},
         "threads": args.threads,
         "config": {"epochs": args.epochs, "widths": args.widths, "blocks": args.blocks, "lr": args.lr,
-                   "selection_lr": args.selection_lr, "t0": args.t0, "t1": args.t1, "noise0": args.noise0,
+                   "selection_lr": args.selection_lr, "selection_end": args.selection_end,
+                   "t0": args.t0, "t1": args.t1, "noise0": args.noise0,
                    "noise_end": args.noise_end, "batch_size": args.batch_size, "split_seed": args.split_seed,
                    "seeds": args.seeds, "multi_seed_rows": args.multi_seed_rows},
         "n_train": len(split.y_train), "n_test": len(split.y_test), "n_block_convs": n_block_convs,

@@ -129,3 +129,15 @@ def test_check_compiled_reports_mismatches(split):
 def test_export_rejects_bad_example_input():
     with pytest.raises(SparksError, match=r"\(N, C, H, W\)"):
         export_onnx(tiny_net("sparks"), np.zeros((28, 28), np.float32))
+
+
+def test_selection_frozen_after_selection_end(split):
+    # selection_end=0: the selection logits never move, the rest of the net does.
+    net = tiny_net("sparks", k=16)
+    before = [p.detach().clone() for p in net.parameters()]
+    logits = [m.selector.logits.detach().clone() for m in net.modules() if hasattr(m, "selector")]
+    cfg = TrainConfig(epochs=1, batch_size=64, selection_end=0.0, schedule=TemperatureSchedule(noise0=0.3))
+    train(net, split.x_train[:192], split.y_train[:192], cfg)
+    after = [m.selector.logits.detach() for m in net.modules() if hasattr(m, "selector")]
+    assert all(torch.equal(a, b) for a, b in zip(logits, after))
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(before, net.parameters()))

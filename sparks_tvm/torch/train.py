@@ -68,6 +68,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     recalibrate_bn: bool = True
+    #: Fraction of training after which the Sparks selection is frozen (selection lr 0), so
+    #: the latent weights settle on the final codebook; 1.0 never freezes it.
+    selection_end: float = 1.0
     schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
 
     def to_dict(self) -> dict:
@@ -171,8 +174,10 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
         run_loss = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            for g, lr in zip(opt.param_groups, base):
+            for gi, (g, lr) in enumerate(zip(opt.param_groups, base)):
                 g["lr"] = lr * (1.0 - step / total)  # linear decay to 0 (SNN recipe)
+                if gi == 1 and step >= config.selection_end * total:
+                    g["lr"] = 0.0  # selection frozen: Adam makes no update at lr 0
             config.schedule.apply(model, step / total)
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
             if not torch.isfinite(loss):
