@@ -248,3 +248,32 @@ def test_tracker_deploy_and_server_dying_mid_session(device):
         tracker.terminate()
     with pytest.raises(rpc.RemoteError, match="cannot reach"):
         rpc.connect(other.address, timeout=5)
+
+
+def test_pi_script_python_and_serve(device):
+    """scripts/emulated_pi/pi.py: `python` runs the device's interpreter; `serve` stops its
+    server (no orphaned qemu process) when it is sent SIGTERM."""
+    import signal
+    import subprocess
+
+    script = str(ROOT / "scripts" / "emulated_pi" / "pi.py")
+    out = subprocess.run([sys.executable, script, "python", "-c", "import platform; print(platform.machine())"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "aarch64", out.stderr[-2000:]
+
+    port = pi.free_port()
+    proc = subprocess.Popen([sys.executable, script, "serve", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # the server prints one line once it listens (bounded by its timeout)
+        assert f"emulated Pi RPC server on 127.0.0.1:{port}" in line, line
+        sess = rpc.connect(f"127.0.0.1:{port}", timeout=60)
+        assert sess.cpu().exist
+        sess = None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not pi.port_in_use("127.0.0.1", port)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"--port {port} " not in ps, "the emulated Pi's server outlived `pi.py serve`"
+

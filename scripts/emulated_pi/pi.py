@@ -158,20 +158,24 @@ class EmulatedPi:
         # Its own process group: stop() must also end the forked session servers.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
+        try:
+            self._wait_listening()
+        except BaseException:  # PiError, or an interrupt while waiting: never orphan the server
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                tail = self.log_tail()
-                self.stop()
                 raise PiError(f"the emulated Pi's RPC server exited (status {self.proc.returncode}) while starting "
-                              f"on {self.address}:\n{tail}")
+                              f"on {self.address}:\n{self.log_tail()}")
             if "bind to" in self.log_tail(50) and _accepts(self.host, self.port):
-                return self
+                return
             time.sleep(0.3)
-        tail = self.log_tail()
-        self.stop()
         raise PiError(f"the emulated Pi's RPC server did not listen on {self.address} within "
-                      f"{self.startup_timeout:.0f} s:\n{tail}")
+                      f"{self.startup_timeout:.0f} s:\n{self.log_tail()}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -209,7 +213,19 @@ class EmulatedPi:
         self.stop()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM/SIGHUP: leave the `with` block, which stops the server
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["python"]:  # everything after it belongs to the device's python, options too
+        try:
+            setup()
+        except PiError as err:
+            print(f"emulated_pi: error: {err}", file=sys.stderr)
+            return 2
+        return subprocess.call([str(python_launcher()), *argv[1:]])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("setup", help="provision the emulated Pi (cached)")
@@ -218,23 +234,21 @@ def main(argv=None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--tracker", help="host:port of an RPC tracker")
     s.add_argument("--key", default="rpi4b")
-    p = sub.add_parser("python", help="run the device's python3.11 with these arguments")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("python", help="run the device's python3.11 with the arguments that follow")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "setup":
             print(setup())
         elif args.cmd == "serve":
             setup()
+            signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGHUP, _interrupt)
             with EmulatedPi(args.port, args.host, tracker=args.tracker, key=args.key) as pi:
                 print(f"emulated Pi RPC server on {pi.address} (Ctrl-C to stop)", flush=True)
                 while pi.alive():
                     time.sleep(1)
                 print(pi.log_tail(), file=sys.stderr)
                 return 1
-        else:
-            setup()
-            return subprocess.call([str(python_launcher()), *args.args])
     except KeyboardInterrupt:
         return 0
     except PiError as err:
