@@ -55,7 +55,10 @@ def _bounded(fn, timeout: float, what: str):
         err = box["error"]
         if isinstance(err, SparksError):
             raise err
-        raise RemoteError(f"{what} failed: {err.__class__.__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}") from err
+        lines = str(err).strip().splitlines()
+        detail = lines[-1] if lines else ""  # TVM puts the reason last, after its C++ backtrace
+        raise RemoteError(f"{what} failed ({err.__class__.__name__}: {detail}); "
+                          "did the device's server stop or crash?") from err
     return box.get("value")
 
 
@@ -65,8 +68,9 @@ def _check_listening(host: str, port: int, timeout: float, what: str) -> None:
         with socket.create_connection((host, port), timeout=min(timeout, 10.0)):
             pass
     except OSError as err:
+        module = "rpc_tracker" if "tracker" in what else "rpc_server"
         raise RemoteError(f"cannot reach the {what} at {host}:{port}: {err.strerror or err} "
-                          f"(is `python -m tvm.exec.rpc_server --port {port}` running there?)") from None
+                          f"(is `python -m tvm.exec.{module} --port {port}` running there?)") from None
 
 
 def connect(address: str | None = None, *, tracker: str | None = None, key: str | None = None,
