@@ -121,11 +121,30 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
     tgt = resolve_target(target)
     kernel_schedules = None
     if tuning_db is not None:
-        from .tune import tuned_schedules
+        from .tune import TuningError, tuned_schedules
 
-        kernel_schedules = tuned_schedules(tuning_db, tgt)
+        try:
+            kernel_schedules = tuned_schedules(tuning_db, tgt)
+        except SparksError:
+            raise
+        except Exception as err:
+            # MetaSchedule's JSONDatabase reports corrupt records as bare RuntimeErrors (or
+            # bad_alloc, UnicodeDecodeError): name the work dir instead.
+            raise TuningError(
+                f"tuning_db {os.fspath(tuning_db)}: the tuning database is corrupt or was not written by "
+                f"sparks_tvm.tune ({err.__class__.__name__}: {str(err).strip().splitlines()[0][:300]}); "
+                "re-tune into a fresh work dir") from None
     mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind,
                               kernel_schedules=kernel_schedules)
+    if kernel_schedules is not None and getattr(kernel_schedules, "missed", None):
+        # A work dir tuned for another model (or other layer shapes) is legal but useless:
+        # say so rather than silently compiling with default schedules.
+        import logging
+
+        logging.getLogger("sparks_tvm").warning(
+            "tuning_db %s has no record for %d of the model's %d binary kernel(s) (%s): they keep the "
+            "default schedule", os.fspath(tuning_db), len(kernel_schedules.missed),
+            len(kernel_schedules.missed) + len(kernel_schedules.applied), ", ".join(kernel_schedules.missed[:3]))
     try:
         ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
     except Exception as err:
