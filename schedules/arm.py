@@ -46,10 +46,10 @@ class ArmSchedules(HostSchedules):
         cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else DEFAULT_ARM_CORES
         return cls(cores=max(1, cores))
 
-    #: Stage-2 pixel tile of the Sparks op on NEON: 64 int16 pixels, i.e. 8 q-registers of
-    #: independent accumulators. Chosen with benchmarks/bench_arm_icount.py's counter (K=16,
-    #: ResNet-18 shapes 56/28/14/7): 15-25% fewer aarch64 instructions than the host rule's 32
-    #: for 16-byte vectors; 16 and 128 are worse.
+    #: Stage-2 pixel tile of the Sparks op on NEON, chosen with benchmarks/bench_arm_icount.py's
+    #: instruction counter (K=16, the 7 ResNet-18 shapes, one call each). int16 stage 1: 64 gave
+    #: 15-25% fewer aarch64 instructions than the host rule's 32 for 16-byte vectors. int8 stage 1
+    #: (current kernel): 64 -> 47.6 M, 32 -> 48.0 M, 128 -> 66.9 M in total; 64 kept.
     sparks_pixel_tile = 64
 
     def sparks_params(self, geom, num_codewords: int) -> dict:
