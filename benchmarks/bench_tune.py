@@ -87,7 +87,7 @@ def bench_layers(args):
     from sparks_tvm.kernels import idx_dtype, sparks_out_shape
     from sparks_tvm.models import random_codebook
     from sparks_tvm.target import host_target, target_json
-    from sparks_tvm.tune import open_database, tune_kernels
+    from sparks_tvm.tune import open_database, tune_kernels, tuned_schedules
 
     target = host_target()
     base = HostSchedules.for_target(target)
@@ -105,7 +105,9 @@ def bench_layers(args):
     rows = []
     for (task, _), geom, (cin, cout, side, stride) in zip(pairs, geoms, SHAPES):
         sch = db.query_schedule(task.mod, target, "main")
-        tuned = tuning._scheduled(sch)
+        # What compile(tuning_db=work) uses: the best record, unless the end-of-run check kept the default.
+        chooser = tuned_schedules(work, target)
+        tuned = chooser.schedule_sparks_conv2d(geom, k, "sign")
         default = base.schedule_sparks_conv2d(geom, k, "sign")
         codebook = random_codebook(rng, k).astype(np.int8)
         idx = rng.integers(0, k, size=(cout, cin))
@@ -118,11 +120,14 @@ def bench_layers(args):
         decisions = [int(inst.attrs[0][int(v)]) for inst, v in sch.trace.decisions.items()
                      if inst.kind.name == "SampleCategorical"]
         structure = tuning.describe_trace(sch.trace)
+        if chooser.kept_default:
+            structure = f"default kept (best record {structure} was not faster when re-measured)"
         task_res = next(t for t in res.tasks if t.name == task.name)
         rows.append({
             "layer": f"{cin}->{cout} {side}x{side} s{stride}", "task": task.name, "trials": task_res.trials,
             "default_ms": t_def * 1e3, "tuned_ms": t_tun * 1e3, "speedup": t_def / t_tun, "exact": exact,
             "tuner_default_ms": task_res.default_ms, "tuner_best_ms": task_res.best_ms, "calls_per_sample": number,
+            "compile_uses": "default" if chooser.kept_default else "tuned",
             "tuned_trace": str(sch.trace), "decisions": decisions, "schedule": structure,
         })
         print(f"{rows[-1]['layer']:<22} default {t_def * 1e3:8.4f} ms  tuned {t_tun * 1e3:8.4f} ms  "

@@ -390,8 +390,10 @@ class RecordingSchedules:
 class TunedSchedules(RecordingSchedules):
     """Schedules object that takes each binary kernel's schedule from a tuning database.
 
-    A kernel with no record keeps the default schedule (``self.applied`` / ``self.missed``
-    say which did which).
+    A kernel with no record keeps the default schedule, and so does one whose best record
+    was not faster than the default when :func:`sparks_tvm.tune` re-measured both together
+    (``keep_default``: task name -> structural hash of that record's schedule).
+    ``self.applied`` / ``self.missed`` / ``self.kept_default`` say which did which.
 
     Parameters
     ----------
@@ -400,18 +402,26 @@ class TunedSchedules(RecordingSchedules):
     target : tvm.target.Target
     """
 
-    def __init__(self, base, database, target):
+    def __init__(self, base, database, target, keep_default: dict | None = None):
         super().__init__(base)
         self.database = database
         self.target = target
+        self.keep_default = keep_default or {}
         self.applied = []
         self.missed = []
+        self.kept_default = []
 
     def _lookup(self, kind, geom, num_codewords, mode, default):
+        import tvm_ffi
+
         task = make_task(self.base, kind, geom, num_codewords, mode)
         sch = self.database.query_schedule(task.mod, self.target, WORKLOAD_NAME)
         if sch is None:
             self.missed.append(task.name)
+            return default()
+        if self.keep_default.get(task.name) == str(tvm_ffi.structural_hash(sch.mod)):
+            # The best record did not beat the default when both were re-measured together.
+            self.kept_default.append(task.name)
             return default()
         self.applied.append(task.name)
         return _scheduled(sch)

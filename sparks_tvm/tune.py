@@ -348,7 +348,9 @@ def tuned_schedules(work_dir, target):
         raise TuningError(f"tuning_db {work_dir}: no tuning records there ({META_FILE} or {RECORDS_FILE} is "
                           "missing); run sparks_tvm.tune with this work dir first")
     check_target(work_dir, target, meta)
-    return TunedSchedules(schedules.for_target(target), open_database(work_dir), target)
+    keep_default = {name: info["chosen_hash"] for name, info in meta.get("tasks", {}).items()
+                    if info.get("use_default") and info.get("chosen_hash")}
+    return TunedSchedules(schedules.for_target(target), open_database(work_dir), target, keep_default=keep_default)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -381,6 +383,7 @@ class TaskResult:
     trials: int = 0
     default_ms: float | None = None
     best_ms: float | None = None
+    chosen: str = "tuned"
 
     @property
     def speedup(self) -> float | None:
@@ -407,12 +410,16 @@ class TuneResult:
 
     def table(self) -> str:
         """Per task: trials, default latency, best latency, speed-up."""
-        head = f"{'task':<52} {'layers':>6} {'trials':>6} {'default ms':>11} {'best ms':>9} {'speed-up':>8}"
+        head = (f"{'task':<52} {'layers':>6} {'trials':>6} {'default ms':>11} {'best ms':>9} {'speed-up':>8} "
+                f"{'compile uses':>12}")
         lines = [head, "-" * len(head)]
         for t in self.tasks:
             fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
             sp = f"{t.speedup:.2f}x" if t.speedup is not None else "-"
-            lines.append(f"{t.name:<52} {t.layers:>6} {t.trials:>6} {fmt(t.default_ms):>11} {fmt(t.best_ms):>9} {sp:>8}")
+            lines.append(f"{t.name:<52} {t.layers:>6} {t.trials:>6} {fmt(t.default_ms):>11} {fmt(t.best_ms):>9} "
+                         f"{sp:>8} {t.chosen:>12}")
+        lines.append("default and best: re-measured interleaved at the end of the run (medians); compile uses the "
+                     "tuned schedule only where it was faster")
         lines.append(f"{self.trials_run} trials this run ({self.measured} measured) in {self.seconds:.0f} s: "
                      f"{self.trials_per_minute:.1f} trials/min; records in {self.work_dir}")
         return "\n".join(lines)
@@ -426,7 +433,7 @@ class TuneResult:
             "seconds": self.seconds,
             "trials_per_minute": self.trials_per_minute,
             "tasks": [dict(name=t.name, layers=t.layers, trials=t.trials, default_ms=t.default_ms,
-                           best_ms=t.best_ms, speedup=t.speedup) for t in self.tasks],
+                           best_ms=t.best_ms, speedup=t.speedup, chosen=t.chosen) for t in self.tasks],
         }
 
 
@@ -580,7 +587,8 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
 
 def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None, batch: int = 8, seed: int = 0,
                  progress: bool | None = None, plot: bool = True, t_start: float | None = None,
-                 skip_intrinsics: bool = True, max_trials_per_task: int | None = None) -> TuneResult:
+                 skip_intrinsics: bool = True, max_trials_per_task: int | None = None,
+                 validate_rounds: int = 5) -> TuneResult:
     """Tune kernel tasks directly: ``pairs`` is ``[(schedules.tuning.KernelTask, layers)]``.
 
     :func:`tune` after task extraction; also used by ``benchmarks/bench_tune.py`` on layer
@@ -675,22 +683,73 @@ def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None
                 f"{run.errors[0] if run.errors else 'unknown'}"
             )
 
-    result = TuneResult(work_dir=work_dir, target=target_json(tgt), trials_run=run.attempted, measured=run.measured,
-                        seconds=time.perf_counter() - t_start)
+    result = TuneResult(work_dir=work_dir, target=target_json(tgt), trials_run=run.attempted, measured=run.measured)
     for task, layers in pairs:
+        info = meta["tasks"][task.name]
         rec = database.query_tuning_record(task.mod, tgt, "main")
-        tr = TaskResult(task.name, layers, trials=_count_records(database, task.mod) - 1,
-                        default_ms=meta["tasks"][task.name]["default_s"] * 1e3,
-                        best_ms=_mean(rec.run_secs) * 1e3 if rec is not None else None)
-        meta["tasks"][task.name].update(trials=tr.trials, best_s=tr.best_ms / 1e3 if tr.best_ms else None,
-                                        layers=layers)
+        trials_done = _count_records(database, task.mod) - 1
+        # Validate the search's winner against the default, interleaved (see _validate): a lone
+        # noisy measurement on a shared machine must not pass for a speed-up.
+        if rec is not None and info.get("validated_trials") != trials_done:
+            info.update(_validate(task, rec.trace, tgt, builder, runner, rounds=validate_rounds))
+            info["validated_trials"] = trials_done
+        tr = TaskResult(task.name, layers, trials=trials_done,
+                        default_ms=info.get("validated_default_s", info["default_s"]) * 1e3,
+                        best_ms=info.get("validated_best_s", _mean(rec.run_secs) if rec else info["default_s"]) * 1e3,
+                        chosen="default" if info.get("use_default") else "tuned")
+        info.update(trials=trials_done, layers=layers)
         result.tasks.append(tr)
+    result.seconds = time.perf_counter() - t_start
     _write_meta(work_dir, meta)
     if plot:
         result.curve_png = plot_curve(work_dir, meta)
     with open(os.path.join(work_dir, "tune_summary.json"), "w") as fh:
         json.dump(result.to_json(), fh, indent=1)
     return result
+
+
+def _validate(task, trace, tgt, builder, runner, rounds: int = 5) -> dict:
+    """Re-measure the default and the best record, alternating, ``rounds`` times each.
+
+    Returns ``validated_default_s`` / ``validated_best_s`` (medians), ``use_default`` (the
+    best record is not faster: compile keeps the default) and ``chosen_hash`` (structural
+    hash of the validated schedule, so a later, unvalidated best record is not overruled).
+    """
+    import statistics
+
+    import tvm_ffi
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    best = s_tir.Schedule(task.mod)
+    trace.apply_to_schedule(best, remove_postproc=False)
+    default = task.default_schedule()
+    chosen_hash = str(tvm_ffi.structural_hash(best.mod))
+    if tvm_ffi.structural_equal(best.mod, default.mod):
+        return {"use_default": True, "chosen_hash": chosen_hash}
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tgt) for sch in (default, best)])
+    if any(b.error_msg is not None for b in built):
+        return {"use_default": True, "chosen_hash": chosen_hash}
+    args_info = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+    dev = "cpu" if tgt.kind.name == "llvm" else str(tgt.kind.name)
+    times = ([], [])
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            (fut,) = runner.run([ms.runner.RunnerInput(built[i].artifact_path, dev, args_info)])
+            res = fut.result()
+            if res.error_msg is None and res.run_secs:
+                times[i].append(_mean(res.run_secs))
+    for b in built:
+        try:
+            os.remove(b.artifact_path)
+        except OSError:
+            pass
+    if not times[0] or not times[1]:
+        return {"use_default": True, "chosen_hash": chosen_hash}
+    d, b = statistics.median(times[0]), statistics.median(times[1])
+    return {"validated_default_s": d, "validated_best_s": min(b, d), "use_default": b >= d,
+            "chosen_hash": chosen_hash}
 
 
 def _float(v):
