@@ -269,6 +269,8 @@ def test_pi_script_python_and_serve(device):
         assert f"emulated Pi RPC server on 127.0.0.1:{port}" in line, line
         sess = rpc.connect(f"127.0.0.1:{port}", timeout=60)
         assert sess.cpu().exist
+        # libtvm_runtime_extra.so is loaded: MetaSchedule's RPC runner fills arguments with it.
+        assert sess.get_function("tvm.contrib.random.random_fill_for_measure") is not None
         sess = None
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -77,6 +77,11 @@ def plugin_path() -> Path:
     return cache_dir() / "plugin" / "libicount.so"
 
 
+#: TVM's extra runtime functions on the device (``random_fill_for_measure``, which
+#: MetaSchedule's RPC runner calls to fill arguments): loaded into the server by default.
+DEVICE_EXTRA_LIB = "/opt/tvm-site/tvm/lib/libtvm_runtime_extra.so"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -117,16 +122,21 @@ class EmulatedPi:
         Device key for the tracker.
     env : dict, optional
         Extra environment for the device (e.g. ``{"TVM_NUM_THREADS": "1"}``).
+    load_library : str or None
+        Device path of a library the server loads (``--load-library``); by default TVM's
+        ``libtvm_runtime_extra.so``, which remote tuning (MetaSchedule's RPC runner) needs.
     """
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = 120.0,
-                 tracker: str | None = None, key: str = "rpi4b", env: dict | None = None):
+                 tracker: str | None = None, key: str = "rpi4b", env: dict | None = None,
+                 load_library: str | None = DEVICE_EXTRA_LIB):
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
         self.tracker = tracker
         self.key = key
         self.env = dict(env or {})
+        self.load_library = load_library
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -153,6 +163,8 @@ class EmulatedPi:
                "--port-end", str(self.port + 1)]
         if self.tracker:
             cmd += ["--tracker", self.tracker, "--key", self.key]
+        if self.load_library and (cache_dir() / "sysroot" / self.load_library.lstrip("/")).exists():
+            cmd += ["--load-library", self.load_library]
         self._log = tempfile.NamedTemporaryFile("w+", prefix="emulated_pi_", suffix=".log", delete=False)
         env = {**os.environ, **self.env}
         # Its own process group: stop() must also end the forked session servers.
