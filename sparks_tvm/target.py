@@ -81,7 +81,9 @@ def resolve_target(target) -> tvm.target.Target:
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, dict):
-        return tvm.target.Target(target)
+        resolved = tvm.target.Target(target)
+        logger.info("target %r resolved to %s", target, target_json(resolved))
+        return resolved
     if isinstance(target, str):
         if target in ALIASES:
             resolved = ALIASES[target]()
@@ -89,7 +91,9 @@ def resolve_target(target) -> tvm.target.Target:
             logger.info("target %r resolved to %s", target, target_json(resolved))
             return resolved
         try:
-            return tvm.target.Target(target)
+            resolved = tvm.target.Target(target)
+            logger.info("target %r resolved to %s", target, target_json(resolved))  # a tag: same rule
+            return resolved
         except Exception as err:  # TVM raises several error types for bad targets
             raise SparksError(
                 f"unknown target {target!r}: use one of {sorted(ALIASES)}, a TVM tag, or a target dict "

@@ -92,6 +92,14 @@ def test_resolved_target_is_logged_as_json(caplog):
     assert spec["keys"] == ["arm_cpu", "cpu"] and spec["mattr"] == ["+neon"]
 
 
+def test_tags_and_dicts_are_logged_too(caplog):
+    with caplog.at_level(logging.INFO, logger="sparks_tvm"):
+        resolve_target("raspberry-pi/4b-aarch64")
+        resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"})
+    msgs = [r.getMessage().split("resolved to ", 1)[1] for r in caplog.records if "resolved to" in r.getMessage()]
+    assert [json.loads(m)["mcpu"] for m in msgs] == ["cortex-a72", "cortex-a55"]
+
+
 def test_tags_and_dicts_pass_through():
     tag = resolve_target("raspberry-pi/4b-aarch64")
     assert str(tag.attrs["mcpu"]) == "cortex-a72"
