@@ -212,6 +212,22 @@ def run(configs: int, per_model: int, seed: int, log=print) -> dict:
     return summary
 
 
+def _commit() -> str:
+    """HEAD, plus ``+dirty`` if the kernels, schedules or passes have uncommitted changes."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparks_tvm/kernels", "schedules", "relay_passes",
+                                "sparks_tvm/compiler.py", "sparks_tvm/frontend.py"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", type=int, default=1000)
@@ -227,7 +243,8 @@ def main(argv=None) -> int:
     if args.out:
         cmd = "python scripts/property_run.py " + " ".join(argv if argv is not None else sys.argv[1:])
         summary["command"] = cmd
-        summary["machine"] = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip()
+        summary["machine"] = " ".join(v for v in (platform.machine(), platform.processor(), f"{os.cpu_count()} cpus") if v)
+        summary["commit"] = _commit()
         with open(args.out + ".json", "w") as fh:
             json.dump(summary, fh, indent=0)
         kinds = ", ".join(f"{k}: {v}" for k, v in summary["by_kind"].items() if v)
@@ -238,7 +255,7 @@ def main(argv=None) -> int:
                 f"Command: `{cmd}`\n\n"
                 f"- {summary['configs']} layer configurations in {summary['models']} compiled models "
                 f"({summary['per_model']} per model), seed {summary['seed']}, {summary['seconds']} s "
-                f"on {summary['machine']}\n"
+                f"on {summary['machine']}, commit {summary['commit']}\n"
                 f"- **failures: {summary['failures']}** (output not bit-identical to the numpy reference, "
                 "or an error)\n"
                 f"- kernels: {kinds}\n- binarizer idioms: {forms}\n\n"
