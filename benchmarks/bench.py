@@ -76,7 +76,7 @@ def run_child(args) -> dict:
     import sparks_tvm
     from sparks_tvm import bench, models
     from sparks_tvm.cost import dense_bops, sparks_bops
-    from sparks_tvm.kernels import ConvGeometry, idx_dtype, pack_binary_weights, pack_float_weights, sparks_out_shape
+    from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, pack_indices, pack_float_weights, sparks_out_shape
     from sparks_tvm.reference import codes_to_bits
     from sparks_tvm.target import resolve_target, target_json
 
@@ -132,7 +132,7 @@ def run_child(args) -> dict:
             out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
             sparks_ms, _ = tvm_ms(sched.schedule_sparks_conv2d(geom, k, "sign"),
                                   [xt, tvm.runtime.tensor(codes_to_bits(codebook), dev),
-                                   tvm.runtime.tensor(idx.astype(idx_dtype(k)), dev), out])
+                                   tvm.runtime.tensor(pack_indices(idx, k), dev), out])
             # Dense binary conv of the same binary weights: its time does not depend on K,
             # its output must equal the Sparks op's bit for bit.
             dout = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)

@@ -75,13 +75,13 @@ def sparks_kernel(tag, geom, k, rng, target, mode="sign"):
 
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
     codebook = random_codebook(rng, k).astype(np.int8)
-    from sparks_tvm.kernels import idx_dtype
+    from sparks_tvm.kernels import pack_indices
 
-    idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(idx_dtype(k))
+    idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels))
     func = schedules.for_target(target).schedule_sparks_conv2d(geom, k, mode)
     expected = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
     shape = out_shape_of("sparks", geom)
-    return Kernel(tag, f"sparks K={k}", func, [x, ref.codes_to_bits(codebook), idx], shape,
+    return Kernel(tag, f"sparks K={k}", func, [x, ref.codes_to_bits(codebook), pack_indices(idx, k)], shape,
                   expected=expected.reshape(shape))
 
 

@@ -32,6 +32,7 @@ from sparks_tvm.kernels import (
     ConvGeometry,
     binary_conv2d_primfunc,
     idx_dtype,
+    pack_indices,
     pack_binary_weights,
     sparks_conv2d_primfunc,
     sparks_out_shape,
@@ -280,7 +281,7 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             args = [
                 match.source,
                 relax.const(codes_to_bits(bw.codebook), "int32"),
-                relax.const(bw.idx.astype(idx_dtype(bw.num_codewords)), idx_dtype(bw.num_codewords)),
+                relax.const(pack_indices(bw.idx, bw.num_codewords), idx_dtype(bw.num_codewords)),
             ]
         else:
             func = (
@@ -289,6 +290,10 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
                 else binary_conv2d_primfunc(geom, match.mode)
             )
             args = [match.source, relax.const(pack_binary_weights(bw.signs), "uint32")]
+        # What the library will hold for this conv's weights (the constants just built).
+        record.weight_bytes = sum(
+            int(np.prod(a.value.shape)) * np.dtype(str(a.value.dtype)).itemsize for a in args[1:]
+        )
         symbol = f"{kind}_conv2d_{len(self.report) - 1}"
         self._last_symbol = symbol  # for LoweringOptions.details
         gvar = self.builder_.add_func(func.with_attr("global_symbol", symbol), symbol)

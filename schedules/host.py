@@ -137,7 +137,19 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, tile: int, block: int, o_chunks:
     loops = sch.get_loops(bp)
     sch.parallel(sch.fuse(*loops[:2]))
     sch.vectorize(loops[-1])
+    schedule_index_unpack(sch)
     return _scheduled(sch)
+
+
+def schedule_index_unpack(sch) -> None:
+    """Vectorize the unpacking of tau-bit codeword indices (present when tau < 8)."""
+    try:
+        blk = sch.get_sblock("idx_unpack")
+    except Exception:  # noqa: BLE001 - no such block: indices are stored a byte each
+        return
+    o, _, q = sch.get_loops(blk)
+    sch.parallel(o)
+    sch.vectorize(q)
 
 
 def schedule_binary_conv2d(func: tirx.PrimFunc, vector_width: int = 16) -> tirx.PrimFunc:

@@ -27,6 +27,18 @@ class LayerRecord:
     sparks_bops: int | None = None
     binarizer: str | None = None
     reason: str = ""
+    #: Bytes of this conv's weights as compiled into the library (Sparks: indices packed at
+    #: tau bits + the K codewords; dense binary: 1 bit per weight), None for float convs.
+    weight_bytes: int | None = None
+
+    @property
+    def dense_1bit_bytes(self) -> int:
+        """The same weights stored 1 bit each (a plain BNN)."""
+        return -(-self.out_channels * self.in_channels * self.kernel[0] * self.kernel[1] // 8)
+
+    @property
+    def float32_bytes(self) -> int:
+        return 4 * self.out_channels * self.in_channels * self.kernel[0] * self.kernel[1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +102,23 @@ class Report:
             f"{len(self.layers)} convs: {self.count('sparks')} sparks, {self.count('binary')} binary, "
             f"{self.count('float')} float; binary BOPs {_fmt_bops(dense)} dense -> {_fmt_bops(sparks)} compiled"
         )
+        stored = [r for r in self.layers if r.weight_bytes is not None]
+        if stored:
+            lines.append(
+                f"binary conv weights in the library: {_fmt_bytes(sum(r.weight_bytes for r in stored))} "
+                f"(1 bit/weight: {_fmt_bytes(sum(r.dense_1bit_bytes for r in stored))}, "
+                f"float32: {_fmt_bytes(sum(r.float32_bytes for r in stored))})"
+            )
         return "\n".join(lines)
+
+    def weight_bytes(self) -> dict:
+        """Totals over the binary convs: compiled, as 1-bit weights, as float32."""
+        stored = [r for r in self.layers if r.weight_bytes is not None]
+        return {
+            "compiled": sum(r.weight_bytes for r in stored),
+            "dense_1bit": sum(r.dense_1bit_bytes for r in stored),
+            "float32": sum(r.float32_bytes for r in stored),
+        }
 
 
 def _fmt_bops(v) -> str:
@@ -100,3 +128,10 @@ def _fmt_bops(v) -> str:
         if v >= scale:
             return f"{v / scale:.3f}{unit}"
     return str(v)
+
+
+def _fmt_bytes(v: int) -> str:
+    for unit, scale in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if v >= scale:
+            return f"{v / scale:.2f} {unit}"
+    return f"{v} B"

@@ -5,7 +5,7 @@ import tvm
 
 from schedules.host import HostSchedules
 from sparks_tvm import reference as ref
-from sparks_tvm.kernels import binary_conv2d_primfunc, pack_binary_weights, idx_dtype, sparks_conv2d_primfunc, sparks_out_shape
+from sparks_tvm.kernels import binary_conv2d_primfunc, pack_binary_weights, pack_indices, sparks_conv2d_primfunc, sparks_out_shape
 from sparks_tvm.models import random_codebook
 
 
@@ -33,7 +33,7 @@ def run_sparks(target, geom, x, codebook, idx, mode, scheduled=True):
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
     lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(idx.astype(idx_dtype(k)), dev), out)
+                tvm.runtime.tensor(pack_indices(idx, k), dev), out)
     return out.numpy().reshape(geom.out_shape)
 
 

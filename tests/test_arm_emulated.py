@@ -83,7 +83,7 @@ def _small_layers():
 
 def test_random_small_layers_exact_on_device(device, arm, tmp_path):
     """Both binary kernels, ARM schedules, in one cross-linked library: int32 bit-exact on the Pi."""
-    from sparks_tvm.kernels import idx_dtype
+    from sparks_tvm.kernels import pack_indices
 
     rng = np.random.default_rng(7)
     sched = schedules.for_target(arm)
@@ -95,7 +95,7 @@ def test_random_small_layers_exact_on_device(device, arm, tmp_path):
         codebook = random_codebook(rng, k).astype(np.int8)
         idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels)).astype(np.int32)
         funcs[f"sparks_{i}"] = sched.schedule_sparks_conv2d(geom, k, mode)
-        cases.append((f"sparks_{i}", [x, ref.codes_to_bits(codebook), idx.astype(idx_dtype(k))],
+        cases.append((f"sparks_{i}", [x, ref.codes_to_bits(codebook), pack_indices(idx, k)],
                       ref.sparks_conv2d_ref(a, codebook, idx, geom.stride, geom.padding),
                       bench.out_shape_of("sparks", geom)))
         signs = codebook[idx]  # (O, C, 3, 3) in {-1, +1}

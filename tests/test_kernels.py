@@ -154,7 +154,7 @@ def test_output_channel_chunks_exact(rng):
 def test_schedule_knobs_exact(rng, vector_bytes, cin, k):
     """Every default-knob regime (tile, channel block, tail, index forcing) stays exact."""
     from schedules.host import HostSchedules, schedule_sparks_conv2d
-    from sparks_tvm.kernels import idx_dtype, sparks_conv2d_primfunc, sparks_out_shape
+    from sparks_tvm.kernels import pack_indices, sparks_conv2d_primfunc, sparks_out_shape
     from sparks_tvm.target import host_target
     import tvm
 
@@ -168,7 +168,7 @@ def test_schedule_knobs_exact(rng, vector_bytes, cin, k):
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
     lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(idx.astype(idx_dtype(k)), dev), out)
+                tvm.runtime.tensor(pack_indices(idx, k), dev), out)
     expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     assert np.array_equal(out.numpy().reshape(geom.out_shape), expect)
 
@@ -178,7 +178,7 @@ def test_int8_group_sums_at_their_limit(group):
     """Every response +-9 (uniform input, matching/opposite codewords): the int8 partial sum of
     a full group reaches +-9*G (126 at G=14) without overflowing; a tail group adds its part."""
     from schedules.host import schedule_sparks_conv2d
-    from sparks_tvm.kernels import idx_dtype, sparks_conv2d_primfunc, sparks_out_shape
+    from sparks_tvm.kernels import pack_indices, sparks_conv2d_primfunc, sparks_out_shape
     from sparks_tvm.target import host_target
     import tvm
 
@@ -192,6 +192,22 @@ def test_int8_group_sums_at_their_limit(group):
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
     lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(idx.astype(idx_dtype(2)), dev), out)
+                tvm.runtime.tensor(pack_indices(idx, 2), dev), out)
     got = out.numpy().reshape(geom.out_shape)
     assert (got[0, 0] == 9 * geom.in_channels).all() and (got[0, 1] == -9 * geom.in_channels).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 8, 16, 17, 32, 64, 256, 300])
+def test_index_packing_roundtrip(rng, k):
+    """Indices are stored tau bits each (rounded to 1/2/4/8); unpacking gives them back."""
+    from sparks_tvm.kernels import index_bits, pack_indices, unpack_indices
+
+    idx = rng.integers(0, k, size=(7, 37))
+    packed = pack_indices(idx, k)
+    bits = index_bits(k)
+    assert bits >= max(1, (k - 1).bit_length())
+    if bits < 16:
+        assert packed.dtype == np.uint8 and packed.shape == (7, -(-37 * bits // 8))
+    assert np.array_equal(unpack_indices(packed, k, 37), idx)
+    with pytest.raises(ValueError):
+        pack_indices(np.full((2, 2), k), k)

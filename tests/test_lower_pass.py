@@ -8,7 +8,7 @@ from tvm import relax
 from relay_passes import LoweringOptions, lower_binary_conv2d
 from schedules.host import HostSchedules
 from sparks_tvm.errors import NonBinaryWeightsError
-from sparks_tvm.kernels import ConvGeometry, sparks_out_shape
+from sparks_tvm.kernels import ConvGeometry, pack_indices, sparks_out_shape
 from sparks_tvm.models import random_codebook
 from sparks_tvm.reference import codes_to_bits
 
@@ -79,7 +79,7 @@ def test_sparks_rewrite_structure(rng):
             func = HostSchedules().schedule_sparks_conv2d(geom, 5, "sign").with_attr("global_symbol", "sparks_conv2d_0")
             gv = bb.add_func(func, "sparks_conv2d_0")
             acc = bb.emit(relax.call_tir(gv, [x, relax.const(codes_to_bits(bw.codebook), "int32"),
-                                              relax.const(bw.idx.astype("uint8"), "uint8")], relax.TensorType(sparks_out_shape(geom), "int32")))
+                                              relax.const(pack_indices(bw.idx, 5), "uint8")], relax.TensorType(sparks_out_shape(geom), "int32")))
             acc = bb.emit(relax.op.reshape(acc, geom.out_shape))
             flt = bb.emit(relax.op.astype(acc, "float32"))
             y = bb.emit(relax.op.multiply(flt, relax.const(bw.alpha.reshape(1, -1, 1, 1), "float32")))
@@ -161,3 +161,13 @@ def test_lowered_module_runs_exactly(host, rng):
     alpha = np.abs(w).reshape(12, -1).max(axis=1)
     ints = binary_conv2d_ref(binarize(x, "sign"), np.sign(w).astype(np.int8), (2, 2), (1, 1, 1, 1))
     assert np.array_equal(got, ints.astype(np.float32) * alpha.reshape(1, -1, 1, 1))
+
+
+def test_weight_bytes_reported(rng):
+    """A K=5 Sparks conv stores 4-bit indices + the 5 codewords, below 1 bit per weight."""
+    w = sparks_weight(rng)
+    _, report = run_pass(before_module(w))
+    (rec,) = report
+    o, c = w.shape[:2]
+    assert rec.weight_bytes == o * -(-c * 4 // 8) + 5 * 4
+    assert rec.weight_bytes < rec.dense_1bit_bytes < rec.float32_bytes == 4 * o * c * 9

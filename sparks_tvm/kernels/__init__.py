@@ -6,7 +6,14 @@ kernels can be checked bit for bit against :mod:`sparks_tvm.reference`.
 """
 
 from .common import ConvGeometry
-from .sparks_conv2d import idx_dtype, sparks_conv2d_compute, sparks_conv2d_primfunc, sparks_out_shape
+from .sparks_conv2d import (
+    idx_dtype,
+    index_bits,
+    pack_indices,
+    unpack_indices,
+    sparks_conv2d_compute,
+)
+from .sparks_conv2d import sparks_conv2d_primfunc, sparks_out_shape
 from .float_conv2d import float_conv2d_compute, float_conv2d_primfunc, pack_float_weights
 from .binary_conv2d import binary_conv2d_compute, binary_conv2d_primfunc, pack_binary_weights
 
@@ -16,6 +23,9 @@ __all__ = [
     "sparks_conv2d_primfunc",
     "sparks_out_shape",
     "idx_dtype",
+    "index_bits",
+    "pack_indices",
+    "unpack_indices",
     "binary_conv2d_compute",
     "binary_conv2d_primfunc",
     "pack_binary_weights",

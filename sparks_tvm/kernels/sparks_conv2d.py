@@ -48,14 +48,63 @@ def padded_pixels(geom: ConvGeometry, tile: int) -> int:
     return -(-pixels // tile) * tile
 
 
-def idx_dtype(num_codewords: int) -> str:
-    """Storage type of the codeword indices: one byte per kernel for K <= 256.
+def index_bits(num_codewords: int) -> int:
+    """Bits stored per codeword index: tau = ceil(log2 K) rounded up to 1, 2, 4 or 8.
 
-    The indices are the layer's weights (O*C of them) and are streamed once per call: as
-    int32 they cost 1 MB for a 512x512 layer, which evicted from cache made that layer
-    ~2x slower inside the whole model than alone.
+    Indices are the layer's weights: at K=16 a kernel costs 4 bits (plus the shared
+    codebook) against 9 for a dense binary kernel. Field widths stay powers of two so a
+    field never straddles a byte and unpacking is a shift and a mask.
     """
-    return "uint8" if num_codewords <= 256 else "uint16"
+    tau = max(1, (num_codewords - 1).bit_length())
+    for bits in (1, 2, 4, 8):
+        if tau <= bits:
+            return bits
+    return 16
+
+
+def idx_dtype(num_codewords: int) -> str:
+    """Storage type of the packed codeword indices."""
+    return "uint16" if index_bits(num_codewords) == 16 else "uint8"
+
+
+def packed_index_shape(out_channels: int, in_channels: int, num_codewords: int) -> tuple:
+    """``(O, ceil(C * bits / 8))`` bytes for :func:`pack_indices` (``(O, C)`` uint16 past K=256)."""
+    bits = index_bits(num_codewords)
+    if bits == 16:
+        return (out_channels, in_channels)
+    per = 8 // bits
+    return (out_channels, -(-in_channels // per))
+
+
+def pack_indices(idx, num_codewords: int):
+    """Pack (O, C) codeword indices ``bits`` per field, low bits first, into the kernel's format."""
+    import numpy as np
+
+    idx = np.asarray(idx)
+    bits = index_bits(num_codewords)
+    if idx.ndim != 2 or (idx.size and (idx.min() < 0 or idx.max() >= num_codewords)):
+        raise ValueError(f"indices must be (O, C) in [0, {num_codewords}), got shape {idx.shape}")
+    if bits == 16:
+        return idx.astype(np.uint16)
+    per = 8 // bits
+    o, c = idx.shape
+    padded = np.zeros((o, -(-c // per) * per), np.uint16)
+    padded[:, :c] = idx
+    fields = padded.reshape(o, -1, per) << (np.arange(per, dtype=np.uint16) * bits)
+    return fields.sum(axis=2).astype(np.uint8)
+
+
+def unpack_indices(packed, num_codewords: int, in_channels: int):
+    """Inverse of :func:`pack_indices` (for tests and reports)."""
+    import numpy as np
+
+    bits = index_bits(num_codewords)
+    if bits == 16:
+        return np.asarray(packed).astype(np.int64)
+    per = 8 // bits
+    shifts = np.arange(per, dtype=np.uint16) * bits
+    fields = (np.asarray(packed, np.uint16)[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(packed.shape[0], -1)[:, :in_channels].astype(np.int64)
 
 
 def sparks_out_shape(geom: ConvGeometry) -> tuple:
@@ -99,7 +148,8 @@ def sparks_conv2d_compute(
     -------
     list of te.Tensor
         ``[data, codes, idx, out]``: data float32 (N, C, H, W); codes int32 (K,) with bit t
-        set where tap t of the codeword is -1; idx (O, C) of :func:`idx_dtype`; out int32
+        set where tap t of the codeword is -1; idx the (O, C) codeword indices packed by
+        :func:`pack_indices` (:func:`index_bits` per index); out int32
         (N, O, OH*OW).
     """
     geom.validate()
@@ -126,7 +176,26 @@ def sparks_conv2d_compute(
 
     data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
     codes = te.placeholder(shp(k_), "int32", name="codes")
-    idx = te.placeholder(shp(o_, c_), idx_dtype(k_), name="idx")
+    idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
+    field_bits = index_bits(k_)
+    if field_bits < 8:
+        # The library keeps the indices packed (tau bits each); they are unpacked once per call
+        # into (O, fields per byte, bytes), so that the unpack writes whole vectors and stage 2
+        # reads channel c at [c % per, c // per]: constant offsets once its group loop unrolls.
+        per = 8 // field_bits
+        unpacked = te.compute(
+            shp(o_, per, packed_index_shape(o_, c_, k_)[1]),
+            lambda o, r, q: tirx.Cast(
+                "uint8", (idx[o, q] >> tirx.Cast("uint8", r * field_bits)) & tirx.const((1 << field_bits) - 1, "uint8")
+            ),
+            name="idx_unpack",
+        )
+
+    def kernel_index(o, c):
+        # The codeword_index forcing keeps any byte value in [0, K).
+        if field_bits >= 8:
+            return codeword_index(idx[o, c], k_)
+        return codeword_index(unpacked[o, c % per, c // per], k_)
 
     def tap_bits(n, c, y, x):
         inside = tirx.all(y >= 0, y < h_, x >= 0, x < w_)
@@ -188,11 +257,11 @@ def sparks_conv2d_compute(
     def stage2_int8(n, o, g, p):
         c = g * group + j
         if c_ % group == 0:
-            return te.sum(s1[n, c, codeword_index(idx[o, c], k_), p], axis=j)
+            return te.sum(s1[n, c, kernel_index(o, c), p], axis=j)
         # Tail group: channels past C add 0 (the clamp only keeps the load in bounds). A
         # select rather than a reduction `where`, which did not survive scheduling.
         cc = tirx.min(c, c_ - 1)
-        val = s1[n, cc, codeword_index(idx[o, cc], k_), p]
+        val = s1[n, cc, kernel_index(o, cc), p]
         return te.sum(tirx.if_then_else(c < c_, val, tirx.const(0, "int8")), axis=j)
 
     part = te.compute(shp(n_, o_, groups, ppad), stage2_int8, name="stage2_int8")
