@@ -162,6 +162,7 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
     loops = sch.get_loops(bp)  # (n, c, y, x) or, for strided convs, (n, c, y, phase, q)
     sch.parallel(sch.fuse(*loops[:2]))
     sch.vectorize(loops[-1])
+    host.schedule_index_unpack(sch)  # tau-bit indices unpacked per call (absent at tau = 8)
     return sch
 
 

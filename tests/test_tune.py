@@ -27,7 +27,7 @@ from schedules import tuning
 from schedules.host import HostSchedules
 from sparks_tvm import frontend
 from sparks_tvm import reference as ref
-from sparks_tvm.kernels import ConvGeometry, idx_dtype, sparks_out_shape
+from sparks_tvm.kernels import ConvGeometry, pack_indices, sparks_out_shape
 from sparks_tvm.models import random_codebook
 from sparks_tvm.tune import RECORDS_FILE, TuningError, extract_tasks, open_database, tuned_schedules
 
@@ -105,7 +105,7 @@ def _run_kernel(func, geom, x, codebook, idx, target):
     k = codebook.shape[0]
     out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
     lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(idx.astype(idx_dtype(k)), dev), out)
+                tvm.runtime.tensor(pack_indices(idx, k), dev), out)
     return out.numpy().reshape(geom.out_shape)
 
 
@@ -316,3 +316,44 @@ def test_killed_run_resumes_without_losing_records(tmp_path):
     assert meta_after["tasks"][name]["default_s"] == meta_before["tasks"][name]["default_s"]  # not re-measured
     assert meta_after["tasks"][name]["trials"] == target
     assert f"{target - done_before} trials this run" in out.stdout
+
+
+# ----------------------------------------------------------------------------- ARM over RPC
+
+
+def test_tune_on_the_emulated_pi_over_rpc(tmp_path):
+    """``tune`` for a Raspberry Pi target: candidates cross-linked here, measured on the emulated
+    Pi through an RPC tracker; compile with the records and run exactly on the device."""
+    from tvm.rpc.tracker import Tracker
+
+    from sparks_tvm import rpc
+    from sparks_tvm.tune import rpc_runner
+
+    sys.path.insert(0, os.path.join(REPO, "scripts", "emulated_pi"))
+    import pi
+
+    try:
+        pi.setup()
+    except pi.ProvisionError as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the emulated-Pi tests, but provisioning is impossible: {err}")
+        pytest.skip(f"cannot provision the emulated Pi here: {err}")
+    model = layer_model(n=1, c=16, h=6, w=6, o=16, k=4, stride=1)
+    work = str(tmp_path / "rpi4")
+    tport = pi.free_port()
+    tracker = Tracker("127.0.0.1", tport, tport + 1, silent=True)
+    addr = f"127.0.0.1:{tracker.port}"
+    try:
+        with pi.EmulatedPi(startup_timeout=180, tracker=addr, key="sparks-tune"):
+            res = sparks_tvm.tune(model, "rpi4", work, trials=2, batch=2, runner=rpc_runner(addr, "sparks-tune"),
+                                  force_kind="sparks", progress=False, plot=False)
+            (task,) = res.tasks
+            assert res.measured == 2 and task.trials == 2 and task.default_ms > 0
+            compiled = sparks_tvm.compile(model, "rpi4", tuning_db=work, force_kind="sparks")
+            x = random_activations(np.random.default_rng(8), (1, 16, 6, 6))
+            with rpc.deploy(compiled, tracker=addr, key="sparks-tune", timeout=60, session_timeout=300) as remote:
+                assert np.array_equal(remote.run(x)[0], onnx_reference(model, x))
+    finally:
+        tracker.terminate()
+    with pytest.raises(TuningError, match="does not run on this machine"):
+        sparks_tvm.tune(model, "rpi4", str(tmp_path / "other"), trials=1, force_kind="sparks", progress=False)
