@@ -588,7 +588,7 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
 def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None, batch: int = 8, seed: int = 0,
                  progress: bool | None = None, plot: bool = True, t_start: float | None = None,
                  skip_intrinsics: bool = True, max_trials_per_task: int | None = None,
-                 validate_rounds: int = 5) -> TuneResult:
+                 validate_rounds: int = 9) -> TuneResult:
     """Tune kernel tasks directly: ``pairs`` is ``[(schedules.tuning.KernelTask, layers)]``.
 
     :func:`tune` after task extraction; also used by ``benchmarks/bench_tune.py`` on layer
