@@ -12,8 +12,10 @@ if "TVM_NUM_THREADS" not in _os.environ:
 from .compiler import CompiledModel, compile, load  # noqa: E402,A004
 from .errors import (  # noqa: E402
     CompileError,
+    InputValueError,
     ModelLoadError,
     NonBinaryWeightsError,
+    QONNXError,
     ShapeError,
     SparksError,
     UnsupportedOpsError,
@@ -37,4 +39,6 @@ __all__ = [
     "NonBinaryWeightsError",
     "ShapeError",
     "CompileError",
+    "QONNXError",
+    "InputValueError",
 ]
