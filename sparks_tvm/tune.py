@@ -322,17 +322,48 @@ def repair_records(work_dir: str) -> int:
     return dropped
 
 
-def open_database(work_dir: str):
-    """MetaSchedule's JSONDatabase in ``work_dir`` (created if missing)."""
+def open_database(work_dir: str, read_only: bool = False):
+    """MetaSchedule's JSONDatabase in ``work_dir`` (created if missing).
+
+    ``read_only`` (what ``compile(tuning_db=...)`` uses) never writes to ``work_dir``: the
+    complete lines of the record files are copied to a private directory and the database is
+    loaded from there, so a compile running beside a tune that is appending, or reading a
+    damaged file, leaves the work dir exactly as it found it.
+    """
+    import shutil
+    import tempfile
+
     from tvm.s_tir import meta_schedule as ms
 
-    os.makedirs(work_dir, exist_ok=True)
-    repair_records(work_dir)
-    return ms.database.JSONDatabase(
-        path_workload=os.path.join(work_dir, WORKLOADS_FILE),
-        path_tuning_record=os.path.join(work_dir, RECORDS_FILE),
-        module_equality="structural",
-    )
+    if not read_only:
+        os.makedirs(work_dir, exist_ok=True)
+        repair_records(work_dir)
+        return ms.database.JSONDatabase(
+            path_workload=os.path.join(work_dir, WORKLOADS_FILE),
+            path_tuning_record=os.path.join(work_dir, RECORDS_FILE),
+            module_equality="structural",
+        )
+    private = tempfile.mkdtemp(prefix="sparks-tuning-db-")
+    try:
+        for name in (WORKLOADS_FILE, RECORDS_FILE):
+            src = os.path.join(work_dir, name)
+            data = b""
+            if os.path.exists(src):
+                with open(src, "rb") as fh:
+                    data = fh.read()
+            # A line still being appended by a running tune has no newline yet: leave it out.
+            if data and not data.endswith(b"\n"):
+                data = data[: data.rfind(b"\n") + 1]
+            with open(os.path.join(private, name), "wb") as fh:
+                fh.write(data)
+        return ms.database.JSONDatabase(
+            path_workload=os.path.join(private, WORKLOADS_FILE),
+            path_tuning_record=os.path.join(private, RECORDS_FILE),
+            module_equality="structural",
+        )
+    finally:
+        # JSONDatabase has read both files into memory; nothing is written to it when compiling.
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def tuned_schedules(work_dir, target):
@@ -350,7 +381,8 @@ def tuned_schedules(work_dir, target):
     check_target(work_dir, target, meta)
     keep_default = {name: info["chosen_hash"] for name, info in meta.get("tasks", {}).items()
                     if info.get("use_default") and info.get("chosen_hash")}
-    return TunedSchedules(schedules.for_target(target), open_database(work_dir), target, keep_default=keep_default)
+    return TunedSchedules(schedules.for_target(target), open_database(work_dir, read_only=True), target,
+                          keep_default=keep_default)
 
 
 # ----------------------------------------------------------------------------- progress

@@ -226,6 +226,24 @@ def test_compile_uses_the_best_record_exactly(tuned, host, tmp_path):
     assert np.array_equal(compiled.run(x)[0], onnx_reference(model, x))
 
 
+def test_compile_reads_a_work_dir_without_writing_it(tuned, host, tmp_path):
+    """A tune still appending (a partial last line): compile applies the complete records and
+    leaves every file of the work dir byte for byte as it was."""
+    model, work, _result, _ = tuned
+    work2 = str(tmp_path / "db")
+    shutil.copytree(work, work2)
+    records = os.path.join(work2, RECORDS_FILE)
+    with open(records, "ab") as fh:
+        fh.write(b'[0, [["a partial line')
+    before = {name: open(os.path.join(work2, name), "rb").read() for name in sorted(os.listdir(work2))
+              if os.path.isfile(os.path.join(work2, name))}
+    x = random_activations(np.random.default_rng(7), (2, 20, 9, 9))
+    compiled = sparks_tvm.compile(model, host, tuning_db=work2, force_kind="sparks")
+    assert np.array_equal(compiled.run(x)[0], onnx_reference(model, x))
+    after = {name: open(os.path.join(work2, name), "rb").read() for name in before}
+    assert after == before
+
+
 def test_records_of_another_target_are_refused(tuned, host, tmp_path):
     model, work, _result, _ = tuned
     with pytest.raises(TuningError, match="made for target .*znver|made for target"):
