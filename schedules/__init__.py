@@ -1,6 +1,7 @@
 """Schedules for sparks_tvm's binary kernels, one module per target family."""
 
 from .arm import ArmSchedules
+from .cuda import CudaSchedules
 from .host import HostSchedules
 
 
@@ -12,7 +13,9 @@ def for_target(target) -> object:
         if triple.startswith(("aarch64", "arm64", "arm", "thumb")):
             return ArmSchedules.for_target(target)
         return HostSchedules.for_target(target)
+    if kind == "cuda":
+        return CudaSchedules.for_target(target)
     raise NotImplementedError(f"no binary-conv schedules for target kind {kind!r} yet")
 
 
-__all__ = ["ArmSchedules", "HostSchedules", "for_target"]
+__all__ = ["ArmSchedules", "CudaSchedules", "HostSchedules", "for_target"]

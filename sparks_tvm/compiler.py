@@ -197,8 +197,40 @@ class CompiledModel:
                     "and run it on the device (sparks_tvm.rpc.RemoteModel, or `sparks-tvm run --rpc host:port`)"
                 )
 
-            self._vm = relax.VirtualMachine(self._ex, tvm.cpu())
+            self._vm = relax.VirtualMachine(self._ex, self.device)
         return self._vm
+
+    @property
+    def device(self):
+        """The device the model runs on here: the GPU for CUDA targets, else the CPU."""
+        import tvm
+
+        if self.target is not None and self.target.kind.name == "cuda":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                raise SparksError("this model was compiled for CUDA but no GPU is visible here: export it "
+                                  "(export_library) and run it on a machine with an NVIDIA GPU")
+            return dev
+        return tvm.cpu()
+
+    def cuda_source(self) -> str:
+        """The generated CUDA C of a model compiled for a CUDA target (all kernels)."""
+        mods = [m for m in _walk_modules(self._ex.mod) if m.kind == "cuda"]
+        if not mods:
+            raise SparksError("this model was not compiled for a CUDA target")
+        return "\n".join(m.inspect_source() for m in mods)
+
+    def cuda_ptx(self, arch: str | None = None) -> bytes:
+        """Build :meth:`cuda_source` to PTX with the machine's ``nvcc`` (no GPU needed)."""
+        import shutil
+
+        from tvm.support import nvcc
+
+        if shutil.which("nvcc") is None:
+            raise SparksError("nvcc not found on PATH: install the CUDA toolkit to build PTX")
+        arch = arch or str(self.target.attrs.get("arch", "sm_80"))
+        with self.target:
+            return nvcc.compile_cuda(self.cuda_source(), target_format="ptx", arch=arch, compiler="nvcc")
 
     def _specs(self):
         return [frontend.InputSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in self._meta["inputs"]]
@@ -208,7 +240,7 @@ class CompiledModel:
         import tvm
 
         arrays = frontend.as_input_arrays(self._specs(), arrays)
-        dev = tvm.cpu()
+        dev = self.device
         out = self.vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
         return _flatten(out)
 
@@ -297,6 +329,12 @@ def load(path) -> CompiledModel:
         meta = json.load(fh)
     report = Report.from_json(json.dumps(meta.get("report", [])))
     return CompiledModel(lib, meta, report)
+
+
+def _walk_modules(mod):
+    yield mod
+    for sub in mod.imports:
+        yield from _walk_modules(sub)
 
 
 def _flatten(value) -> list:

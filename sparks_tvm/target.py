@@ -65,6 +65,22 @@ ARM_ALIASES = {
 ALIASES.update(ARM_ALIASES)
 
 
+def cuda_target() -> tvm.target.Target:
+    """The local GPU's architecture when one is present, else sm_80 (A100-class), host = this CPU."""
+    arch = "sm_80"
+    try:
+        dev = tvm.cuda(0)
+        if dev.exist:
+            arch = "sm_" + str(dev.compute_version).replace(".", "")
+    except Exception:  # noqa: BLE001 - no CUDA runtime at all
+        pass
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host_target())
+
+
+ALIASES["cuda"] = cuda_target
+ALIASES["gpu"] = cuda_target
+
+
 def is_aarch64(target: tvm.target.Target) -> bool:
     """True for an LLVM target that generates 64-bit ARM code."""
     return target.kind.name == "llvm" and str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64"))

@@ -125,7 +125,12 @@ def codeword_index(idx_value: tirx.PrimExpr, num_codewords: int) -> tirx.PrimExp
 
 
 def sparks_conv2d_compute(
-    geom: ConvGeometry, num_codewords: int, mode: str, tile: int = DEFAULT_TILE, group: int = DEFAULT_GROUP
+    geom: ConvGeometry,
+    num_codewords: int,
+    mode: str,
+    tile: int = DEFAULT_TILE,
+    group: int = DEFAULT_GROUP,
+    popcount_bits: int = 16,
 ):
     """Define the Sparks convolution.
 
@@ -143,6 +148,9 @@ def sparks_conv2d_compute(
         and are never written out.
     group : int
         Input channels G summed in int8 before widening (1 <= G <= 14).
+    popcount_bits : int
+        Word width the popcounts are taken at: 16 for CPUs (vector lanes), 32 for CUDA, whose
+        code generator only has ``__popc`` on 32-bit words.
 
     Returns
     -------
@@ -169,6 +177,11 @@ def sparks_conv2d_compute(
     top, left = geom.padding[0], geom.padding[1]
     k_ = num_codewords
     acc_dtype = accumulator_dtype(c_)
+    if popcount_bits not in (16, 32):
+        raise ValueError(f"popcount_bits must be 16 or 32, got {popcount_bits}")
+
+    def popcount(word):
+        return tirx.popcount(word if popcount_bits == 16 else tirx.Cast("uint32", word))
 
     # int64 shapes: FuseTIR and the Relax VM expect them (LegalizeOps does the same).
     def shp(*dims):
@@ -235,7 +248,7 @@ def sparks_conv2d_compute(
     mask = te.compute(shp(n_, c_, rows, ow_), pack(1), name="patch_mask")
     # popcount(mask) does not depend on the codeword: computed once per (channel, pixel).
     valid = te.compute(
-        shp(n_, c_, rows, ow_), lambda n, c, r, w: tirx.Cast("int16", tirx.popcount(mask[n, c, r, w])),
+        shp(n_, c_, rows, ow_), lambda n, c, r, w: tirx.Cast("int16", popcount(mask[n, c, r, w])),
         name="patch_valid",
     )
 
@@ -245,7 +258,7 @@ def sparks_conv2d_compute(
         code = tirx.Cast("uint16", codes[k])
         # 16-bit lanes end to end (popcount of a 9-bit word fits); signed before subtracting:
         # unsigned arithmetic that goes negative is poison in LLVM.
-        diff = tirx.Cast("int16", tirx.popcount((neg[n, c, r, w] ^ code) & mask[n, c, r, w]))
+        diff = tirx.Cast("int16", popcount((neg[n, c, r, w] ^ code) & mask[n, c, r, w]))
         # Narrowed only after the arithmetic: |S| <= 9 fits int8.
         return tirx.Cast("int8", valid[n, c, r, w] - diff * tirx.const(2, "int16"))
 
@@ -274,9 +287,14 @@ def sparks_conv2d_compute(
 
 
 def sparks_conv2d_primfunc(
-    geom: ConvGeometry, num_codewords: int, mode: str, tile: int = DEFAULT_TILE, group: int = DEFAULT_GROUP
+    geom: ConvGeometry,
+    num_codewords: int,
+    mode: str,
+    tile: int = DEFAULT_TILE,
+    group: int = DEFAULT_GROUP,
+    popcount_bits: int = 16,
 ):
     """Unscheduled PrimFunc of :func:`sparks_conv2d_compute`, marked opaque for Relax fusion."""
-    func = te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, tile, group))
+    func = te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, tile, group, popcount_bits))
     # The data-dependent gather must not be fused or inlined by Relax: keep it opaque (8).
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})
