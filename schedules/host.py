@@ -94,32 +94,69 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, tile: int, block: int, o_chunks:
     o_chunks : int
         Output-channel chunks run as separate parallel tasks (see :func:`output_chunks`).
     """
-    sch = s_tir.Schedule(func)
+    return _scheduled(apply_sparks_schedule(s_tir.Schedule(func), tile, block, o_chunks))
+
+
+def _value(sch, knob) -> int:
+    # A knob is an int here, or a MetaSchedule random variable when the tuner samples it.
+    return knob if isinstance(knob, int) else int(sch.get(knob))
+
+
+def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_block=None, stage1_at: str = "block"):
+    """Schedule the Sparks op in ``sch`` (in place) with the given knob values.
+
+    Knobs may be Python ints or MetaSchedule random variables (``sch.sample_categorical``);
+    ``unroll=False``, ``o_block=None``, ``stage1_at="block"`` reproduce
+    the default schedule, :func:`schedule_sparks_conv2d`. The tuning space (:mod:`schedules.tuning`)
+    samples the knobs of this one function, so the default is always a point of it.
+
+    Loop nest (G = the kernel's int8 channel group)::
+
+        for task in (n, pixel tile T, o chunk):             # parallel
+            [stage 1, all channels of the tile]             # stage1_at == "task"
+            for gb in blocks of `block` groups:
+                [stage 1 for the block's channels]          # stage1_at == "block"
+                for o_out in chunk / OB:
+                    for g in block:
+                        for o_in in OB:   (unrolled)        # OB independent chains
+                            part[0:T] = 0                   # int8
+                            for j in G:   (unrolled if `unroll`)
+                                part += stage1[c, idx[o, c], 0:T]     (vector)
+                            acc[o, 0:T] += widen(part)
+            out[:, tile] = acc
+    """
     s2 = sch.get_sblock("stage2")
     n, o, p, g = sch.get_loops(s2)
     pt, pi = sch.split(p, [None, tile])
     oc, o = sch.split(o, [o_chunks, None])
     gb, gi = sch.split(g, [None, block])
-    sch.reorder(n, pt, oc, gb, o, gi, pi)
+    if o_block is None:
+        sch.reorder(n, pt, oc, gb, o, gi, pi)
+        anchor = gi
+    else:
+        oo, oi = sch.split(o, [None, o_block])
+        sch.reorder(n, pt, oc, gb, oo, gi, oi, pi)
+        sch.unroll(oi)
+        anchor = oi
     task = sch.fuse(n, pt, oc)
     sch.parallel(task)
     sch.vectorize(pi)
 
-    # The int8 partial sum of one group lives in a register: computed right where it is widened.
     part = sch.get_sblock("stage2_int8")
-    sch.compute_at(part, gi)
+    sch.compute_at(part, anchor)
     loops = sch.get_loops(part)
-    if _extent(sch, loops[-1]) == tile:  # G = 1: compute_at dropped the unit channel loop
+    if _extent(sch, loops[-1]) == _value(sch, tile):  # G = 1: compute_at dropped the channel loop
         sch.vectorize(loops[-1])
     else:
-        sch.reorder(loops[-1], loops[-2])  # (p, j) -> (j, p): the pixel loop innermost, vectorized
+        sch.reorder(loops[-1], loops[-2])  # (p, j) -> (j, p): pixels innermost, vectorized
         loops = sch.get_loops(part)
         sch.vectorize(loops[-1])
+        if unroll:
+            sch.unroll(loops[-2])
         sch.decompose_reduction(part, loops[-2])
 
-    # Stage 1 per channel block: its responses are reused by every output channel.
     s1 = sch.get_sblock("stage1")
-    sch.compute_at(s1, gb)
+    sch.compute_at(s1, gb if stage1_at == "block" else task)
     sch.vectorize(sch.get_loops(s1)[-1])
 
     out = sch.get_sblock("out")
@@ -134,11 +171,12 @@ def schedule_sparks_conv2d(func: tirx.PrimFunc, tile: int, block: int, o_chunks:
         sch.vectorize(pw)
 
     bp = sch.get_sblock("bin_pad")
-    loops = sch.get_loops(bp)
+    loops = sch.get_loops(bp)  # (n, c, y, x) or, for strided convs, (n, c, y, phase, q)
     sch.parallel(sch.fuse(*loops[:2]))
     sch.vectorize(loops[-1])
-    schedule_index_unpack(sch)
-    return _scheduled(sch)
+    schedule_index_unpack(sch)  # tau-bit indices unpacked per call (absent at tau = 8)
+    return sch
+
 
 
 def schedule_index_unpack(sch) -> None:

@@ -94,76 +94,8 @@ def sparks_knob_candidates(geom, num_codewords: int, default: dict, cores: int) 
     }
 
 
-def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_block=None, stage1_at: str = "block"):
-    """Schedule the Sparks op in ``sch`` (in place) with the given knob values.
-
-    Knobs may be Python ints or MetaSchedule random variables (``sch.sample_categorical``);
-    ``unroll=False``, ``o_block=None``, ``stage1_at="block"`` reproduce
-    :func:`schedules.host.schedule_sparks_conv2d` primitive for primitive.
-
-    Loop nest (G = the kernel's int8 channel group)::
-
-        for task in (n, pixel tile T, o chunk):             # parallel
-            [stage 1, all channels of the tile]             # stage1_at == "task"
-            for gb in blocks of `block` groups:
-                [stage 1 for the block's channels]          # stage1_at == "block"
-                for o_out in chunk / OB:
-                    for g in block:
-                        for o_in in OB:   (unrolled)        # OB independent chains
-                            part[0:T] = 0                   # int8
-                            for j in G:   (unrolled if `unroll`)
-                                part += stage1[c, idx[o, c], 0:T]     (vector)
-                            acc[o, 0:T] += widen(part)
-            out[:, tile] = acc
-    """
-    s2 = sch.get_sblock("stage2")
-    n, o, p, g = sch.get_loops(s2)
-    pt, pi = sch.split(p, [None, tile])
-    oc, o = sch.split(o, [o_chunks, None])
-    gb, gi = sch.split(g, [None, block])
-    if o_block is None:
-        sch.reorder(n, pt, oc, gb, o, gi, pi)
-        anchor = gi
-    else:
-        oo, oi = sch.split(o, [None, o_block])
-        sch.reorder(n, pt, oc, gb, oo, gi, oi, pi)
-        sch.unroll(oi)
-        anchor = oi
-    task = sch.fuse(n, pt, oc)
-    sch.parallel(task)
-    sch.vectorize(pi)
-
-    part = sch.get_sblock("stage2_int8")
-    sch.compute_at(part, anchor)
-    loops = sch.get_loops(part)
-    sch.reorder(loops[-1], loops[-2])  # (p, j) -> (j, p): pixels innermost, vectorized
-    loops = sch.get_loops(part)
-    sch.vectorize(loops[-1])
-    if unroll:
-        sch.unroll(loops[-2])
-    sch.decompose_reduction(part, loops[-2])
-
-    s1 = sch.get_sblock("stage1")
-    sch.compute_at(s1, gb if stage1_at == "block" else task)
-    sch.vectorize(sch.get_loops(s1)[-1])
-
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, task)
-    sch.vectorize(sch.get_loops(out)[-1])
-    sch.decompose_reduction(s2, gb)
-
-    for name in ("patch_neg", "patch_mask", "patch_valid"):
-        blk = sch.get_sblock(name)
-        pn, pc, _, pw = sch.get_loops(blk)
-        sch.parallel(sch.fuse(pn, pc))
-        sch.vectorize(pw)
-
-    bp = sch.get_sblock("bin_pad")
-    loops = sch.get_loops(bp)  # (n, c, y, x) or, for strided convs, (n, c, y, phase, q)
-    sch.parallel(sch.fuse(*loops[:2]))
-    sch.vectorize(loops[-1])
-    host.schedule_index_unpack(sch)  # tau-bit indices unpacked per call (absent at tau = 8)
-    return sch
+#: The schedule core lives in host.py; the space samples its knobs.
+apply_sparks_schedule = host.apply_sparks_schedule
 
 
 #: Structural variants of the Sparks space: (unroll the group loop, o register block, stage-1 place).
