@@ -28,9 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-#: (cin, cout, input side, stride) of ResNet-18's binary 3x3 convs at 224x224.
-SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
-          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+from sparks_tvm.cost import RESNET18_BINARY_LAYERS as SHAPES  # noqa: E402
 
 
 def _clock_hz() -> float:

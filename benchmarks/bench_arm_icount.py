@@ -41,9 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts" / "emulated_pi"))
 sys.path.insert(0, str(ROOT))
 
-# (cin, cout, input side, stride) of ResNet-18's binary 3x3 convs at 224x224 (bench.py).
-SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
-          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+from sparks_tvm.cost import RESNET18_BINARY_LAYERS as SHAPES  # noqa: E402
 GUEST = ROOT / "scripts" / "emulated_pi" / "icount_guest.py"
 
 

@@ -190,21 +190,40 @@ def schedule_index_unpack(sch) -> None:
     sch.vectorize(q)
 
 
-def schedule_binary_conv2d(func: tirx.PrimFunc, vector_width: int = 16) -> tirx.PrimFunc:
-    """Schedule :func:`sparks_tvm.kernels.binary_conv2d_compute` for a CPU."""
-    sch = s_tir.Schedule(func)
+def schedule_binary_conv2d(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Schedule :func:`sparks_tvm.kernels.binary_conv2d_compute` for a CPU (the default point)."""
+    return _scheduled(apply_binary_schedule(s_tir.Schedule(func)))
+
+
+def apply_binary_schedule(sch, o_block=None, columns=None):
+    """Schedule the dense binary conv in ``sch``; ``o_block=None`` is the default schedule.
+
+    With ``o_block``: the mismatch loop nest becomes ``(n, oh) | o_out | ow_out | rc ry rx |
+    o_in (unrolled) | ow_in (vector)``: each packed activation word loaded feeds ``OB``
+    output channels' accumulators.
+    """
     acc = sch.get_sblock("mismatch")
     n, o, oh, ow, rc, ry, rx = sch.get_loops(acc)
-    sch.reorder(n, oh, o, rc, ry, rx, ow)
-    row = sch.fuse(n, oh)
-    sch.parallel(row)
-    sch.unroll(rx)
-    sch.vectorize(ow)
-    sch.decompose_reduction(acc, rc)
-    # ``out`` reads the per-pixel valid count too, so it cannot move under ``o``.
+    if o_block is None:
+        sch.reorder(n, oh, o, rc, ry, rx, ow)
+        row = sch.fuse(n, oh)
+        sch.parallel(row)
+        sch.unroll(rx)
+        sch.vectorize(ow)
+        sch.decompose_reduction(acc, rc)
+    else:
+        oo, oi = sch.split(o, [None, o_block])
+        wo, wi = sch.split(ow, [None, columns])
+        sch.reorder(n, oh, oo, wo, rc, ry, rx, oi, wi)
+        row = sch.fuse(n, oh)
+        sch.parallel(row)
+        sch.unroll(rx)
+        sch.unroll(oi)
+        sch.vectorize(wi)
+        sch.decompose_reduction(acc, rc)
     out = sch.get_sblock("out")
-    on, oo, _, ow2 = sch.get_loops(out)
-    sch.parallel(sch.fuse(on, oo))
+    on, oo2, _, ow2 = sch.get_loops(out)
+    sch.parallel(sch.fuse(on, oo2))
     sch.vectorize(ow2)
 
     valid = sch.get_sblock("valid")
@@ -218,7 +237,7 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, vector_width: int = 16) -> tirx.
         blk = sch.get_sblock(name)
         pn, pc, py, px = sch.get_loops(blk)
         sch.parallel(sch.fuse(pn, pc, py))
-    return _scheduled(sch)
+    return sch
 
 
 def register_tile(out_width: int, cap: int = 12) -> int:

@@ -191,49 +191,8 @@ def binary_knob_candidates(geom) -> dict:
     }
 
 
-def apply_binary_schedule(sch, o_block=None, columns=None):
-    """Schedule the dense binary conv; ``o_block=None`` is :func:`schedules.host.schedule_binary_conv2d`.
-
-    With ``o_block``: the mismatch loop nest becomes ``(n, oh) | o_out | ow_out | rc ry rx |
-    o_in (unrolled) | ow_in (vector)``: each packed activation word loaded feeds ``OB``
-    output channels' accumulators.
-    """
-    acc = sch.get_sblock("mismatch")
-    n, o, oh, ow, rc, ry, rx = sch.get_loops(acc)
-    if o_block is None:
-        sch.reorder(n, oh, o, rc, ry, rx, ow)
-        row = sch.fuse(n, oh)
-        sch.parallel(row)
-        sch.unroll(rx)
-        sch.vectorize(ow)
-        sch.decompose_reduction(acc, rc)
-    else:
-        oo, oi = sch.split(o, [None, o_block])
-        wo, wi = sch.split(ow, [None, columns])
-        sch.reorder(n, oh, oo, wo, rc, ry, rx, oi, wi)
-        row = sch.fuse(n, oh)
-        sch.parallel(row)
-        sch.unroll(rx)
-        sch.unroll(oi)
-        sch.vectorize(wi)
-        sch.decompose_reduction(acc, rc)
-    out = sch.get_sblock("out")
-    on, oo2, _, ow2 = sch.get_loops(out)
-    sch.parallel(sch.fuse(on, oo2))
-    sch.vectorize(ow2)
-
-    valid = sch.get_sblock("valid")
-    vn, voh, vow, vc, vy, vx = sch.get_loops(valid)
-    sch.reorder(vn, voh, vc, vy, vx, vow)
-    sch.parallel(sch.fuse(vn, voh))
-    sch.vectorize(vow)
-    sch.decompose_reduction(valid, vc)
-
-    for name in ("pack_neg", "pack_mask"):
-        blk = sch.get_sblock(name)
-        pn, pc, py, px = sch.get_loops(blk)
-        sch.parallel(sch.fuse(pn, pc, py))
-    return sch
+#: The dense binary schedule core lives in host.py too.
+apply_binary_schedule = host.apply_binary_schedule
 
 
 def binary_space(geom):

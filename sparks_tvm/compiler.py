@@ -15,6 +15,20 @@ from .target import resolve_target, target_json
 SIDECAR_SUFFIX = ".sparks.json"
 
 
+def import_graph(proto, specs):
+    """ONNX -> Relax with constants folded: the graph the lowering passes match on."""
+    from tvm import relax
+
+    try:
+        mod = frontend.import_onnx(proto, specs)
+    except SparksError:
+        raise
+    except Exception as err:
+        raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
+    # In-graph weight computation (scales, codebook gathers) must be constant before matching.
+    return relax.transform.FoldConstant()(mod)
+
+
 def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None, kernel_schedules=None):
     """Import, fold constants and lower binary convs. Returns ``(IRModule, Report)``.
 
@@ -26,14 +40,7 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
     import schedules
     from relay_passes import LowerFloatConv2d, LoweringOptions, lower_binary_conv2d
 
-    try:
-        mod = frontend.import_onnx(proto, specs)
-    except SparksError:
-        raise
-    except Exception as err:
-        raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
-    # In-graph weight computation (scales, codebook gathers) must be constant before matching.
-    mod = relax.transform.FoldConstant()(mod)
+    mod = import_graph(proto, specs)
     sched = kernel_schedules if kernel_schedules is not None else schedules.for_target(target)
     mod, report = lower_binary_conv2d(
         mod,
@@ -60,7 +67,6 @@ def relax_pipeline(target):
     default pipeline.
     """
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
@@ -187,7 +193,6 @@ class CompiledModel:
     @property
     def vm(self):
         if self._vm is None:
-            import tvm
             from tvm import relax
 
             if _default_cross_compiler(self.target):

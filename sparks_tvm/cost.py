@@ -29,3 +29,8 @@ def bits_per_weight(codewords: int) -> float:
     if codewords <= 1:
         return 0.0
     return math.ceil(math.log2(codewords)) / 9.0
+
+
+#: (cin, cout, input side, stride) of ResNet-18's binary 3x3 convs at 224x224 (the benchmarks' shapes).
+RESNET18_BINARY_LAYERS = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
+                          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]

@@ -16,7 +16,6 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from . import frontend
-from .errors import CompileError, SparksError
 from .report import Report, _fmt_bops
 
 #: What each kind is lowered to, in words.
@@ -153,10 +152,9 @@ def inspect_model(model, shapes: dict | None = None) -> Inspection:
     SparksError
         The same load / QONNX / unsupported-op / shape errors ``compile`` raises.
     """
-    from tvm import relax
-
     from relay_passes import LoweringOptions, lower_binary_conv2d
 
+    from .compiler import import_graph
     from .qonnx import rewrite_qonnx
 
     if isinstance(model, (str, os.PathLike)):
@@ -168,14 +166,8 @@ def inspect_model(model, shapes: dict | None = None) -> Inspection:
     proto = rewritten.model
     frontend.check_supported_ops(proto)
     specs = frontend.input_specs(proto, shapes)
-    try:
-        mod = frontend.import_onnx(proto, specs)
-    except SparksError:
-        raise
-    except Exception as err:
-        raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
-    # Same steps as compiler.build_relax, so the pass sees the graph compile would give it.
-    mod = relax.transform.FoldConstant()(mod)
+    # The graph compile would give the pass.
+    mod = import_graph(proto, specs)
     details: list = []
     _, records = lower_binary_conv2d(mod, LoweringOptions(schedules=None, strict=False,
                                                           conv_names=frontend.conv_names(proto), details=details))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from .common import ConvGeometry, activation_bits, as_u32
+from .common import ConvGeometry, int64_shape, activation_bits, as_u32
 
 WORD_BITS = 32
 
@@ -53,8 +53,7 @@ def binary_conv2d_compute(geom: ConvGeometry, mode: str):
     top, left, bottom, right = geom.padding
     cw_ = num_words(c_)
 
-    def shp(*dims):
-        return tuple(tirx.IntImm("int64", d) for d in dims)
+    shp = int64_shape
 
     data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
     wbits = te.placeholder(shp(o_, cw_, kh_, kw_), "uint32", name="wbits")

@@ -78,3 +78,8 @@ def activation_bits(x: tirx.PrimExpr, mode: str):
 
 def as_u32(cond: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Cast("uint32", cond)
+
+
+def int64_shape(*dims) -> tuple:
+    """A TE shape of int64 extents: FuseTIR and the Relax VM expect them (LegalizeOps does the same)."""
+    return tuple(tirx.IntImm("int64", d) for d in dims)

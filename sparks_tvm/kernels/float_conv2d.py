@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import te, tirx
 
-from .common import ConvGeometry
+from .common import ConvGeometry, int64_shape
 
 
 def pack_float_weights(weight: np.ndarray, lanes: int) -> np.ndarray:
@@ -45,8 +45,7 @@ def float_conv2d_compute(geom: ConvGeometry, lanes: int):
     top, left, bottom, right = geom.padding
     blocks = -(-o_ // lanes)
 
-    def shp(*dims):
-        return tuple(tirx.IntImm("int64", d) for d in dims)
+    shp = int64_shape
 
     data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
     wpack = te.placeholder(shp(blocks, c_, kh_, kw_, lanes), "float32", name="wpack")

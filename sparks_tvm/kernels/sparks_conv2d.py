@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .common import ConvGeometry, activation_bits, as_u32
+from .common import ConvGeometry, int64_shape, activation_bits, as_u32
 
 #: Default pixel tile (flattened output pixels per stage-2 row).
 DEFAULT_TILE = 64
@@ -183,9 +183,7 @@ def sparks_conv2d_compute(
     def popcount(word):
         return tirx.popcount(word if popcount_bits == 16 else tirx.Cast("uint32", word))
 
-    # int64 shapes: FuseTIR and the Relax VM expect them (LegalizeOps does the same).
-    def shp(*dims):
-        return tuple(tirx.IntImm("int64", d) for d in dims)
+    shp = int64_shape
 
     data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
     codes = te.placeholder(shp(k_), "int32", name="codes")
