@@ -1,4 +1,9 @@
-"""CUDA target: built and checked without a GPU (source + nvcc PTX); run only where a GPU is."""
+"""CUDA target: built and checked without a GPU (source + nvcc PTX); run only where a GPU is.
+
+Where the GPU kernels were run: ``scripts/gpu/make_cases.py`` + ``scripts/gpu/run_cases.py``
+and ``benchmarks/bench_cuda.py`` on a lent GPU machine (results in ``benchmarks/results``).
+Here the GPU form of the arithmetic is checked on the CPU, unscheduled, against the reference.
+"""
 
 import re
 import shutil
@@ -8,7 +13,15 @@ import pytest
 import tvm
 
 import sparks_tvm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernel_utils import build, random_activations, random_layer
+from schedules.cuda import CudaSchedules, GpuSparksParams
 from sparks_tvm import models
+from sparks_tvm import reference as ref
+from sparks_tvm.kernels import ConvGeometry, pack_indices, sparks_out_shape
+from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
 
 HAS_GPU = tvm.cuda(0).exist
 NEEDS_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
@@ -83,3 +96,82 @@ def test_gpu_matches_host(tiny_cuda):
     x = models.example_input((2, 3, 9, 9), seed=3)
     host = sparks_tvm.compile(path, target="llvm")
     np.testing.assert_allclose(compiled.run(x)[0], host.run(x)[0], rtol=1e-5, atol=1e-5 * 100)
+
+
+@st.composite
+def gpu_layers(draw):
+    stride = draw(st.sampled_from([1, 2]))
+    geom = ConvGeometry(
+        batch=draw(st.integers(1, 3)), in_channels=draw(st.integers(1, 45)),
+        height=draw(st.integers(3, 12)), width=draw(st.integers(3, 12)), out_channels=draw(st.integers(1, 20)),
+        stride=(stride, stride), padding=draw(st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (0, 1, 1, 0)])))
+    return (geom, draw(st.integers(2, 64)), draw(st.sampled_from(["sign", "ge", "gt"])),
+            draw(st.sampled_from([1, 2, 8, 32])), draw(st.integers(1, 14)), draw(st.integers(0, 2**31)),
+            draw(st.sampled_from([0.2, 0.9])))
+
+
+@settings(max_examples=25, deadline=None)
+@given(gpu_layers())
+def test_gpu_form_exact_on_cpu(case):
+    """The packed-byte arithmetic of the GPU kernel (bias, carries, tail groups) is exact.
+
+    A first version stored no bias for a patch without real taps (all zeros under ``Sign``):
+    off by 9 at image corners on the GPU. The 90%-zeros draws reproduce it.
+
+    Built unscheduled for the CPU: what the CUDA schedule then does is a loop transformation
+    of this same computation.
+    """
+    geom, k, mode, tile_words, group, seed, zeros = case
+    rng = np.random.default_rng(seed)
+    codebook, idx = random_layer(rng, geom, k)
+    # Mostly-zero inputs give patches with no real tap at all (S = 0 must still carry the bias).
+    x = random_activations(rng, geom.in_shape, zero_frac=zeros)
+    lib = build(sparks_conv2d_gpu_primfunc(geom, k, mode, tile_words, group), "llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(pack_indices(idx, k), dev), out)
+    want = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
+    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+
+
+def test_gpu_form_wide_layer_uses_32bit_lanes():
+    """Past 3640 input channels 16-bit lanes could overflow: the 4-lane accumulator is used and exact."""
+    geom = ConvGeometry(1, 3700, 3, 3, 2, padding=(1, 1, 1, 1))
+    rng = np.random.default_rng(0)
+    codebook, idx = random_layer(rng, geom, 2)
+    x = np.full(geom.in_shape, -1.0, np.float32)  # every tap agrees with a codeword: the largest sums
+    codebook[:] = -1
+    func = sparks_conv2d_gpu_primfunc(geom, 2, "sign", 1, 14)
+    assert "stage2" in func.script() and "T.int64(4)" in func.script()
+    lib = build(func, "llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(pack_indices(idx, 2), dev), out)
+    want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert want.max() == 9 * 3700
+    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+
+
+@pytest.mark.parametrize("shape,k", [((64, 64, 56, 56, 64), 16), ((1, 512, 7, 7, 512), 64), ((2, 3, 5, 5, 1), 2)])
+def test_sparks_cuda_kernel_structure(shape, k):
+    """The Sparks kernel is the fused shared-memory kernel: __popc stage 1 in __shared__, one
+    barrier per channel group, per-thread register accumulators; it builds with nvcc without spills."""
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+    geom = ConvGeometry(*shape[:4], shape[4])
+    params = GpuSparksParams.for_layer(geom, k)
+    assert params.group * k * params.tile_words <= 8192  # 32 KB of shared stage 1
+    func = CudaSchedules(target).schedule_sparks_conv2d(geom, k, "sign")
+    src = tvm.compile(func.with_attr("global_symbol", "main"), target=target).mod.imports[0].inspect_source()
+    fused = [b for b in _kernel_bodies(src, "main_kernel").values() if "__shared__" in b]
+    assert len(fused) == 1
+    body = fused[0]
+    assert "__popc" in body and "__syncthreads" in body and "threadIdx.y" in body
+    assert "stage2_local_ptr[" in body and "local_ptr[(" not in body  # unrolled: registers, no dynamic index
+    if shutil.which("nvcc"):
+        from tvm.support import nvcc
+
+        with target:
+            cubin = nvcc.compile_cuda(src, target_format="cubin", arch="sm_90", compiler="nvcc")
+        assert len(cubin) > 0

@@ -1,0 +1,267 @@
+"""GPU benchmark: the Sparks op and our dense binary conv against cuDNN float32, checked exact.
+
+Two halves, because the GPU machine has no TVM compiler (only the runtime, see
+``scripts/gpu/README.md``) and the development machine has no GPU:
+
+``build`` (here, full TVM): for every ResNet-18 binary 3x3 layer shape (224x224 input) at
+each batch size, compile our Sparks kernel (K codewords) and our dense binary kernel for a
+CUDA target, export the libraries and write the layer weights and a manifest::
+
+    python benchmarks/bench_cuda.py build --target nvidia/nvidia-h100 --batch 1 64 --k 16 --dir .gpu/bench
+
+``run`` (on the GPU machine: TVM runtime + torch): random activations (20% exact zeros, so
+the ``Sign(0) = 0`` rule is exercised), then per layer and batch size
+
+- exactness: both our kernels' int32 outputs must equal cuDNN's convolution of the binarized
+  input with the +-1 kernels ``codebook[idx]`` (a float conv of small integers with TF32 off
+  is exact: every partial sum is an integer below 2^24). That reference is itself checked
+  against the numpy reference on the small random layers of ``tests/test_cuda.py``;
+- timing: each library through TVM's ``time_evaluator`` (the whole op: index unpacking,
+  patch packing, the fused kernel), torch ``conv2d`` float32 with TF32 off (cuDNN's true
+  fp32) and with TF32 allowed, all with the same warm-up and median of repeats::
+
+    python benchmarks/bench_cuda.py run --dir .gpu/bench --out benchmarks/results
+
+Results: ``cuda_layers.json`` and ``cuda_layers.md`` (card name, versions, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+#: (cin, cout, input side, stride) of ResNet-18's binary 3x3 convs; kept in step with
+#: sparks_tvm.cost.RESNET18_BINARY_LAYERS (not imported: the run side has no TVM compiler).
+SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
+          (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
+MODE = "sign"
+
+
+def _name(cin, cout, side, stride, batch, k):
+    return f"c{cin}_o{cout}_s{side}_st{stride}_b{batch}_k{k}"
+
+
+# ---------------------------------------------------------------------------------- build
+def build(args) -> None:
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    import tvm
+
+    from schedules.cuda import CudaSchedules
+    from sparks_tvm import reference as ref
+    from sparks_tvm.cost import RESNET18_BINARY_LAYERS
+    from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, pack_indices
+    from sparks_tvm.models import random_codebook
+    from sparks_tvm.target import resolve_target
+
+    assert [tuple(s) for s in RESNET18_BINARY_LAYERS] == SHAPES, "SHAPES out of step with sparks_tvm.cost"
+    target = resolve_target(args.target)
+    if target.kind.name != "cuda":
+        raise SystemExit(f"--target must be a CUDA target, got {target}")
+    if target.host is None:
+        target = tvm.target.Target(target, host="llvm")
+    sched = CudaSchedules(target)
+    # Kernels compiled here (nvcc) into the library: the GPU machine has only TVM's runtime.
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "gpu"))
+    import cuda_prebuild
+
+    print("prebuild:", cuda_prebuild.enable(target), flush=True)
+    os.makedirs(args.dir, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    entries = []
+    for cin, cout, side, stride in SHAPES:
+        for k in args.k:
+            codebook = random_codebook(rng, k).astype(np.int8)
+            idx = rng.integers(0, k, size=(cout, cin))
+            wname = f"w_c{cin}_o{cout}_k{k}.npz"
+            np.savez_compressed(os.path.join(args.dir, wname), codes=ref.codes_to_bits(codebook),
+                                idx=pack_indices(idx, k), wbits=pack_binary_weights(codebook[idx]),
+                                kernels=codebook[idx].astype(np.int8))
+            for batch in args.batch:
+                geom = ConvGeometry(batch, cin, side, side, cout, stride=(stride, stride))
+                name = _name(cin, cout, side, stride, batch, k)
+                t0 = time.perf_counter()
+                libs = {}
+                for kind, func in (("sparks", sched.schedule_sparks_conv2d(geom, k, MODE)),
+                                   ("binary", sched.schedule_binary_conv2d(geom, MODE))):
+                    if kind == "binary" and k != args.k[0]:
+                        continue  # the dense conv does not depend on K
+                    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=target)
+                    libs[kind] = f"{name}_{kind}.so"
+                    lib.export_library(os.path.join(args.dir, libs[kind]))
+                entries.append({"name": name, "cin": cin, "cout": cout, "side": side, "stride": stride,
+                                "batch": batch, "k": k, "mode": MODE, "weights": wname, "libs": libs,
+                                "in_shape": list(geom.in_shape), "out_shape": list(geom.out_shape)})
+                print(f"built {name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    with open(os.path.join(args.dir, "manifest.json"), "w") as fh:
+        json.dump({"target": str(target), "seed": args.seed, "entries": entries}, fh, indent=1)
+
+
+# ------------------------------------------------------------------------------------ run
+def _torch_ms(fn, warmup, repeat, number):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(repeat):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            fn()
+        stop.record()
+        torch.cuda.synchronize()
+        runs.append(start.elapsed_time(stop) / number)
+    runs.sort()
+    return runs[len(runs) // 2]
+
+
+def _tvm_ms(lib, dev, tensors, warmup, repeat, number):
+    for _ in range(warmup):
+        lib["main"](*tensors)
+    dev.sync()
+    timer = lib.time_evaluator("main", dev, number=number, repeat=repeat)
+    res = sorted(timer(*tensors).results)
+    return res[len(res) // 2] * 1e3
+
+
+def run(args) -> int:
+    import numpy as np
+    import torch
+
+    # The GPU machine's TVM is runtime-only (scripts/gpu/setup_device.sh): its CUDA backend
+    # library is loaded explicitly, as scripts/gpu/run_cases.py does.
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "gpu"))
+    from run_cases import load_runtime
+
+    load_runtime("cuda")
+    import tvm
+
+    with open(os.path.join(args.dir, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    dev = tvm.cuda(0)
+    if not dev.exist or not torch.cuda.is_available():
+        raise SystemExit("run needs a CUDA GPU visible to both TVM and torch")
+    torch.backends.cudnn.benchmark = True
+    rng = np.random.default_rng(args.seed)
+    rows, failures = [], 0
+    for e in manifest["entries"]:
+        row = {key: e[key] for key in ("name", "cin", "cout", "side", "stride", "batch", "k")}
+        try:
+            w = np.load(os.path.join(args.dir, e["weights"]))
+            x = rng.standard_normal(e["in_shape"]).astype(np.float32)
+            x[rng.random(x.shape) < 0.2] = 0.0
+            xt = torch.from_numpy(x).cuda()
+            kern = torch.from_numpy(w["kernels"].astype(np.float32)).cuda()
+            wf = torch.randn(kern.shape, device="cuda")
+            stride = e["stride"]
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            want_f = torch.nn.functional.conv2d(torch.sign(xt), kern, stride=stride, padding=1)
+            row["ref_integral"] = bool(torch.equal(want_f, want_f.round()))
+            want = want_f.round().to(torch.int32).cpu().numpy()
+            xd = tvm.runtime.tensor(x, dev)
+            out_pixels = e["out_shape"][2] * e["out_shape"][3]
+            for kind, so in e["libs"].items():
+                lib = tvm.runtime.load_module(os.path.join(args.dir, so))
+                if kind == "sparks":
+                    shape = (e["batch"], e["cout"], out_pixels)
+                    args_ = [xd, tvm.runtime.tensor(w["codes"], dev), tvm.runtime.tensor(w["idx"], dev)]
+                else:
+                    shape = tuple(e["out_shape"])
+                    args_ = [xd, tvm.runtime.tensor(w["wbits"], dev)]
+                out = tvm.runtime.tensor(np.zeros(shape, np.int32), dev)
+                lib["main"](*args_, out)
+                got = out.numpy().reshape(e["out_shape"])
+                row[f"{kind}_exact"] = bool(np.array_equal(got, want))
+                row[f"{kind}_mismatches"] = int((got != want).sum())
+                row[f"{kind}_ms"] = _tvm_ms(lib, dev, args_ + [out], args.warmup, args.repeat, args.number)
+            row["cudnn_fp32_ms"] = _torch_ms(lambda: torch.nn.functional.conv2d(xt, wf, stride=stride, padding=1),
+                                             args.warmup, args.repeat, args.number)
+            torch.backends.cudnn.allow_tf32 = True
+            row["cudnn_tf32_ms"] = _torch_ms(lambda: torch.nn.functional.conv2d(xt, wf, stride=stride, padding=1),
+                                             args.warmup, args.repeat, args.number)
+            torch.backends.cudnn.allow_tf32 = False
+            row["speedup_vs_fp32"] = row["cudnn_fp32_ms"] / row["sparks_ms"]
+            row["speedup_vs_tf32"] = row["cudnn_tf32_ms"] / row["sparks_ms"]
+            if "binary_ms" in row:
+                row["speedup_vs_binary"] = row["binary_ms"] / row["sparks_ms"]
+            if not (row.get("sparks_exact") and row.get("binary_exact", True)):
+                failures += 1
+        except Exception as exc:  # noqa: BLE001 - one broken layer must not hide the others
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            failures += 1
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    info = {
+        "card": torch.cuda.get_device_name(0),
+        "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
+        "tvm_target": manifest["target"], "python": platform.python_version(),
+        "command": "python benchmarks/bench_cuda.py run " + " ".join(sys.argv[2:]),
+        "build_command": "python benchmarks/bench_cuda.py build (see module docstring)",
+        "timing": {"warmup": args.warmup, "repeat": args.repeat, "number": args.number, "stat": "median"},
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cuda_layers.json"), "w") as fh:
+        json.dump({"info": info, "rows": rows}, fh, indent=1)
+    with open(os.path.join(args.out, "cuda_layers.md"), "w") as fh:
+        fh.write(markdown(info, rows))
+    print(markdown(info, rows))
+    return 1 if failures else 0
+
+
+def markdown(info, rows) -> str:
+    lines = [f"# Sparks op on {info['card']} vs cuDNN float32", "",
+             f"torch {info['torch']}, cuDNN {info['cudnn']}, TVM target `{info['tvm_target']}`; "
+             f"median of {info['timing']['repeat']} x {info['timing']['number']} runs after "
+             f"{info['timing']['warmup']} warm-up. Command: `{info['command']}`.", "",
+             "| layer (cin-cout, side, stride) | batch | K | exact | Sparks ms | dense binary ms | "
+             "cuDNN fp32 ms | cuDNN TF32 ms | vs fp32 | vs TF32 | vs dense binary |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['cin']}-{r['cout']}, {r['side']}, s{r['stride']} | {r['batch']} | {r['k']} | "
+                         f"ERROR: {r['error'][:80]} | | | | | | | |")
+            continue
+        exact = "yes" if r.get("sparks_exact") and r.get("binary_exact", True) else "NO"
+        fmt = lambda key: f"{r[key]:.4f}" if key in r else "-"  # noqa: E731
+        ratio = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
+        lines.append(f"| {r['cin']}-{r['cout']}, {r['side']}, s{r['stride']} | {r['batch']} | {r['k']} | {exact} | "
+                     f"{fmt('sparks_ms')} | {fmt('binary_ms')} | {fmt('cudnn_fp32_ms')} | {fmt('cudnn_tf32_ms')} | "
+                     f"{ratio('speedup_vs_fp32')} | {ratio('speedup_vs_tf32')} | {ratio('speedup_vs_binary')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="compile the kernels for a CUDA target (needs full TVM)")
+    b.add_argument("--target", default="nvidia/nvidia-h100")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    b.add_argument("--k", type=int, nargs="+", default=[16])
+    b.add_argument("--dir", default=os.path.join(ROOT, ".gpu", "bench"))
+    b.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="check and time the built kernels on the GPU (TVM runtime + torch)")
+    r.add_argument("--dir", default=os.path.join(ROOT, ".gpu", "bench"))
+    r.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--warmup", type=int, default=5)
+    r.add_argument("--repeat", type=int, default=7)
+    r.add_argument("--number", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.cmd == "build":
+        build(args)
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

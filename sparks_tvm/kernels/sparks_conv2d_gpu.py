@@ -1,0 +1,185 @@
+"""The Sparks convolution laid out for GPUs: stage-1 responses packed four pixels to a word.
+
+Same op as :mod:`sparks_tvm.kernels.sparks_conv2d` (same parameters and output), computed
+in a form that suits a GPU thread, which has 32-bit registers and no byte vectors:
+
+* ``bin_pad`` (N, C, H+pad, W+pad) uint8: each activation binarized once (2-bit code).
+* ``patch`` (N, C, P) uint32 holds, per input channel and output pixel, the 3x3 patch's
+  ``neg`` bits (0-8), its ``mask`` bits (9-17) and ``popcount(mask) + 9`` (bits 18-22).
+  One word per pixel, so stage 1 reads one coalesced word and needs one ``__popc``.
+* ``stage1`` (N, C, K, P/4) uint32 packs the biased responses ``S + 9`` (0..18) of four
+  consecutive pixels into the four bytes of a word.
+* ``stage2_part`` sums the gathered words of ``G`` input channels with plain 32-bit adds:
+  with the +9 bias no byte goes negative, and ``G * 18 <= 252`` keeps every byte from
+  carrying into its neighbour (SIMD within a register). One load and one add move four
+  pixels.
+* ``stage2`` widens each partial word into two words of 16-bit lanes (even and odd bytes),
+  which hold up to 65535: ``18 * C`` fits for ``C <= 3640``; wider layers use four 32-bit
+  lanes.
+* ``out`` extracts each pixel's lane and removes the bias, ``9 * C``.
+
+Channels of the tail group past C add 0 (not 9), so the bias is exact. Pixels past
+``OH*OW`` (the padding of the last pixel tile) are computed from a clamped row and never
+written.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from .common import ConvGeometry, activation_bits, as_u32, int64_shape
+from .sparks_conv2d import codeword_index, idx_dtype, index_bits, packed_index_shape
+
+#: Pixels per stage-1 word (one byte each).
+LANES = 4
+#: Largest channel group whose biased byte sums cannot carry: 14 * 18 = 252 <= 255.
+MAX_GROUP = 14
+#: Widest layer whose sums fit 16-bit lanes: 18 * C <= 65535.
+MAX_C_16BIT = 65535 // 18
+
+
+def padded_words(geom: ConvGeometry, tile_words: int) -> int:
+    """Stage-1 words per (channel, codeword) row: the pixels rounded up to whole tiles."""
+    words = -(-geom.out_height * geom.out_width // LANES)
+    return -(-words // tile_words) * tile_words
+
+
+def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8):
+    """Define the Sparks convolution in the packed-byte GPU form.
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+        Must have a 3x3 kernel.
+    num_codewords : int
+        K.
+    mode : str
+        Binarizer rule (see :data:`sparks_tvm.reference.BINARIZE_MODES`).
+    tile_words : int
+        Stage-1 words (``4 * tile_words`` pixels) per pixel tile; the pixel axis is padded
+        to whole tiles so that a schedule needs no bounds checks inside a tile.
+    group : int
+        Input channels G summed with byte-lane adds before widening (1 <= G <= 14).
+
+    Returns
+    -------
+    list of te.Tensor
+        ``[data, codes, idx, out]`` with the same meaning, types and shapes as
+        :func:`sparks_tvm.kernels.sparks_conv2d_compute`.
+    """
+    geom.validate()
+    if tuple(geom.kernel) != (3, 3):
+        raise ValueError(f"the Sparks op needs 3x3 kernels, got {geom.kernel}")
+    if not 1 <= group <= MAX_GROUP:
+        raise ValueError(f"byte-lane channel group must be in [1, {MAX_GROUP}], got {group}")
+    if tile_words < 1:
+        raise ValueError(f"tile_words must be positive, got {tile_words}")
+    n_, c_, h_, w_ = geom.in_shape
+    o_, k_ = geom.out_channels, num_codewords
+    oh_, ow_ = geom.out_height, geom.out_width
+    pixels = oh_ * ow_
+    words = padded_words(geom, tile_words)
+    sh, sw = geom.stride
+    top, left = geom.padding[0], geom.padding[1]
+    shp = int64_shape
+    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+
+    data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
+    codes = te.placeholder(shp(k_), "int32", name="codes")
+    idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
+    field_bits = index_bits(k_)
+    if field_bits < 8:
+        per = 8 // field_bits
+        unpacked = te.compute(
+            shp(o_, per, packed_index_shape(o_, c_, k_)[1]),
+            lambda o, r, q: tirx.Cast(
+                "uint8", (idx[o, q] >> tirx.Cast("uint8", r * field_bits)) & tirx.const((1 << field_bits) - 1, "uint8")
+            ),
+            name="idx_unpack",
+        )
+
+    def kernel_index(o, c):
+        if field_bits >= 8:
+            return codeword_index(idx[o, c], k_)
+        return codeword_index(unpacked[o, c % per, c // per], k_)
+
+    # Binarized, zero-padded input: bit 0 = -1, bit 1 = holds a real +-1 (inside, non-zero).
+    # An elementwise kernel with one float compare per activation; the patch words below then
+    # gather bytes with no bounds checks (the float form, 18 guarded loads per pixel,
+    # measured 5x slower than the fused kernel on an H200).
+    hp = h_ + geom.padding[0] + geom.padding[2]
+    wp = w_ + geom.padding[1] + geom.padding[3]
+
+    def pad_code(n, c, y, x):
+        yy, xx = y - top, x - left
+        inside = tirx.all(yy >= 0, yy < h_, xx >= 0, xx < w_)
+        val = data[n, c, tirx.max(tirx.min(yy, h_ - 1), 0), tirx.max(tirx.min(xx, w_ - 1), 0)]
+        is_neg, nz = activation_bits(val, mode)
+        code = tirx.Cast("uint8", as_u32(is_neg) | (as_u32(nz) << 1))
+        return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
+
+    bits = te.compute(shp(n_, c_, hp, wp), pad_code, name="bin_pad")
+
+    def patch_word(n, c, p):
+        # Pixels past OH*OW (tile padding) read a clamped row and are never written out.
+        oh, ow = tirx.min(p // ow_, oh_ - 1), p % ow_
+        word = u32(0)
+        for t in range(9):
+            dy, dx = divmod(t, 3)
+            b = tirx.Cast("uint32", bits[n, c, oh * sh + dy, ow * sw + dx])
+            word = word | ((b & u32(1)) << u32(t)) | ((b >> u32(1)) << u32(9 + t))
+        # valid + 9 stored with the word, so stage 1 needs one popcount per codeword. The +9
+        # is there for every pixel, also one whose taps are all zero or padding (S = 0).
+        return word | ((tirx.Cast("uint32", tirx.popcount(word >> u32(9))) + u32(9)) << u32(18))
+
+    patch = te.compute(shp(n_, c_, words * LANES), patch_word, name="patch")
+
+    def stage1(n, c, k, q):
+        code = tirx.Cast("uint32", codes[k])
+        word = u32(0)
+        for lane in range(LANES):
+            w = patch[n, c, q * LANES + lane]
+            diff = tirx.popcount((w ^ code) & (w >> u32(9)) & u32(0x1FF))
+            # (valid + 9) - 2 * mismatches = S + 9, in [0, 18] (0 for an empty patch).
+            byte = (w >> u32(18)) - tirx.Cast("uint32", diff) * u32(2)
+            word = word | (byte << u32(8 * lane))
+        return word
+
+    s1 = te.compute(shp(n_, c_, k_, words), stage1, name="stage1")
+
+    groups = -(-c_ // group)
+    j = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", group)), name="j")
+
+    def part(n, o, g, q):
+        c = g * group + j
+        if c_ % group == 0:
+            return te.sum(s1[n, c, kernel_index(o, c), q], axis=j)
+        cc = tirx.min(c, c_ - 1)
+        return te.sum(tirx.if_then_else(c < c_, s1[n, cc, kernel_index(o, cc), q], u32(0)), axis=j)
+
+    parts = te.compute(shp(n_, o_, groups, words), part, name="stage2_part")
+    halves = 2 if c_ <= MAX_C_16BIT else LANES
+    lane_mask = u32(0x00FF00FF if halves == 2 else 0xFF)
+    g = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", groups)), name="g")
+    acc = te.compute(
+        shp(n_, o_, halves, words),
+        lambda n, o, h, q: te.sum((parts[n, o, g, q] >> tirx.Cast("uint32", h * 8)) & lane_mask, axis=g),
+        name="stage2",
+    )
+
+    def extract(n, o, p):
+        lane = p % LANES
+        if halves == 2:
+            field = (acc[n, o, lane % 2, p // LANES] >> tirx.Cast("uint32", (lane // 2) * 16)) & u32(0xFFFF)
+        else:
+            field = acc[n, o, lane, p // LANES]
+        return tirx.Cast("int32", field) - tirx.const(9 * c_, "int32")
+
+    out = te.compute(shp(n_, o_, pixels), extract, name="out")
+    return [data, codes, idx, out]
+
+
+def sparks_conv2d_gpu_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8):
+    """Unscheduled PrimFunc of :func:`sparks_conv2d_gpu_compute`, opaque to Relax fusion."""
+    func = te.create_prim_func(sparks_conv2d_gpu_compute(geom, num_codewords, mode, tile_words, group))
+    return func.with_attr({"op_pattern": 8, "tir.noalias": True})
