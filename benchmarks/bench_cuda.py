@@ -28,6 +28,7 @@ Results: ``cuda_layers.json`` and ``cuda_layers.md`` (card name, versions, comma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,6 +42,9 @@ ROOT = os.path.dirname(HERE)
 SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2),
           (256, 256, 14, 1), (256, 512, 14, 2), (512, 512, 7, 1)]
 MODE = "sign"
+#: Schedule knobs tried beside the default at the --variants-batch sizes (schedules.cuda.GpuSparksParams).
+VARIANTS = [{"vec": 1}, {"vec": 2}, {"out_regs": 4}, {"out_regs": 16}, {"out_threads": 16},
+            {"group": 4}, {"threads_x": 16}, {"threads_x": 32}]
 
 
 def _name(cin, cout, side, stride, batch, k):
@@ -89,12 +93,23 @@ def build(args) -> None:
                 name = _name(cin, cout, side, stride, batch, k)
                 t0 = time.perf_counter()
                 libs = {}
-                for kind, func in (("sparks", sched.schedule_sparks_conv2d(geom, k, MODE)),
-                                   ("binary", sched.schedule_binary_conv2d(geom, MODE))):
-                    if kind == "binary" and k != args.k[0]:
-                        continue  # the dense conv does not depend on K
+                kernels = [("sparks", sched.schedule_sparks_conv2d(geom, k, MODE))]
+                if k == args.k[0]:  # the dense conv does not depend on K
+                    kernels.append(("binary", sched.schedule_binary_conv2d(geom, MODE)))
+                if batch in args.variants_batch:
+                    default = sched.sparks_params(geom, k)
+                    for change in VARIANTS:
+                        params = dataclasses.replace(default, **change)
+                        try:
+                            params.validate(k)
+                        except ValueError:
+                            continue
+                        if params != default:
+                            tag = "sparks@" + ",".join(f"{key}={val}" for key, val in sorted(change.items()))
+                            kernels.append((tag, sched.schedule_sparks_conv2d(geom, k, MODE, params)))
+                for kind, func in kernels:
                     lib = tvm.compile(func.with_attr("global_symbol", "main"), target=target)
-                    libs[kind] = f"{name}_{kind}.so"
+                    libs[kind] = f"{name}_{kind.replace('@', '_').replace(',', '_').replace('=', '')}.so"
                     lib.export_library(os.path.join(args.dir, libs[kind]))
                 entries.append({"name": name, "cin": cin, "cout": cout, "side": side, "stride": stride,
                                 "batch": batch, "k": k, "mode": MODE, "weights": wname, "libs": libs,
@@ -172,7 +187,7 @@ def run(args) -> int:
             out_pixels = e["out_shape"][2] * e["out_shape"][3]
             for kind, so in e["libs"].items():
                 lib = tvm.runtime.load_module(os.path.join(args.dir, so))
-                if kind == "sparks":
+                if kind.startswith("sparks"):
                     shape = (e["batch"], e["cout"], out_pixels)
                     args_ = [xd, tvm.runtime.tensor(w["codes"], dev), tvm.runtime.tensor(w["idx"], dev)]
                 else:
@@ -194,7 +209,7 @@ def run(args) -> int:
             row["speedup_vs_tf32"] = row["cudnn_tf32_ms"] / row["sparks_ms"]
             if "binary_ms" in row:
                 row["speedup_vs_binary"] = row["binary_ms"] / row["sparks_ms"]
-            if not (row.get("sparks_exact") and row.get("binary_exact", True)):
+            if not all(v for key, v in row.items() if key.endswith("_exact")):
                 failures += 1
         except Exception as exc:  # noqa: BLE001 - one broken layer must not hide the others
             row["error"] = f"{type(exc).__name__}: {exc}"
@@ -231,12 +246,21 @@ def markdown(info, rows) -> str:
             lines.append(f"| {r['cin']}-{r['cout']}, {r['side']}, s{r['stride']} | {r['batch']} | {r['k']} | "
                          f"ERROR: {r['error'][:80]} | | | | | | | |")
             continue
-        exact = "yes" if r.get("sparks_exact") and r.get("binary_exact", True) else "NO"
+        exact = "yes" if all(v for key, v in r.items() if key.endswith("_exact")) else "NO"
         fmt = lambda key: f"{r[key]:.4f}" if key in r else "-"  # noqa: E731
         ratio = lambda key: f"{r[key]:.2f}x" if key in r else "-"  # noqa: E731
         lines.append(f"| {r['cin']}-{r['cout']}, {r['side']}, s{r['stride']} | {r['batch']} | {r['k']} | {exact} | "
                      f"{fmt('sparks_ms')} | {fmt('binary_ms')} | {fmt('cudnn_fp32_ms')} | {fmt('cudnn_tf32_ms')} | "
                      f"{ratio('speedup_vs_fp32')} | {ratio('speedup_vs_tf32')} | {ratio('speedup_vs_binary')} |")
+    variants = [r for r in rows if any(key.startswith("sparks@") and key.endswith("_ms") for key in r)]
+    if variants:
+        lines += ["", "Schedule variants (GpuSparksParams changes from the default), Sparks ms:", "",
+                  "| layer | batch | default | best variant | best ms | default / best |", "|---|---|---|---|---|---|"]
+        for r in variants:
+            times = {key[:-3]: val for key, val in r.items() if key.startswith("sparks") and key.endswith("_ms")}
+            best = min(times, key=times.get)
+            lines.append(f"| {r['cin']}-{r['cout']}, {r['side']}, s{r['stride']} | {r['batch']} | {times['sparks']:.4f} | "
+                         f"{best} | {times[best]:.4f} | {times['sparks'] / times[best]:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +273,8 @@ def main(argv=None) -> int:
     b.add_argument("--k", type=int, nargs="+", default=[16])
     b.add_argument("--dir", default=os.path.join(ROOT, ".gpu", "bench"))
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--variants-batch", type=int, nargs="*", default=[64],
+                   help="batch sizes at which the schedule variants (VARIANTS) are built too")
     r = sub.add_parser("run", help="check and time the built kernels on the GPU (TVM runtime + torch)")
     r.add_argument("--dir", default=os.path.join(ROOT, ".gpu", "bench"))
     r.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))

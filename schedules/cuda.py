@@ -18,8 +18,8 @@ so the gather is conflict-free in shared memory and the index load is a broadcas
 packed patch words (``patch``) and the tau-bit index unpacking are separate elementwise
 kernels over global memory.
 
-The dense binary conv keeps dlight's GPU ``Fallback`` mapping (one thread per output,
-``__popc`` on 32-bit channel words): it is the comparison baseline, not the product.
+The dense binary conv (the comparison baseline) has its own tiled schedule in
+:mod:`schedules.cuda_binary`.
 """
 
 from __future__ import annotations
@@ -28,47 +28,78 @@ from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 
-#: Output-channel lanes of a thread block (threadIdx.y).
-OUT_THREADS = 8
 #: Budget for the shared stage-1 block, in 32-bit words (32 KB, under the 48 KB static limit).
 SHARED_WORDS = 8192
 
 
 @dataclass(frozen=True)
 class GpuSparksParams:
-    """Knobs of :func:`apply_sparks_gpu_schedule` (their defaults come from :meth:`for_layer`).
+    """Knobs of :func:`apply_sparks_gpu_schedule` (defaults from :meth:`for_layer`).
 
     Attributes
     ----------
-    tile_words : int
-        Stage-1 words per thread block = threadIdx.x extent (4 pixels each).
-    group : int
-        Input channels per shared stage-1 block (and per byte-lane partial sum); divides
-        ``OUT_THREADS`` so that each thread writes stage 1 of one channel for every codeword.
+    threads_x : int
+        threadIdx.x extent: threads along the pixel tile.
+    vec : int
+        Stage-1 words per thread (4 pixels each), read as one vector: a gathered row costs
+        one index load and one shared load per ``4 * vec`` pixels.
+    out_threads : int
+        threadIdx.y extent: output-channel lanes of a block.
     out_regs : int
-        Output channels per thread (registers); ``OUT_THREADS * out_regs`` per block.
+        Output channels per thread (register accumulators).
+    group : int
+        Input channels per shared stage-1 block (and per byte-lane partial sum).
     """
 
-    tile_words: int = 32
-    group: int = 8
+    threads_x: int = 32
+    vec: int = 2
+    out_threads: int = 8
     out_regs: int = 8
+    group: int = 8
+
+    @property
+    def tile_words(self) -> int:
+        return self.threads_x * self.vec
+
+    @property
+    def out_block(self) -> int:
+        return self.out_threads * self.out_regs
+
+    def shared_words(self, num_codewords: int) -> int:
+        return self.group * num_codewords * self.tile_words
+
+    def validate(self, num_codewords: int) -> None:
+        if self.threads_x * self.out_threads > 1024:
+            raise ValueError(f"{self}: more than 1024 threads per block")
+        if self.shared_words(num_codewords) > SHARED_WORDS:
+            raise ValueError(f"{self}: stage 1 needs {4 * self.shared_words(num_codewords)} bytes of shared memory "
+                             f"at K={num_codewords}, over the {4 * SHARED_WORDS}-byte budget")
 
     @classmethod
     def for_layer(cls, geom, num_codewords: int) -> "GpuSparksParams":
-        pixels = geom.out_height * geom.out_width
-        # Small images (7x7, 14x14) would leave most of a 128-pixel tile empty.
-        tile_words = 32 if pixels >= 4 * 32 * 2 else 16
-        # A power of two dividing OUT_THREADS, and no wider than the layer.
+        words = -(-geom.out_height * geom.out_width // 4)
+        # Narrow tiles for small images: a 7x7 output is 13 words, a 14x14 one 49.
+        # Measured on an H200 (benchmarks/results/cuda_layers.md, variants): one word per
+        # thread beats two once the image has 128+ words (more, smaller blocks in flight).
+        threads_x, vec = (32, 1) if words >= 256 else (16, 1) if words >= 128 else (16, 2) if words >= 32 else (16, 1)
         group = 8
         while group > 1 and group > geom.in_channels:
             group //= 2
-        while group > 1 and group * num_codewords * tile_words > SHARED_WORDS:
+        while group > 1 and group * num_codewords * threads_x * vec > SHARED_WORDS:
             group //= 2
-        while tile_words > 1 and group * num_codewords * tile_words > SHARED_WORDS:
-            tile_words //= 2
-        # Enough output-channel blocks to fill the GPU when the batch and image are small.
-        out_regs = max(1, min(8, -(-geom.out_channels // OUT_THREADS)))
-        return cls(tile_words, group, out_regs)
+        while vec > 1 and group * num_codewords * threads_x * vec > SHARED_WORDS:
+            vec //= 2
+        while threads_x > 1 and group * num_codewords * threads_x * vec > SHARED_WORDS:
+            threads_x //= 2
+        out_threads, out_regs = 8, 8
+        if geom.out_channels >= 256:
+            # Wide layers: 128 output channels per block halves the stage-1 recomputation per
+            # output-channel block (measured 1.1-1.2x on the H200 over 64 per block).
+            out_threads, out_regs = (8, 16) if words >= 32 else (16, 8)
+        elif words >= 256:
+            threads_x = 16  # 56x56: smaller blocks measured 1.1x faster
+        out_regs = max(1, min(out_regs, -(-geom.out_channels // out_threads)))
+        return cls(threads_x, vec, out_threads, out_regs, group)
 
 
 def _bind_elementwise(sch, block_name: str, threads: int = 256) -> None:
@@ -79,40 +110,119 @@ def _bind_elementwise(sch, block_name: str, threads: int = 256) -> None:
     sch.bind(tx, "threadIdx.x")
 
 
+#: Pixels of one (image, channel) plane per patch-packing block.
+PATCH_PIXELS = 256
+
+
+def _schedule_patch(sch) -> None:
+    """Patch words per block of PATCH_PIXELS pixels of one (image, channel) plane.
+
+    The block first binarizes the input rows its pixels touch into shared memory (one float
+    compare per activation, the 2-bit codes never go to global memory), then packs each
+    pixel's nine taps from there. Planes go on blockIdx.y, so no thread divides a flat
+    index by the plane size (as one flat elementwise kernel per stage did, spending most of
+    its time on index arithmetic).
+    """
+    pb = sch.get_sblock("patch")
+    try:
+        rows = sch.get_sblock("row_bits")
+    except Exception:  # noqa: BLE001 - inputs wider than 64 columns: byte codes in shared memory
+        rows = None
+    if rows is not None:
+        _schedule_row_bits(sch, rows)
+        n, c, p = sch.get_loops(pb)
+        po, pi = sch.split(p, [None, PATCH_PIXELS])
+        planes = sch.fuse(n, c)
+        if int(sch.get(planes).extent) <= 65535:
+            sch.reorder(po, planes)
+            sch.bind(planes, "blockIdx.y")
+            sch.bind(po, "blockIdx.x")
+        else:
+            sch.bind(sch.fuse(planes, po), "blockIdx.x")
+        sch.bind(pi, "threadIdx.x")
+        return
+    n, c, p = sch.get_loops(pb)
+    po, pi = sch.split(p, [None, PATCH_PIXELS])
+    planes = sch.fuse(n, c)
+    if int(sch.get(planes).extent) <= 65535:
+        sch.reorder(po, planes)  # blockIdx.y = plane (grid y is limited to 65535)
+        sch.bind(planes, "blockIdx.y")
+        sch.bind(po, "blockIdx.x")
+        anchor = planes
+    else:
+        anchor = sch.fuse(planes, po)
+        sch.bind(anchor, "blockIdx.x")
+    sch.bind(pi, "threadIdx.x")
+    bp = sch.get_sblock("bin_pad")
+    sch.set_scope(bp, 0, "shared")
+    sch.compute_at(bp, anchor)
+    loops = sch.get_loops(bp)[2 if anchor != planes else 2:]
+    fused = sch.fuse(*[lp for lp in loops if lp not in sch.get_loops(pb)])
+    _, ti = sch.split(fused, [None, PATCH_PIXELS])
+    sch.bind(ti, "threadIdx.x")
+
+
+def _schedule_row_bits(sch, rows) -> None:
+    """One thread per (plane, row, bit plane): a serial OR over the row's columns in a register."""
+    acc = sch.cache_write(rows, 0, "local")
+    n, c, y, plane, _ = sch.get_loops(rows)
+    fused = sch.fuse(n, c, y, plane)
+    bx, tx = sch.split(fused, [None, 128])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    sch.reverse_compute_at(acc, tx)
+    # Unrolled: the row's loads are independent, only the OR chain is serial.
+    sch.unroll(sch.get_loops(rows)[-1])
+    sch.decompose_reduction(rows, sch.get_loops(rows)[-1])
+
+
 def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
     """Schedule :func:`~sparks_tvm.kernels.sparks_conv2d_gpu.sparks_conv2d_gpu_compute` in place.
 
     ``sch`` must hold the function built with ``params.tile_words`` and ``params.group``.
     """
-    tw, ot, orr = params.tile_words, OUT_THREADS, params.out_regs
+    tx, vec, ty, orr = params.threads_x, params.vec, params.out_threads, params.out_regs
     acc = sch.get_sblock("stage2")
     n, o, h, q, g = sch.get_loops(acc)
-    qb, qt = sch.split(q, [None, tw])
-    ob, oy, oreg = sch.split(o, [None, ot, orr])
-    sch.reorder(n, ob, qb, oy, qt, g, oreg, h)
+    qb, qt, qv = sch.split(q, [None, tx, vec])
+    ob, oy, oreg = sch.split(o, [None, ty, orr])
+    sch.reorder(n, ob, qb, oy, qt, g, oreg, h, qv)
     sch.bind(sch.fuse(n, ob, qb), "blockIdx.x")
     sch.bind(oy, "threadIdx.y")
     sch.bind(qt, "threadIdx.x")
     sch.set_scope(acc, 0, "local")
     # Unrolled so that the per-thread accumulators are registers, not local memory.
-    sch.unroll(oreg)
-    sch.unroll(h)
+    for loop in (oreg, h, qv):
+        sch.unroll(loop)
 
-    # compute_at drops unit loops (a one-channel group, a one-word tile), so the loops it
-    # creates are taken by position below the anchor, not assumed.
+    # compute_at drops unit loops (a one-channel group, one word per thread), so the loops it
+    # creates are found by position below the anchor, not assumed.
     part = sch.get_sblock("stage2_part")
     sch.compute_at(part, oreg)
     sch.set_scope(part, 0, "local")
-    j_loops = sch.get_loops(part)[5:]  # below (block, oy, x, g, oreg)
-    if j_loops:
-        sch.unroll(j_loops[0])
-        sch.decompose_reduction(part, j_loops[0])
+    # The group's codeword indices of this output channel: one aligned vector load into
+    # registers (group bytes), instead of a dependent byte load before every gather.
+    names = [region.source.name for region in sch.get(part).reads]
+    idx_local = sch.cache_read(part, names.index("idx_unpack"), "local")
+    sch.compute_at(idx_local, oreg)
+    idx_loops = sch.get_loops(idx_local)[5:]
+    if idx_loops:
+        sch.vectorize(idx_loops[-1])
+    below = sch.get_loops(part)[5:]  # under (block, oy, x, g, oreg): (qv, j), either may be absent
+    if vec > 1:
+        sch.reorder(*below[::-1]) if len(below) == 2 else None
+        below = sch.get_loops(part)[5:]
+        sch.vectorize(below[-1])  # the vec words of a gathered row: one shared vector load
+        below = below[:-1]
+    if below:
+        sch.unroll(below[0])
+        sch.decompose_reduction(part, below[0])
 
     # Stage 1 of one channel group into shared memory, written by the whole thread block.
     s1 = sch.get_sblock("stage1")
     sch.set_scope(s1, 0, "shared")
     sch.compute_at(s1, g)
-    new = sch.get_loops(s1)[4:]  # below (block, oy, x, g): (c, k, x), c absent for G = 1
+    new = sch.get_loops(s1)[4:]  # under (block, oy, x, g): (c, k, x), c absent for G = 1
     if len(new) == 3:
         c, k, x = new
         sch.reorder(k, c, x)
@@ -121,25 +231,25 @@ def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
         kc, x = new
     else:  # pragma: no cover - K >= 2 and tile_words >= 2 always give both loops
         raise RuntimeError(f"unexpected stage-1 loop nest ({len(new)} loops) for {params}")
-    kc_o, kc_t = sch.split(kc, [None, ot])
+    kc_o, kc_t = sch.split(kc, [None, ty])
+    # Word x = xo * tx + threadIdx.x: consecutive threads write consecutive words.
+    xo, xt = sch.split(x, [None, tx])
+    sch.reorder(kc_o, kc_t, xo, xt)
     sch.bind(kc_t, "threadIdx.y")
-    sch.bind(x, "threadIdx.x")
+    sch.bind(xt, "threadIdx.x")
     sch.unroll(kc_o)
+    sch.unroll(xo)
 
     out = sch.get_sblock("out")
     sch.reverse_compute_at(out, qt)
     for loop in sch.get_loops(out)[-2:]:
         sch.unroll(loop)
     init = sch.decompose_reduction(acc, g)
-    for loop in sch.get_loops(init)[-2:]:
+    for loop in sch.get_loops(init)[-3:]:
         sch.unroll(loop)
 
-    _bind_elementwise(sch, "bin_pad")
-    _bind_elementwise(sch, "patch")
-    try:
-        _bind_elementwise(sch, "idx_unpack")
-    except Exception:  # noqa: BLE001 - no such block: indices stored a byte each (tau = 8)
-        pass
+    _schedule_patch(sch)
+    _bind_elementwise(sch, "idx_unpack")
     return sch
 
 
@@ -169,20 +279,13 @@ class CudaSchedules:
         from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
 
         params = params or self.sparks_params(geom, num_codewords)
+        params.validate(num_codewords)
         func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group)
         sch = apply_sparks_gpu_schedule(s_tir.Schedule(func), params)
         return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
-    def _map(self, func: tirx.PrimFunc) -> tirx.PrimFunc:
-        from tvm.s_tir import dlight
+    def schedule_binary_conv2d(self, geom, mode: str, params=None) -> tirx.PrimFunc:
+        """The dense binary conv: channel-packed words staged in shared memory (schedules.cuda_binary)."""
+        from .cuda_binary import schedule_binary_conv2d_cuda
 
-        with self.target:
-            sch = dlight.gpu.Fallback().apply(func, self.target, False)
-        if sch is None:  # pragma: no cover - Fallback maps every kernel we build
-            raise RuntimeError("dlight's GPU fallback could not map the kernel")
-        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-    def schedule_binary_conv2d(self, geom, mode: str) -> tirx.PrimFunc:
-        from sparks_tvm.kernels import binary_conv2d_primfunc
-
-        return self._map(binary_conv2d_primfunc(geom, mode))
+        return schedule_binary_conv2d_cuda(geom, mode, params)

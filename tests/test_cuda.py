@@ -154,7 +154,8 @@ def test_gpu_form_wide_layer_uses_32bit_lanes():
     np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
 
 
-@pytest.mark.parametrize("shape,k", [((64, 64, 56, 56, 64), 16), ((1, 512, 7, 7, 512), 64), ((2, 3, 5, 5, 1), 2)])
+@pytest.mark.parametrize("shape,k", [((64, 64, 56, 56, 64), 16), ((1, 512, 7, 7, 512), 64), ((2, 3, 5, 5, 1), 2),
+                                     ((1, 8, 9, 70, 4), 16)])
 def test_sparks_cuda_kernel_structure(shape, k):
     """The Sparks kernel is the fused shared-memory kernel: __popc stage 1 in __shared__, one
     barrier per channel group, per-thread register accumulators; it builds with nvcc without spills."""
@@ -164,14 +165,40 @@ def test_sparks_cuda_kernel_structure(shape, k):
     assert params.group * k * params.tile_words <= 8192  # 32 KB of shared stage 1
     func = CudaSchedules(target).schedule_sparks_conv2d(geom, k, "sign")
     src = tvm.compile(func.with_attr("global_symbol", "main"), target=target).mod.imports[0].inspect_source()
-    fused = [b for b in _kernel_bodies(src, "main_kernel").values() if "__shared__" in b]
+    bodies = _kernel_bodies(src, "main_kernel").values()
+    fused = [b for b in bodies if "stage1_shared" in b]
     assert len(fused) == 1
     body = fused[0]
     assert "__popc" in body and "__syncthreads" in body and "threadIdx.y" in body
-    assert "stage2_local_ptr[" in body and "local_ptr[(" not in body  # unrolled: registers, no dynamic index
+    assert "stage2_local_ptr[" in body and "stage2_local_ptr[(" not in body  # unrolled: registers, no dynamic index
+    if params.group == 8:  # a group's eight indices: one 64-bit vector load
+        assert "*(uint2*)(idx_unpack_local_ptr" in body
+    if shape[3] + 2 <= 64:  # rows binarized into 64-bit words, patches assembled from them
+        assert any("row_bits_local" in b for b in bodies) and "bin_pad" not in src
+    else:  # wider rows: byte codes binarized in shared memory inside the patch kernel, never global
+        patch = [b for b in bodies if "bin_pad_shared" in b]
+        assert len(patch) == 1 and "patch_ptr[" in patch[0] and "bin_pad_ptr" not in src
     if shutil.which("nvcc"):
         from tvm.support import nvcc
 
         with target:
             cubin = nvcc.compile_cuda(src, target_format="cubin", arch="sm_90", compiler="nvcc")
         assert len(cubin) > 0
+
+
+@pytest.mark.parametrize("width,stride", [(70, 1), (71, 2), (62, 1), (63, 2)])
+def test_gpu_form_row_words_and_wide_rows(width, stride):
+    """Both patch paths are exact: 64-bit row words (padded width <= 64) and byte codes (wider)."""
+    geom = ConvGeometry(2, 5, 6, width, 3, stride=(stride, stride))
+    rng = np.random.default_rng(width)
+    codebook, idx = random_layer(rng, geom, 8)
+    x = random_activations(rng, geom.in_shape, zero_frac=0.5)
+    func = sparks_conv2d_gpu_primfunc(geom, 8, "sign", 4, 2)
+    assert ("row_bits" in func.script()) == (width + 2 <= 64)
+    lib = build(func, "llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(pack_indices(idx, 8), dev), out)
+    want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)

@@ -41,6 +41,8 @@ SPARKS_LAYERS = [
     (1, 200, 3, 3, 12, 1, (1, 1, 1, 1), 64, "sign"),
     (1, 1, 3, 3, 1, 1, (0, 0, 0, 0), 2, "sign"),
     (2, 513, 6, 5, 17, 2, (1, 1, 1, 1), 16, "ge"),
+    (1, 8, 9, 70, 4, 1, (1, 1, 1, 1), 16, "sign"),   # rows wider than 64: byte-code patch path
+    (2, 5, 7, 71, 6, 2, (0, 1, 1, 0), 4, "gt"),
 ]
 #: (N, C, H, W, O, stride, padding, mode)
 BINARY_LAYERS = [
@@ -59,9 +61,9 @@ def _save(out, name, arrays):
     return files
 
 
-def _case(out, name, kind, lib, inputs, outputs, compare, meta):
+def _case(out, name, kind, lib, inputs, outputs, compare, meta, time=None):
     spec = {"name": name, "kind": kind, "lib": lib, "func": "main", "inputs": inputs, "outputs": outputs,
-            "compare": compare, "time": None, "meta": meta}
+            "compare": compare, "time": time, "meta": meta}
     with open(os.path.join(out, name + ".json"), "w") as fh:
         json.dump(spec, fh, indent=1)
 
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
             np.save(os.path.join(args.out, f"{name}_want{j}.npy"), y)
             outs.append({"shape": list(y.shape), "dtype": str(y.dtype), "expected": f"{name}_want{j}.npy"})
         _case(args.out, name, "vm", name + ".so", inputs, outs, {"rtol": 1e-4, "atol": 1e-3},
-              {"op": "model", "report": gpu.report.count("sparks"), "input_shape": list(shape)})
+              {"op": "model", "report": gpu.report.count("sparks"), "input_shape": list(shape)},
+              time={"number": 10, "repeat": 5})
         os.remove(onnx_path)
         print("built", name, flush=True)
     return 0

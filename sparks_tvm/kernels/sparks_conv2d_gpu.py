@@ -3,7 +3,9 @@
 Same op as :mod:`sparks_tvm.kernels.sparks_conv2d` (same parameters and output), computed
 in a form that suits a GPU thread, which has 32-bit registers and no byte vectors:
 
-* ``bin_pad`` (N, C, H+pad, W+pad) uint8: each activation binarized once (2-bit code).
+* ``row_bits`` (N, C, H+pad, 2) uint64: each padded input row binarized into two bit words
+  (taps holding -1; taps holding a real +-1), for rows of up to 64 columns; wider inputs use
+  ``bin_pad`` (N, C, H+pad, W+pad) uint8 2-bit codes instead.
 * ``patch`` (N, C, P) uint32 holds, per input channel and output pixel, the 3x3 patch's
   ``neg`` bits (0-8), its ``mask`` bits (9-17) and ``popcount(mask) + 9`` (bits 18-22).
   One word per pixel, so stage 1 reads one coalesced word and needs one ``__popc``.
@@ -36,6 +38,8 @@ LANES = 4
 MAX_GROUP = 14
 #: Widest layer whose sums fit 16-bit lanes: 18 * C <= 65535.
 MAX_C_16BIT = 65535 // 18
+#: Padded input rows up to this width are packed into one 64-bit word per plane.
+ROW_BITS = 64
 
 
 def padded_words(geom: ConvGeometry, tile_words: int) -> int:
@@ -88,25 +92,31 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
     codes = te.placeholder(shp(k_), "int32", name="codes")
     idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
     field_bits = index_bits(k_)
-    if field_bits < 8:
-        per = 8 // field_bits
-        unpacked = te.compute(
-            shp(o_, per, packed_index_shape(o_, c_, k_)[1]),
-            lambda o, r, q: tirx.Cast(
-                "uint8", (idx[o, q] >> tirx.Cast("uint8", r * field_bits)) & tirx.const((1 << field_bits) - 1, "uint8")
-            ),
-            name="idx_unpack",
-        )
+    groups = -(-c_ // group)
+    # Indices unpacked per call to one byte (two past K = 256) per kernel, rows padded to whole
+    # channel groups: a thread then loads a group's indices of one output channel as a single
+    # aligned vector. Padding entries are 0 and their channels are masked out below.
+    cpad = groups * group
+
+    def unpack(o, c):
+        cc = tirx.min(c, c_ - 1)
+        if field_bits >= 8:
+            value = idx[o, cc]
+        else:
+            per = 8 // field_bits
+            value = (idx[o, cc // per] >> tirx.Cast(idx.dtype, (cc % per) * field_bits)) & tirx.const(
+                (1 << field_bits) - 1, idx.dtype)
+        return tirx.if_then_else(c < c_, value, tirx.const(0, idx.dtype))
+
+    unpacked = te.compute(shp(o_, cpad), unpack, name="idx_unpack")
 
     def kernel_index(o, c):
-        if field_bits >= 8:
-            return codeword_index(idx[o, c], k_)
-        return codeword_index(unpacked[o, c % per, c // per], k_)
+        return codeword_index(unpacked[o, c], k_)
 
-    # Binarized, zero-padded input: bit 0 = -1, bit 1 = holds a real +-1 (inside, non-zero).
-    # An elementwise kernel with one float compare per activation; the patch words below then
-    # gather bytes with no bounds checks (the float form, 18 guarded loads per pixel,
-    # measured 5x slower than the fused kernel on an H200).
+    # Binarized, zero-padded input: bit 0 = -1, bit 1 = holds a real +-1 (inside, non-zero),
+    # one float compare per activation. Patch words are then assembled from these codes with
+    # no bounds checks: built straight from the floats (18 guarded loads per pixel) they took
+    # 5x longer than the fused kernel on an H200; from byte codes, 0.7x; from row words, less.
     hp = h_ + geom.padding[0] + geom.padding[2]
     wp = w_ + geom.padding[1] + geom.padding[3]
 
@@ -118,36 +128,62 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         code = tirx.Cast("uint8", as_u32(is_neg) | (as_u32(nz) << 1))
         return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
 
-    bits = te.compute(shp(n_, c_, hp, wp), pad_code, name="bin_pad")
-
-    def patch_word(n, c, p):
-        # Pixels past OH*OW (tile padding) read a clamped row and are never written out.
-        oh, ow = tirx.min(p // ow_, oh_ - 1), p % ow_
-        word = u32(0)
-        for t in range(9):
-            dy, dx = divmod(t, 3)
-            b = tirx.Cast("uint32", bits[n, c, oh * sh + dy, ow * sw + dx])
-            word = word | ((b & u32(1)) << u32(t)) | ((b >> u32(1)) << u32(9 + t))
+    def finish(word):
         # valid + 9 stored with the word, so stage 1 needs one popcount per codeword. The +9
         # is there for every pixel, also one whose taps are all zero or padding (S = 0).
         return word | ((tirx.Cast("uint32", tirx.popcount(word >> u32(9))) + u32(9)) << u32(18))
+
+    if wp <= ROW_BITS:
+        # Each padded input row as two 64-bit words (-1 taps, real taps), bit x = column x: a
+        # pixel's three taps of a row are then one shift and mask of a word, whatever the stride.
+        rx = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", wp)), name="rx")
+        rows = te.compute(
+            shp(n_, c_, hp, 2),
+            lambda n, c, y, plane: te.sum(
+                tirx.Cast("uint64", (pad_code(n, c, y, rx) >> tirx.Cast("uint8", plane)) & tirx.const(1, "uint8"))
+                << tirx.Cast("uint64", rx), axis=rx),
+            name="row_bits",
+        )
+
+        def patch_word(n, c, p):
+            oh, ow = tirx.min(p // ow_, oh_ - 1), p % ow_
+            shift = tirx.Cast("uint64", ow * sw)
+            word = u32(0)
+            for dy in range(3):
+                for plane in range(2):
+                    taps = tirx.Cast("uint32", (rows[n, c, oh * sh + dy, plane] >> shift) & tirx.const(7, "uint64"))
+                    word = word | (taps << u32(9 * plane + 3 * dy))
+            return finish(word)
+    else:
+        bits = te.compute(shp(n_, c_, hp, wp), pad_code, name="bin_pad")
+
+        def patch_word(n, c, p):
+            # Pixels past OH*OW (tile padding) read a clamped row and are never written out.
+            oh, ow = tirx.min(p // ow_, oh_ - 1), p % ow_
+            word = u32(0)
+            for t in range(9):
+                dy, dx = divmod(t, 3)
+                b = tirx.Cast("uint32", bits[n, c, oh * sh + dy, ow * sw + dx])
+                word = word | ((b & u32(1)) << u32(t)) | ((b >> u32(1)) << u32(9 + t))
+            return finish(word)
 
     patch = te.compute(shp(n_, c_, words * LANES), patch_word, name="patch")
 
     def stage1(n, c, k, q):
         code = tirx.Cast("uint32", codes[k])
-        word = u32(0)
+        biased = u32(0)
+        mismatches = u32(0)
         for lane in range(LANES):
             w = patch[n, c, q * LANES + lane]
-            diff = tirx.popcount((w ^ code) & (w >> u32(9)) & u32(0x1FF))
-            # (valid + 9) - 2 * mismatches = S + 9, in [0, 18] (0 for an empty patch).
-            byte = (w >> u32(18)) - tirx.Cast("uint32", diff) * u32(2)
-            word = word | (byte << u32(8 * lane))
-        return word
+            biased = biased | ((w >> u32(18)) << u32(8 * lane))
+            diff = tirx.Cast("uint32", tirx.popcount((w ^ code) & (w >> u32(9)) & u32(0x1FF)))
+            mismatches = mismatches | (diff << u32(8 * lane))
+        # Byte-wise (valid + 9) - 2 * mismatches = S + 9 in [0, 18]: no byte borrows, so one
+        # word subtraction does all four (and ``biased`` does not depend on the codeword).
+        return biased - mismatches * u32(2)
 
     s1 = te.compute(shp(n_, c_, k_, words), stage1, name="stage1")
 
-    groups = -(-c_ // group)
     j = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", group)), name="j")
 
     def part(n, o, g, q):
@@ -155,7 +191,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         if c_ % group == 0:
             return te.sum(s1[n, c, kernel_index(o, c), q], axis=j)
         cc = tirx.min(c, c_ - 1)
-        return te.sum(tirx.if_then_else(c < c_, s1[n, cc, kernel_index(o, cc), q], u32(0)), axis=j)
+        return te.sum(tirx.if_then_else(c < c_, s1[n, cc, kernel_index(o, c), q], u32(0)), axis=j)
 
     parts = te.compute(shp(n_, o_, groups, words), part, name="stage2_part")
     halves = 2 if c_ <= MAX_C_16BIT else LANES
