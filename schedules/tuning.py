@@ -1,4 +1,4 @@
-"""MetaSchedule design spaces for sparks_tvm's binary kernels (LLVM CPUs: x86 and ARM).
+"""MetaSchedule design spaces for sparks_tvm's binary kernels (LLVM CPUs: x86 and ARM; CUDA).
 
 Generic MetaSchedule rules do not fit the Sparks op (STACK.md: a naive two-stage op tuned
 generically ends slower than a float conv; AutoInline folds stage 1 back into stage 2), so
@@ -211,6 +211,60 @@ def binary_space(geom):
     return space
 
 
+# ----------------------------------------------------------------------------- CUDA
+
+
+def cuda_sparks_space(params):
+    """The CUDA Sparks kernel's design space around the default knobs ``params``.
+
+    The kernel is built with ``params.tile_words`` and ``params.group`` (they shape the
+    computation), so the space keeps them and varies how the tile is mapped:
+
+    - structure (one design space each): stage-1 words per thread ``vec`` in {1, 2, 4}
+      dividing the tile, with ``threads_x = tile_words / vec`` (so the default is one point);
+    - sampled: output-channel lanes per block ``out_threads`` in {4, 8, 16} and output
+      channels per thread ``out_regs`` in {2, 4, 8, 16} (register tile).
+
+    Knob sets over the block's thread or shared-memory limits are dropped by MetaSchedule's
+    ``VerifyGPUCode`` post-processor when the candidate is built.
+    """
+    import dataclasses
+
+    from .cuda import apply_sparks_gpu_schedule
+
+    vecs = [params.vec] + [v for v in (1, 2, 4) if v != params.vec and params.tile_words % v == 0]
+
+    def space(sch: s_tir.Schedule):
+        outs = []
+        for vec in vecs:
+            s = sch.copy()
+            s.seed(random.randrange(1 << 30))
+            threads_x = params.tile_words // vec
+            lanes = _uniq([params.out_threads] + [t for t in (4, 8, 16) if t * threads_x <= 1024])
+            regs = _uniq([params.out_regs, 2, 4, 8, 16])
+            knobs = dataclasses.replace(params, vec=vec, threads_x=threads_x)
+            # Sampled decisions (ExprRVs) stand in for the ints: the schedule only splits by them.
+            object.__setattr__(knobs, "out_threads", _sample(s, lanes))
+            object.__setattr__(knobs, "out_regs", _sample(s, regs))
+            apply_sparks_gpu_schedule(s, knobs)
+            outs.append(s)
+        return outs
+
+    return space
+
+
+def cuda_binary_space(params):
+    """The tiled CUDA dense binary conv: its per-layer default (a fixed point, no knobs sampled)."""
+    from .cuda_binary import apply_binary_gpu_schedule
+
+    def space(sch: s_tir.Schedule):
+        s = sch.copy()
+        apply_binary_gpu_schedule(s, params)
+        return [s]
+
+    return space
+
+
 # ----------------------------------------------------------------------------- mutator
 
 
@@ -360,6 +414,8 @@ def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
     """The tuning task of one binary kernel for a schedules object (host or ARM choices)."""
     import tvm
 
+    if getattr(base, "name", None) == "cuda":
+        return _make_cuda_task(base, kind, geom, num_codewords, mode)
     if kind == "sparks":
         from sparks_tvm.kernels import sparks_conv2d_primfunc
 
@@ -383,4 +439,36 @@ def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
             return apply_binary_schedule(s_tir.Schedule(mod))
 
         return KernelTask(f"binary_{_geom_name(geom)}_{mode}", mod, binary_space(geom), default_schedule)
+    raise ValueError(f"unknown kernel kind {kind!r}")
+
+
+def _make_cuda_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
+    import tvm
+
+    if kind == "sparks":
+        from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
+
+        from .cuda import apply_sparks_gpu_schedule
+
+        params = base.sparks_params(geom, num_codewords)
+        func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group)
+        mod = tvm.IRModule({WORKLOAD_NAME: func.with_attr("global_symbol", WORKLOAD_NAME)})
+
+        def default_schedule():
+            return apply_sparks_gpu_schedule(s_tir.Schedule(mod), params)
+
+        return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}_cuda", mod, cuda_sparks_space(params),
+                          default_schedule)
+    if kind == "binary":
+        from sparks_tvm.kernels import binary_conv2d_primfunc
+
+        from .cuda_binary import GpuBinaryParams, apply_binary_gpu_schedule
+
+        params = GpuBinaryParams.for_layer(geom)
+        mod = tvm.IRModule({WORKLOAD_NAME: binary_conv2d_primfunc(geom, mode).with_attr("global_symbol", WORKLOAD_NAME)})
+
+        def default_schedule():
+            return apply_binary_gpu_schedule(s_tir.Schedule(mod), params)
+
+        return KernelTask(f"binary_{_geom_name(geom)}_{mode}_cuda", mod, cuda_binary_space(params), default_schedule)
     raise ValueError(f"unknown kernel kind {kind!r}")

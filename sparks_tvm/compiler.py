@@ -254,7 +254,7 @@ class CompiledModel:
         import tvm
 
         arrays = frontend.as_input_arrays(self._specs(), arrays)
-        dev = tvm.cpu()
+        dev = self.device
         tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
         self.vm["main"](*tensors)
         self.vm.set_input("main", *tensors)

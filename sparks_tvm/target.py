@@ -65,8 +65,20 @@ ARM_ALIASES = {
 ALIASES.update(ARM_ALIASES)
 
 
+def with_gpu_host(target: tvm.target.Target) -> tvm.target.Target:
+    """A CUDA target without a host gets a generic x86-64 one.
+
+    The host side of a CUDA module is only kernel-launch glue, so nothing is lost by not
+    tuning it for this CPU, and the exported library then loads on the GPU machine whatever
+    its CPU (a -mcpu=znver4 host would not). Jetson tags keep their aarch64 host.
+    """
+    if target.kind.name == "cuda" and target.host is None:
+        return tvm.target.Target(target, host=tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"}))
+    return target
+
+
 def cuda_target() -> tvm.target.Target:
-    """The local GPU's architecture when one is present, else sm_80 (A100-class), host = this CPU."""
+    """The local GPU's architecture when one is present, else sm_80 (A100-class); generic x86-64 host."""
     arch = "sm_80"
     try:
         dev = tvm.cuda(0)
@@ -74,7 +86,7 @@ def cuda_target() -> tvm.target.Target:
             arch = "sm_" + str(dev.compute_version).replace(".", "")
     except Exception:  # noqa: BLE001 - no CUDA runtime at all
         pass
-    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host_target())
+    return with_gpu_host(tvm.target.Target({"kind": "cuda", "arch": arch}))
 
 
 ALIASES["cuda"] = cuda_target
@@ -97,7 +109,7 @@ def resolve_target(target) -> tvm.target.Target:
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, dict):
-        resolved = tvm.target.Target(target)
+        resolved = with_gpu_host(tvm.target.Target(target))
         logger.info("target %r resolved to %s", target, target_json(resolved))
         return resolved
     if isinstance(target, str):
@@ -107,7 +119,7 @@ def resolve_target(target) -> tvm.target.Target:
             logger.info("target %r resolved to %s", target, target_json(resolved))
             return resolved
         try:
-            resolved = tvm.target.Target(target)
+            resolved = with_gpu_host(tvm.target.Target(target))
             logger.info("target %r resolved to %s", target, target_json(resolved))  # a tag: same rule
             return resolved
         except Exception as err:  # TVM raises several error types for bad targets

@@ -133,6 +133,16 @@ def default_runner(target, timeout_sec: float = 30.0):
 
     from .target import is_aarch64
 
+    if target.kind.name == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise TuningError("tuning a CUDA target measures on a GPU: none is visible here (run the tune on a GPU "
+                              "machine, or pass an RPC runner whose devices have one)")
+        return ms.runner.LocalRunner(
+            timeout_sec=timeout_sec,
+            evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=20),
+        )
     if target.kind.name != "llvm" or (is_aarch64(target) and platform.machine() not in ("aarch64", "arm64")):
         raise TuningError(
             f"target {target.kind.name} {target.attrs.get('mtriple', '')} does not run on this machine: pass "

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from kernel_utils import build, random_activations, random_layer
 from schedules.cuda import CudaSchedules, GpuSparksParams
+from tvm import s_tir
 from sparks_tvm import models
 from sparks_tvm import reference as ref
 from sparks_tvm.kernels import ConvGeometry, pack_indices, sparks_out_shape
@@ -202,3 +203,134 @@ def test_gpu_form_row_words_and_wide_rows(width, stride):
                 tvm.runtime.tensor(pack_indices(idx, 8), dev), out)
     want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+
+
+def _unbound(apply, func, params):
+    """Apply a GPU schedule with every ``bind`` a no-op: thread loops then run one after another
+    and each 'thread' redoes the cooperative shared-memory stages in full, which keeps the
+    meaning. Built for the CPU, this checks the schedule's loop transformations (tiling,
+    compute_at regions, unrolling, vector loads, reduction init) without a GPU."""
+    original = s_tir.Schedule.bind
+    s_tir.Schedule.bind = lambda self, loop, thread: None
+    try:
+        sch = apply(s_tir.Schedule(func), params)
+    finally:
+        s_tir.Schedule.bind = original
+    return sch.mod["main"]
+
+
+SCHEDULED_SPARKS = [
+    (ConvGeometry(2, 17, 11, 13, 9, stride=(2, 2)), 16, "sign", None),
+    (ConvGeometry(1, 40, 9, 8, 33, padding=(0, 1, 1, 0)), 32, "ge", None),
+    (ConvGeometry(1, 3, 5, 70, 4), 4, "gt", None),  # byte-code patch path
+    (ConvGeometry(2, 21, 12, 12, 20), 8, "sign", GpuSparksParams(threads_x=4, vec=2, out_threads=2, out_regs=3, group=4)),
+    (ConvGeometry(1, 300, 4, 4, 260), 16, "sign", None),  # wide-layer knobs (128 outputs per block)
+]
+
+
+@pytest.mark.parametrize("geom,k,mode,params", SCHEDULED_SPARKS)
+def test_scheduled_sparks_cuda_kernel_on_cpu(geom, k, mode, params):
+    """The CUDA schedule of the Sparks op, threads serialized, equals the numpy reference."""
+    from schedules.cuda import apply_sparks_gpu_schedule
+
+    params = params or GpuSparksParams.for_layer(geom, k)
+    rng = np.random.default_rng(k)
+    codebook, idx = random_layer(rng, geom, k)
+    x = random_activations(rng, geom.in_shape, zero_frac=0.5)
+    func = _unbound(apply_sparks_gpu_schedule, sparks_conv2d_gpu_primfunc(geom, k, mode, params.tile_words, params.group),
+                    params)
+    lib = build(func, "llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(pack_indices(idx, k), dev), out)
+    want = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
+    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+
+
+@pytest.mark.parametrize("geom,mode,params", [
+    (ConvGeometry(2, 40, 11, 13, 33, stride=(2, 2)), "ge", None),
+    (ConvGeometry(1, 70, 14, 14, 64, padding=(0, 1, 1, 0)), "gt", None),
+    (ConvGeometry(2, 70, 13, 15, 20), "sign", "odd"),
+])
+def test_scheduled_binary_cuda_kernel_on_cpu(geom, mode, params):
+    """The tiled CUDA schedule of the dense binary conv, threads serialized, equals the reference."""
+    from schedules.cuda_binary import GpuBinaryParams, apply_binary_gpu_schedule
+    from sparks_tvm.kernels import binary_conv2d_primfunc, pack_binary_weights
+
+    params = GpuBinaryParams(4, 2, 3, 2, 2, 3, 2) if params == "odd" else GpuBinaryParams.for_layer(geom)
+    rng = np.random.default_rng(7)
+    signs = np.where(rng.random((geom.out_channels, geom.in_channels, 3, 3)) < 0.5, -1, 1).astype(np.int8)
+    x = random_activations(rng, geom.in_shape)
+    lib = build(_unbound(apply_binary_gpu_schedule, binary_conv2d_primfunc(geom, mode), params), "llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(pack_binary_weights(signs), dev), out)
+    np.testing.assert_array_equal(out.numpy(), ref.binary_conv2d_ref(ref.binarize(x, mode), signs, geom.stride, geom.padding))
+
+
+@pytest.mark.parametrize("tag", ["nvidia/nvidia-a100", "nvidia/nvidia-h100", "nvidia/geforce-rtx-4090"])
+def test_nvidia_tags_compile(tag, tmp_path):
+    """TVM's NVIDIA tags are accepted as targets and give our kernels for that architecture."""
+    net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
+    path = tmp_path / "tiny.onnx"
+    models.export_onnx(net, (1, 3, 9, 9), path)
+    compiled = sparks_tvm.compile(path, target=tag)
+    assert compiled.target.kind.name == "cuda" and compiled.target.host is not None
+    assert compiled.report.count("sparks") == 4 and "stage1_shared" in compiled.cuda_source()
+
+
+def test_cuda_design_space_points_build_and_are_exact():
+    """Random points of the CUDA Sparks design space build for the GPU and, threads serialized,
+    equal the reference on the CPU (the space only re-maps the default computation)."""
+    from schedules.tuning import make_task
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+    geom, k = ConvGeometry(2, 24, 10, 10, 20), 8
+    task = make_task(CudaSchedules(target), "sparks", geom, k, "sign")
+    assert task.name.endswith("_cuda")
+    rng = np.random.default_rng(0)
+    codebook, idx = random_layer(rng, geom, k)
+    x = random_activations(rng, geom.in_shape, zero_frac=0.5)
+    want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    seen = set()
+    for seed in range(1, 4):
+        for sch in task.space(s_tir.Schedule(task.mod, seed=seed)):
+            tvm.compile(sch.mod["main"], target=target)  # a valid GPU kernel
+            seen.add(tuple(int(v) for v in dict(sch.trace.decisions.items()).values()))
+        original = s_tir.Schedule.bind
+        s_tir.Schedule.bind = lambda self, loop, thread: None
+        try:
+            points = task.space(s_tir.Schedule(task.mod, seed=seed))
+        finally:
+            s_tir.Schedule.bind = original
+        for sch in points:
+            lib = build(sch.mod["main"], "llvm")
+            dev = tvm.cpu()
+            out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+            lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                        tvm.runtime.tensor(pack_indices(idx, k), dev), out)
+            np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+    assert len(seen) > 1  # the decisions vary
+
+
+def test_cuda_tuning_tasks_and_no_gpu_error(tmp_path):
+    """Tuning a CUDA target extracts the CUDA tasks (our design spaces) and, with no GPU to
+    measure on, stops with a clear error before any trial."""
+    import onnx
+
+    from sparks_tvm import frontend
+    from sparks_tvm.target import resolve_target
+    from sparks_tvm.tune import TuningError, extract_tasks
+
+    net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
+    path = tmp_path / "tiny.onnx"
+    models.export_onnx(net, (1, 3, 9, 9), path)
+    proto = onnx.load(str(path))
+    tasks = extract_tasks(proto, frontend.input_specs(proto), resolve_target("cuda"))
+    assert sum(count for _, count in tasks) == 4
+    assert all(task.name.startswith("sparks_") and task.name.endswith("_cuda") for task, _ in tasks)
+    if HAS_GPU:
+        pytest.skip("a GPU is present: tuning would run")
+    with pytest.raises(TuningError, match="GPU"):
+        sparks_tvm.tune(path, "cuda", str(tmp_path / "work"), trials=1, progress=False)
