@@ -170,6 +170,14 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         sch.parallel(sch.fuse(pn, pc))
         sch.vectorize(pw)
 
+    try:
+        codes = sch.get_sblock("bin_codes")  # strided convs: natural-layout binarization first
+    except Exception:  # noqa: BLE001 - stride 1: bin_pad binarizes directly
+        codes = None
+    if codes is not None:
+        loops = sch.get_loops(codes)
+        sch.parallel(sch.fuse(*loops[:2]))
+        sch.vectorize(loops[-1])
     bp = sch.get_sblock("bin_pad")
     loops = sch.get_loops(bp)  # (n, c, y, x) or, for strided convs, (n, c, y, phase, q)
     sch.parallel(sch.fuse(*loops[:2]))
