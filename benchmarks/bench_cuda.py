@@ -63,20 +63,14 @@ def build(args) -> None:
     from sparks_tvm.cost import RESNET18_BINARY_LAYERS
     from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, pack_indices
     from sparks_tvm.models import random_codebook
-    from sparks_tvm.target import resolve_target
 
     assert [tuple(s) for s in RESNET18_BINARY_LAYERS] == SHAPES, "SHAPES out of step with sparks_tvm.cost"
-    target = resolve_target(args.target)
-    if target.kind.name != "cuda":
-        raise SystemExit(f"--target must be a CUDA target, got {target}")
-    if target.host is None:
-        target = tvm.target.Target(target, host="llvm")
-    sched = CudaSchedules(target)
-    # Kernels compiled here (nvcc) into the library: the GPU machine has only TVM's runtime.
+    # Kernels compiled here (nvcc) into the libraries: the GPU machine has only TVM's runtime.
     sys.path.insert(0, os.path.join(ROOT, "scripts", "gpu"))
-    import cuda_prebuild
+    from cuda_prebuild import build_target
 
-    print("prebuild:", cuda_prebuild.enable(target), flush=True)
+    target = build_target(args.target)
+    sched = CudaSchedules(target)
     os.makedirs(args.dir, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     entries = []

@@ -40,6 +40,19 @@ def _kernel_bodies(src: str, prefix: str) -> dict:
     return bodies
 
 
+def _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, mode):
+    """Build a Sparks PrimFunc (any form, any schedule that runs on a CPU) and compare it with
+    the numpy reference bit for bit."""
+    lib = build(func, "llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(pack_indices(idx, codebook.shape[0]), dev), out)
+    want = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
+    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+    return want
+
+
 @pytest.fixture(scope="module")
 def tiny_cuda(tmp_path_factory):
     net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
@@ -127,13 +140,7 @@ def test_gpu_form_exact_on_cpu(case):
     codebook, idx = random_layer(rng, geom, k)
     # Mostly-zero inputs give patches with no real tap at all (S = 0 must still carry the bias).
     x = random_activations(rng, geom.in_shape, zero_frac=zeros)
-    lib = build(sparks_conv2d_gpu_primfunc(geom, k, mode, tile_words, group), "llvm")
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
-    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(pack_indices(idx, k), dev), out)
-    want = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
-    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+    _assert_sparks_exact_on_cpu(sparks_conv2d_gpu_primfunc(geom, k, mode, tile_words, group), geom, x, codebook, idx, mode)
 
 
 def test_gpu_form_wide_layer_uses_32bit_lanes():
@@ -145,14 +152,8 @@ def test_gpu_form_wide_layer_uses_32bit_lanes():
     codebook[:] = -1
     func = sparks_conv2d_gpu_primfunc(geom, 2, "sign", 1, 14)
     assert "stage2" in func.script() and "T.int64(4)" in func.script()
-    lib = build(func, "llvm")
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
-    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(pack_indices(idx, 2), dev), out)
-    want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    want = _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, "sign")
     assert want.max() == 9 * 3700
-    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
 
 
 @pytest.mark.parametrize("shape,k", [((64, 64, 56, 56, 64), 16), ((1, 512, 7, 7, 512), 64), ((2, 3, 5, 5, 1), 2),
@@ -196,13 +197,7 @@ def test_gpu_form_row_words_and_wide_rows(width, stride):
     x = random_activations(rng, geom.in_shape, zero_frac=0.5)
     func = sparks_conv2d_gpu_primfunc(geom, 8, "sign", 4, 2)
     assert ("row_bits" in func.script()) == (width + 2 <= 64)
-    lib = build(func, "llvm")
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
-    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(pack_indices(idx, 8), dev), out)
-    want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
-    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+    _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, "sign")
 
 
 def _unbound(apply, func, params):
@@ -239,13 +234,7 @@ def test_scheduled_sparks_cuda_kernel_on_cpu(geom, k, mode, params):
     x = random_activations(rng, geom.in_shape, zero_frac=0.5)
     func = _unbound(apply_sparks_gpu_schedule, sparks_conv2d_gpu_primfunc(geom, k, mode, params.tile_words, params.group),
                     params)
-    lib = build(func, "llvm")
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
-    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                tvm.runtime.tensor(pack_indices(idx, k), dev), out)
-    want = ref.sparks_conv2d_ref(ref.binarize(x, mode), codebook, idx, geom.stride, geom.padding)
-    np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+    _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, mode)
 
 
 @pytest.mark.parametrize("geom,mode,params", [
@@ -292,7 +281,6 @@ def test_cuda_design_space_points_build_and_are_exact():
     rng = np.random.default_rng(0)
     codebook, idx = random_layer(rng, geom, k)
     x = random_activations(rng, geom.in_shape, zero_frac=0.5)
-    want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     seen = set()
     for seed in range(1, 4):
         for sch in task.space(s_tir.Schedule(task.mod, seed=seed)):
@@ -305,12 +293,7 @@ def test_cuda_design_space_points_build_and_are_exact():
         finally:
             s_tir.Schedule.bind = original
         for sch in points:
-            lib = build(sch.mod["main"], "llvm")
-            dev = tvm.cpu()
-            out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
-            lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
-                        tvm.runtime.tensor(pack_indices(idx, k), dev), out)
-            np.testing.assert_array_equal(out.numpy().reshape(geom.out_shape), want)
+            _assert_sparks_exact_on_cpu(sch.mod["main"], geom, x, codebook, idx, "sign")
     assert len(seen) > 1  # the decisions vary
 
 

@@ -182,3 +182,18 @@ def library_cuda_formats(path: str) -> list[str]:
                         break
         pos = data.find(marker, pos + 1)
     return kinds
+
+
+def build_target(spec="nvidia/nvidia-h100"):
+    """Resolve a CUDA target for libraries that will run elsewhere, and enable prebuilding.
+
+    Used by ``scripts/gpu/make_cases.py`` and ``benchmarks/bench_cuda.py build``: the target
+    (alias, tag or dict, with a generic x86-64 host) and kernels compiled here by nvcc.
+    """
+    from sparks_tvm.target import resolve_target
+
+    target = resolve_target(spec)
+    if target.kind.name != "cuda":
+        raise SystemExit(f"a CUDA target is needed, got {target}")
+    print("prebuild:", enable(target), flush=True)
+    return target

@@ -26,6 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: (N, C, H, W, O, stride, padding, K, mode)
 SPARKS_LAYERS = [
@@ -84,17 +85,12 @@ def main(argv=None) -> int:
     from sparks_tvm import models
     from sparks_tvm import reference as ref
     from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, pack_indices, sparks_out_shape
-    from sparks_tvm.target import resolve_target
 
-    target = resolve_target(args.target)
-    if target.host is None:
-        target = tvm.target.Target(target, host="llvm")
+    # Kernels compiled here (nvcc) into the libraries: the GPU machine has only TVM's runtime.
+    from cuda_prebuild import build_target
+
+    target = build_target(args.target)
     sched = CudaSchedules(target)
-    # Kernels compiled here (nvcc) into the library: the GPU machine has only TVM's runtime.
-    sys.path.insert(0, os.path.join(ROOT, "scripts", "gpu"))
-    import cuda_prebuild
-
-    print("prebuild:", cuda_prebuild.enable(target), flush=True)
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
 
