@@ -44,7 +44,9 @@ SHAPES = [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (128, 256, 28, 2
 MODE = "sign"
 #: Schedule knobs tried beside the default at the --variants-batch sizes (schedules.cuda.GpuSparksParams).
 VARIANTS = [{"vec": 1}, {"vec": 2}, {"out_regs": 4}, {"out_regs": 16}, {"out_threads": 16},
-            {"out_threads": 16, "out_regs": 16}, {"group": 4}, {"group": 2}, {"threads_x": 16}, {"threads_x": 32}]
+            {"out_threads": 16, "out_regs": 16}, {"group": 4}, {"group": 2}, {"threads_x": 16}, {"threads_x": 32},
+            {"vec": 2, "out_regs": 4}, {"vec": 2, "out_threads": 16, "out_regs": 4}, {"vec": 2, "threads_x": 8},
+            {"vec": 4, "threads_x": 8, "out_regs": 4}, {"threads_x": 8}]
 
 
 def _name(cin, cout, side, stride, batch, k):
