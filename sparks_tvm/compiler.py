@@ -311,6 +311,8 @@ def _default_cross_compiler(target) -> str | None:
 
     from .target import is_aarch64
 
+    if target is not None and target.kind.name == "cuda":
+        target = target.host  # the host code decides the linker (a Jetson's is aarch64)
     if target is None or not is_aarch64(target) or platform.machine() in ("aarch64", "arm64"):
         return None
     return "aarch64-linux-gnu-gcc"

@@ -317,3 +317,17 @@ def test_cuda_tuning_tasks_and_no_gpu_error(tmp_path):
         pytest.skip("a GPU is present: tuning would run")
     with pytest.raises(TuningError, match="GPU"):
         sparks_tvm.tune(path, "cuda", str(tmp_path / "work"), trials=1, progress=False)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="aarch64 cross linker not installed")
+def test_jetson_tag_exports_an_aarch64_library(tmp_path):
+    """A Jetson tag has an aarch64 host: the library is cross-linked for the board."""
+    net = models.sparks_resnet_tiny(k=4, widths=(8, 12))
+    path = tmp_path / "tiny.onnx"
+    models.export_onnx(net, (1, 3, 9, 9), path)
+    compiled = sparks_tvm.compile(path, target="nvidia/jetson-orin-nano")
+    assert str(compiled.target.attrs["arch"]) == "sm_87" and compiled.report.count("sparks") == 4
+    lib = compiled.export_library(tmp_path / "tiny_jetson.so")
+    with open(lib, "rb") as fh:
+        header = fh.read(20)
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
