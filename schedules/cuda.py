@@ -112,6 +112,8 @@ def _bind_elementwise(sch, block_name: str, threads: int = 256) -> None:
 
 #: Pixels of one (image, channel) plane per patch-packing block.
 PATCH_PIXELS = 256
+#: CUDA's limit on gridDim.y; more (image, channel) planes go on blockIdx.x with the pixels.
+GRID_Y_LIMIT = 65535
 
 
 def _schedule_patch(sch) -> None:
@@ -130,22 +132,27 @@ def _schedule_patch(sch) -> None:
         rows = None
     if rows is not None:
         _schedule_row_bits(sch, rows)
-        n, c, p = sch.get_loops(pb)
-        po, pi = sch.split(p, [None, PATCH_PIXELS])
-        planes = sch.fuse(n, c)
-        if int(sch.get(planes).extent) <= 65535:
-            sch.reorder(po, planes)
-            sch.bind(planes, "blockIdx.y")
-            sch.bind(po, "blockIdx.x")
-        else:
-            sch.bind(sch.fuse(planes, po), "blockIdx.x")
-        sch.bind(pi, "threadIdx.x")
+    anchor = _bind_planes(sch, pb)
+    if rows is not None:
         return
-    n, c, p = sch.get_loops(pb)
+    bp = sch.get_sblock("bin_pad")
+    sch.set_scope(bp, 0, "shared")
+    sch.compute_at(bp, anchor)
+    # bin_pad's own loops are those below the anchor (its rows and columns in this block).
+    above = len(sch.get_loops(pb)) - 1
+    fused = sch.fuse(*sch.get_loops(bp)[above:])
+    _, ti = sch.split(fused, [None, PATCH_PIXELS])
+    sch.bind(ti, "threadIdx.x")
+
+
+def _bind_planes(sch, block):
+    """Bind an (n, c, p) block: planes on blockIdx.y (grid y holds up to 65535), pixel chunks
+    on blockIdx.x, PATCH_PIXELS threads. Returns the innermost block-level loop."""
+    n, c, p = sch.get_loops(block)
     po, pi = sch.split(p, [None, PATCH_PIXELS])
     planes = sch.fuse(n, c)
-    if int(sch.get(planes).extent) <= 65535:
-        sch.reorder(po, planes)  # blockIdx.y = plane (grid y is limited to 65535)
+    if int(sch.get(planes).extent) <= GRID_Y_LIMIT:
+        sch.reorder(po, planes)
         sch.bind(planes, "blockIdx.y")
         sch.bind(po, "blockIdx.x")
         anchor = planes
@@ -153,13 +160,7 @@ def _schedule_patch(sch) -> None:
         anchor = sch.fuse(planes, po)
         sch.bind(anchor, "blockIdx.x")
     sch.bind(pi, "threadIdx.x")
-    bp = sch.get_sblock("bin_pad")
-    sch.set_scope(bp, 0, "shared")
-    sch.compute_at(bp, anchor)
-    loops = sch.get_loops(bp)[2 if anchor != planes else 2:]
-    fused = sch.fuse(*[lp for lp in loops if lp not in sch.get_loops(pb)])
-    _, ti = sch.split(fused, [None, PATCH_PIXELS])
-    sch.bind(ti, "threadIdx.x")
+    return anchor
 
 
 def _schedule_row_bits(sch, rows) -> None:
@@ -210,7 +211,8 @@ def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
         sch.vectorize(idx_loops[-1])
     below = sch.get_loops(part)[5:]  # under (block, oy, x, g, oreg): (qv, j), either may be absent
     if vec > 1:
-        sch.reorder(*below[::-1]) if len(below) == 2 else None
+        if len(below) == 2:  # (qv, j) -> (j, qv): the vector words innermost
+            sch.reorder(*below[::-1])
         below = sch.get_loops(part)[5:]
         sch.vectorize(below[-1])  # the vec words of a gathered row: one shared vector load
         below = below[:-1]

@@ -223,11 +223,18 @@ SCHEDULED_SPARKS = [
 ]
 
 
+@pytest.mark.parametrize("many_planes", [False, True])
 @pytest.mark.parametrize("geom,k,mode,params", SCHEDULED_SPARKS)
-def test_scheduled_sparks_cuda_kernel_on_cpu(geom, k, mode, params):
-    """The CUDA schedule of the Sparks op, threads serialized, equals the numpy reference."""
+def test_scheduled_sparks_cuda_kernel_on_cpu(geom, k, mode, params, many_planes, monkeypatch):
+    """The CUDA schedule of the Sparks op, threads serialized, equals the numpy reference.
+
+    ``many_planes`` lowers the grid-y limit so that the (image, channel) planes of the
+    patch kernel take the flat blockIdx.x mapping meant for more than 65535 planes."""
+    import schedules.cuda
     from schedules.cuda import apply_sparks_gpu_schedule
 
+    if many_planes:
+        monkeypatch.setattr(schedules.cuda, "GRID_Y_LIMIT", 1)
     params = params or GpuSparksParams.for_layer(geom, k)
     rng = np.random.default_rng(k)
     codebook, idx = random_layer(rng, geom, k)
