@@ -76,6 +76,20 @@ def activation_bits(x: tirx.PrimExpr, mode: str):
     raise ValueError(f"unknown binarize mode {mode!r}; expected one of {BINARIZE_MODES}")
 
 
+def activation_code(data, mode: str, n, c, y, x) -> tirx.PrimExpr:
+    """2-bit uint8 code of activation ``data[n, c, y, x]``, 0 outside the image (zero padding).
+
+    Bit 0: the tap holds -1; bit 1: the tap holds a real +-1 (inside the image, and non-zero
+    for ONNX ``Sign``). ``y``, ``x`` may be out of range: the load is clamped, the code masked.
+    """
+    h, w = int(data.shape[2]), int(data.shape[3])
+    inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+    val = data[n, c, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(x, w - 1), 0)]
+    neg, nz = activation_bits(val, mode)
+    code = tirx.Cast("uint8", as_u32(neg) | (as_u32(nz) << 1))
+    return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
+
+
 def as_u32(cond: tirx.PrimExpr) -> tirx.PrimExpr:
     return tirx.Cast("uint32", cond)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .common import ConvGeometry, int64_shape, activation_bits, as_u32
+from .common import ConvGeometry, activation_code, int64_shape
 
 #: Default pixel tile (flattened output pixels per stage-2 row).
 DEFAULT_TILE = 64
@@ -209,12 +209,7 @@ def sparks_conv2d_compute(
         return codeword_index(unpacked[o, c % per, c // per], k_)
 
     def tap_bits(n, c, y, x):
-        inside = tirx.all(y >= 0, y < h_, x >= 0, x < w_)
-        val = data[n, c, tirx.max(tirx.min(y, h_ - 1), 0), tirx.max(tirx.min(x, w_ - 1), 0)]
-        neg, nz = activation_bits(val, mode)
-        # 2-bit code of a padded activation: bit 0 = -1, bit 1 = holds a value.
-        code = tirx.Cast("uint8", as_u32(neg) | (as_u32(nz) << 1))
-        return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
+        return activation_code(data, mode, n, c, y, x)
 
     # Padded 2-bit codes with columns split by phase (x = q * SW + phase): a strided conv's
     # patch reads then walk q contiguously (vector loads) instead of gathering every SW-th

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .common import ConvGeometry, activation_bits, as_u32, int64_shape
+from .common import ConvGeometry, activation_code, int64_shape
 from .sparks_conv2d import codeword_index, idx_dtype, index_bits, packed_index_shape
 
 #: Pixels per stage-1 word (one byte each).
@@ -120,13 +120,8 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
     hp = h_ + geom.padding[0] + geom.padding[2]
     wp = w_ + geom.padding[1] + geom.padding[3]
 
-    def pad_code(n, c, y, x):
-        yy, xx = y - top, x - left
-        inside = tirx.all(yy >= 0, yy < h_, xx >= 0, xx < w_)
-        val = data[n, c, tirx.max(tirx.min(yy, h_ - 1), 0), tirx.max(tirx.min(xx, w_ - 1), 0)]
-        is_neg, nz = activation_bits(val, mode)
-        code = tirx.Cast("uint8", as_u32(is_neg) | (as_u32(nz) << 1))
-        return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
+    def pad_code(n, c, y, x):  # (y, x) in the padded frame
+        return activation_code(data, mode, n, c, y - top, x - left)
 
     def finish(word):
         # valid + 9 stored with the word, so stage 1 needs one popcount per codeword. The +9
