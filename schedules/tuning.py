@@ -242,10 +242,9 @@ def cuda_sparks_space(params):
             threads_x = params.tile_words // vec
             lanes = _uniq([params.out_threads] + [t for t in (4, 8, 16) if t * threads_x <= 1024])
             regs = _uniq([params.out_regs, 2, 4, 8, 16])
-            knobs = dataclasses.replace(params, vec=vec, threads_x=threads_x)
             # Sampled decisions (ExprRVs) stand in for the ints: the schedule only splits by them.
-            object.__setattr__(knobs, "out_threads", _sample(s, lanes))
-            object.__setattr__(knobs, "out_regs", _sample(s, regs))
+            knobs = dataclasses.replace(params, vec=vec, threads_x=threads_x,
+                                        out_threads=_sample(s, lanes), out_regs=_sample(s, regs))
             apply_sparks_gpu_schedule(s, knobs)
             outs.append(s)
         return outs
