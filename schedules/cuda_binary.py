@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 
+from .cuda import GRID_Y_LIMIT
+
 #: Static shared-memory limit per block (bytes).
 SHARED_BYTES = 48 * 1024
 #: Threads of the pack and valid kernels.
@@ -184,7 +186,7 @@ def _bind_planes(sch, block_name: str, threads: int) -> None:
     plane_loops, pix_loops = spatial[:-2], spatial[-2:]
     planes = sch.fuse(*plane_loops) if len(plane_loops) > 1 else plane_loops[0]
     po, pi = sch.split(sch.fuse(*pix_loops), [None, threads])
-    if int(sch.get(planes).extent) <= 65535:
+    if int(sch.get(planes).extent) <= GRID_Y_LIMIT:
         sch.reorder(po, planes)
         sch.bind(planes, "blockIdx.y")
         sch.bind(po, "blockIdx.x")
