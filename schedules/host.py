@@ -142,7 +142,7 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
     sch.parallel(task)
     sch.vectorize(pi)
 
-    part = sch.get_sblock("stage2_int8")
+    part = sch.get_sblock("stage2_group")
     sch.compute_at(part, anchor)
     loops = sch.get_loops(part)
     if _extent(sch, loops[-1]) == _value(sch, tile):  # G = 1: compute_at dropped the channel loop
@@ -164,11 +164,11 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
     sch.vectorize(sch.get_loops(out)[-1])
     sch.decompose_reduction(s2, gb)
 
-    for name in ("patch_neg", "patch_mask", "patch_valid"):
+    for name in ("row_triple", "patch_neg", "patch_mask", "patch_bias"):
         blk = sch.get_sblock(name)
-        pn, pc, _, pw = sch.get_loops(blk)
-        sch.parallel(sch.fuse(pn, pc))
-        sch.vectorize(pw)
+        loops = sch.get_loops(blk)
+        sch.parallel(sch.fuse(*loops[:2]))
+        sch.vectorize(loops[-1])
 
     try:
         codes = sch.get_sblock("bin_codes")  # strided convs: natural-layout binarization first
