@@ -5,5 +5,6 @@ One pass per file; each separates its pattern, check and rewrite.
 
 from .lower_binary_conv2d import LowerBinaryConv2d, LoweringOptions, lower_binary_conv2d
 from .lower_float_conv2d import LowerFloatConv2d
+from .schedule_fused_kernels import ScheduleFusedKernels
 
-__all__ = ["LowerBinaryConv2d", "LowerFloatConv2d", "LoweringOptions", "lower_binary_conv2d"]
+__all__ = ["LowerBinaryConv2d", "LowerFloatConv2d", "LoweringOptions", "ScheduleFusedKernels", "lower_binary_conv2d"]

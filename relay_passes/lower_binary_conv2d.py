@@ -13,8 +13,8 @@ Rewrite: ::
 
 The integer kernels take the *float* input and binarize it themselves (with the rule of the
 recognised binarizer), so the binarizer node is dead unless something else reads it. The
-alpha product stays in the graph, where stock TVM fuses it with bias/BatchNorm/residual
-ops. Convolutions that do not match are left alone and reported with the reason.
+alpha product stays in the graph; on CPUs, Relax fuses it and the ops after it
+(bias/BatchNorm/residual/PReLU) into the kernel (:mod:`relay_passes.schedule_fused_kernels`). Convolutions that do not match are left alone and reported with the reason.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from sparks_tvm.kernels import (
     pack_indices,
     pack_binary_weights,
     sparks_conv2d_primfunc,
-    sparks_out_shape,
 )
 from sparks_tvm.reference import codes_to_bits
 from sparks_tvm.report import LayerRecord
@@ -297,11 +296,10 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
         symbol = f"{kind}_conv2d_{len(self.report) - 1}"
         self._last_symbol = symbol  # for LoweringOptions.details
         gvar = self.builder_.add_func(func.with_attr("global_symbol", symbol), symbol)
-        out_shape = sparks_out_shape(geom) if kind == "sparks" else geom.out_shape
-        acc = self.builder_.emit(relax.call_tir(gvar, args, relax.TensorType(out_shape, "int32")), name_hint=f"{kind}_acc")
-        if out_shape != geom.out_shape:
-            # The Sparks kernel writes flattened pixels; back to NCHW is a view, not a copy.
-            acc = self.builder_.emit(relax.op.reshape(acc, geom.out_shape))
+        # NCHW from both kernels (the Sparks kernel computes over flattened pixels but stores
+        # NCHW), so the elementwise epilogue follows directly and FuseOps can fuse it in.
+        acc = self.builder_.emit(relax.call_tir(gvar, args, relax.TensorType(geom.out_shape, "int32")),
+                                 name_hint=f"{kind}_acc")
         result = relax.op.astype(acc, "float32")
         if not np.all(bw.alpha == 1.0):
             alpha = relax.const(bw.alpha.reshape(1, -1, 1, 1), "float32")

@@ -53,6 +53,38 @@ def _scheduled(sch) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+#: Annotation on a kernel's output block holding its deferred schedule (JSON, see :func:`deferred`).
+DEFERRED_SCHEDULE = "sparks_tvm.deferred_schedule"
+
+
+def deferred(func: tirx.PrimFunc, spec: dict) -> tirx.PrimFunc:
+    """An unscheduled kernel that carries its schedule, to be applied after Relax fusion.
+
+    ``op_pattern`` 4 (``kOutEWiseFusable``) lets Relax's FuseOps fuse the elementwise ops
+    after the conv into its PrimFunc. The schedule's knobs ride on the ``out`` block as an
+    annotation (FuseTIR keeps block annotations, not function attributes);
+    :class:`relay_passes.ScheduleFusedKernels` inlines the fused epilogue into that block and
+    then applies :func:`apply_deferred`, so the epilogue runs inside the kernel's tiles.
+    """
+    import json
+
+    sch = s_tir.Schedule(func)
+    sch.annotate(sch.get_sblock("out"), DEFERRED_SCHEDULE, json.dumps(spec, sort_keys=True))
+    return sch.mod["main"].with_attr("op_pattern", 4)
+
+
+def apply_deferred(sch, spec: dict):
+    """Apply the schedule a :func:`deferred` kernel carries (``spec["kind"]`` picks it)."""
+    kind = spec["kind"]
+    if kind == "sparks":
+        return apply_sparks_schedule(sch, int(spec["tile"]), int(spec["block"]), int(spec["o_chunks"]))
+    if kind == "binary":
+        return apply_binary_schedule(sch)
+    if kind == "float":
+        return apply_float_schedule(sch, int(spec["columns"]), bool(spec["padded"]))
+    raise ValueError(f"unknown deferred kernel kind {kind!r}")
+
+
 def _extent(sch, loop) -> int:
     return int(sch.get(loop).extent)
 
@@ -102,7 +134,8 @@ def _value(sch, knob) -> int:
     return knob if isinstance(knob, int) else int(sch.get(knob))
 
 
-def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_block=None, stage1_at: str = "block"):
+def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_block=None, stage1_at: str = "block",
+                          split_padding: bool = True):
     """Schedule the Sparks op in ``sch`` (in place) with the given knob values.
 
     Knobs may be Python ints or MetaSchedule random variables (``sch.sample_categorical``);
@@ -160,8 +193,20 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
     sch.vectorize(sch.get_loops(s1)[-1])
 
     out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, task)
-    sch.vectorize(sch.get_loops(out)[-1])
+    pixels = _extent(sch, sch.get_loops(out)[-1])
+    if pixels % _value(sch, tile) == 0:
+        sch.reverse_compute_at(out, task)
+        sch.vectorize(sch.get_loops(out)[-1])
+    else:
+        # The last tile is partial: under the tile loop `out` would carry a predicate, which
+        # TVM's vectorizer cannot handle, and the whole block -- with any epilogue fused into it
+        # (relay_passes.ScheduleFusedKernels) -- ran as scalar code (2x slower on 28x28 and
+        # 14x14 layers with the ResNet-18 epilogue). It runs after the tiles instead, over
+        # whole output channels, reading the accumulator back from L2 (<= 256 KB on ResNet-18).
+        on, oo, op = sch.get_loops(out)
+        sch.parallel(sch.fuse(on, oo))
+        lanes = max(d for d in range(1, min(pixels, 64) + 1) if pixels % d == 0)
+        sch.vectorize(sch.split(op, [None, lanes])[1])
     sch.decompose_reduction(s2, gb)
 
     for name in ("row_triple", "patch_neg", "patch_mask", "patch_bias"):
@@ -174,16 +219,20 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         codes = sch.get_sblock("bin_codes")  # strided convs: natural-layout binarization first
     except Exception:  # noqa: BLE001 - stride 1: bin_pad binarizes directly
         codes = None
-    if codes is not None:
-        loops = sch.get_loops(codes)
-        sch.parallel(sch.fuse(*loops[:2]))
-        sch.vectorize(loops[-1])
-    bp = sch.get_sblock("bin_pad")
-    loops = sch.get_loops(bp)  # (n, c, y, phase, q); phase has extent 1 for stride 1
+    binarize = codes if codes is not None else sch.get_sblock("bin_pad")
+    loops = sch.get_loops(binarize)  # (n, c, y, [phase,] x)
+    if split_padding and sch.can_decompose_padding(binarize, loops[2]):  # not when unpadded
+        # Zero padding as its own block (a constant fill) and the in-image part without the
+        # border test: with `if_then_else(inside, code(load), 0)` in one vectorized loop, TVM
+        # cannot speculate the loads and emits scalar code (7% of the 128->128 layer, 1 thread).
+        fill = sch.decompose_padding(binarize, loops[2])
+        sch.vectorize(sch.get_loops(fill)[-1])
+    sch.vectorize(sch.get_loops(binarize)[-1])
     sch.parallel(sch.fuse(*loops[:2]))
-    if codes is None:
-        sch.vectorize(loops[-1])
-    else:
+    if codes is not None:
+        bp = sch.get_sblock("bin_pad")
+        loops = sch.get_loops(bp)  # (n, c, y, phase, q)
+        sch.parallel(sch.fuse(*loops[:2]))
         # The phase split reads bytes at stride SW. Vectorized here, TVM emits one insert per
         # byte; as a scalar loop over q with the phases unrolled inside, LLVM's loop vectorizer
         # sees one interleaved group and uses wide loads + shuffles (1.05-1.2x on the stride-2
@@ -271,7 +320,11 @@ def schedule_float_conv2d(func: tirx.PrimFunc, columns: int, padded: bool) -> ti
     Parallel over (batch, channel block, output row); a register tile of ``columns`` output
     pixels x V lanes accumulates over (c, kh, kw), each input value broadcast into one FMA.
     """
-    sch = s_tir.Schedule(func)
+    return _scheduled(apply_float_schedule(s_tir.Schedule(func), columns, padded))
+
+
+def apply_float_schedule(sch, columns: int, padded: bool):
+    """Schedule the float conv in ``sch`` (in place); see :func:`schedule_float_conv2d`."""
     conv = sch.get_sblock("conv")
     n, ob, oh, ow, v, rc, ry, rx = sch.get_loops(conv)
     owo, owi = sch.split(ow, [None, columns])
@@ -291,7 +344,7 @@ def schedule_float_conv2d(func: tirx.PrimFunc, columns: int, padded: bool) -> ti
         pn, pc, _, px = sch.get_loops(pad)
         sch.parallel(sch.fuse(pn, pc))
         sch.vectorize(px)
-    return _scheduled(sch)
+    return sch
 
 
 class HostSchedules:
@@ -303,13 +356,25 @@ class HostSchedules:
         Threads the schedules split work across.
     vector_bytes : int
         Width of the widest integer vector register (64 AVX-512, 32 AVX2, 16 SSE/NEON).
+
+    Attributes
+    ----------
+    defer : bool
+        False (default): each ``schedule_*`` method returns the scheduled kernel. True: it
+        returns the :func:`deferred` kernel, scheduled after Relax has fused its epilogue into
+        it (what :func:`sparks_tvm.compile` uses; the LLVM pipeline runs
+        :class:`relay_passes.ScheduleFusedKernels`).
     """
 
     name = "host"
+    defer = False
 
     def __init__(self, cores: int = 1, vector_bytes: int = 64):
         self.cores = cores
         self.vector_bytes = vector_bytes
+
+    def _finish(self, func: tirx.PrimFunc, spec: dict) -> tirx.PrimFunc:
+        return deferred(func, spec) if self.defer else _scheduled(apply_deferred(s_tir.Schedule(func), spec))
 
     @classmethod
     def for_target(cls, target) -> "HostSchedules":
@@ -333,7 +398,7 @@ class HostSchedules:
 
         knobs = self.sparks_params(geom, num_codewords)
         func = sparks_conv2d_primfunc(geom, num_codewords, mode, knobs["tile"])
-        return schedule_sparks_conv2d(func, knobs["tile"], knobs["block"], knobs["o_chunks"])
+        return self._finish(func, {"kind": "sparks", **knobs})
 
     @property
     def float_lanes(self) -> int:
@@ -345,10 +410,10 @@ class HostSchedules:
         from sparks_tvm.kernels.float_conv2d import float_conv2d_primfunc
 
         func = float_conv2d_primfunc(geom, self.float_lanes)
-        return schedule_float_conv2d(func, register_tile(geom.out_width), any(geom.padding))
+        return self._finish(func, {"kind": "float", "columns": register_tile(geom.out_width),
+                                   "padded": bool(any(geom.padding))})
 
-    @staticmethod
-    def schedule_binary_conv2d(geom, mode: str) -> tirx.PrimFunc:
+    def schedule_binary_conv2d(self, geom, mode: str) -> tirx.PrimFunc:
         from sparks_tvm.kernels import binary_conv2d_primfunc
 
-        return schedule_binary_conv2d(binary_conv2d_primfunc(geom, mode))
+        return self._finish(binary_conv2d_primfunc(geom, mode), {"kind": "binary"})

@@ -132,6 +132,7 @@ def sparks_space(geom, num_codewords: int, default: dict, cores: int):
                 unroll=unroll,
                 o_block=_sample(s, cand["o_block"]) if with_oblock else None,
                 stage1_at=stage1_at,
+                split_padding=False,  # MetaSchedule prints traces; TVM cannot print decompose_padding
             )
             outs.append(s)
         return outs

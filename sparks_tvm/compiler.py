@@ -29,11 +29,14 @@ def import_graph(proto, specs):
     return relax.transform.FoldConstant()(mod)
 
 
-def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None, kernel_schedules=None):
+def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None, kernel_schedules=None,
+                fuse_epilogues: bool = False):
     """Import, fold constants and lower binary convs. Returns ``(IRModule, Report)``.
 
     ``kernel_schedules`` replaces ``schedules.for_target(target)`` as the source of the binary
     kernels' schedules (:mod:`schedules.tuning`: records the kernels, or applies tuning records).
+    ``fuse_epilogues`` emits the default CPU kernels unscheduled and fusable, for
+    :func:`relax_pipeline` to fuse each with its elementwise epilogue and then schedule it.
     """
     from tvm import relax
 
@@ -42,6 +45,8 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
 
     mod = import_graph(proto, specs)
     sched = kernel_schedules if kernel_schedules is not None else schedules.for_target(target)
+    if fuse_epilogues and kernel_schedules is None and hasattr(sched, "defer"):
+        sched.defer = True
     mod, report = lower_binary_conv2d(
         mod,
         LoweringOptions(
@@ -61,15 +66,19 @@ def relax_pipeline(target):
     """TVM's CPU pipeline plus a default schedule for the ops it leaves unscheduled.
 
     Stock ``tvm.compile`` runs no schedule rule on LLVM targets, so the fused elementwise
-    functions between the binary convs are serial scalar loops.
-    :class:`schedules.cpu_fallback.InjectiveFallback` (a dlight rule) is applied after fusion;
+    functions between the binary convs are serial scalar loops. After fusion, our conv
+    kernels take in the elementwise epilogue FuseOps fused into them and get their schedules
+    (:class:`relay_passes.ScheduleFusedKernels`), and
+    :class:`schedules.cpu_fallback.InjectiveFallback` (a dlight rule) schedules what is left;
     our own kernels carry ``tirx.is_scheduled`` and are left alone. Other targets get TVM's
     default pipeline.
     """
     import tvm
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
     from tvm.s_tir import dlight
 
+    from relay_passes.schedule_fused_kernels import ScheduleFusedKernels
     from schedules.cpu_fallback import InjectiveFallback
     from schedules.host import vector_bytes_of
 
@@ -83,7 +92,10 @@ def relax_pipeline(target):
                 cpu_generic.library_dispatch_passes(target)
                 + cpu_generic.legalize_passes(target)
                 + [
-                    dlight.ApplyDefaultSchedule(InjectiveFallback(vector_bytes_of(target)))
+                    # FuseTIR leaves the unfused originals behind: drop them before scheduling.
+                    relax.transform.DeadCodeElimination(["main"]),
+                    ScheduleFusedKernels(),
+                    dlight.ApplyDefaultSchedule(InjectiveFallback(vector_bytes_of(target))),
                 ]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
@@ -141,7 +153,7 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
                 f"sparks_tvm.tune ({err.__class__.__name__}: {str(err).strip().splitlines()[0][:300]}); "
                 "re-tune into a fresh work dir") from None
     mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind,
-                              kernel_schedules=kernel_schedules)
+                              kernel_schedules=kernel_schedules, fuse_epilogues=tgt.kind.name == "llvm")
     if kernel_schedules is not None and getattr(kernel_schedules, "missed", None):
         # A work dir tuned for another model (or other layer shapes) is legal but useless:
         # say so rather than silently compiling with default schedules.

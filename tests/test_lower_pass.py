@@ -80,7 +80,6 @@ def test_sparks_rewrite_structure(rng):
             gv = bb.add_func(func, "sparks_conv2d_0")
             acc = bb.emit(relax.call_tir(gv, [x, relax.const(codes_to_bits(bw.codebook), "int32"),
                                               relax.const(pack_indices(bw.idx, 5), "uint8")], relax.TensorType(sparks_out_shape(geom), "int32")))
-            acc = bb.emit(relax.op.reshape(acc, geom.out_shape))
             flt = bb.emit(relax.op.astype(acc, "float32"))
             y = bb.emit(relax.op.multiply(flt, relax.const(bw.alpha.reshape(1, -1, 1, 1), "float32")))
             out = bb.emit_output(y)

@@ -97,3 +97,20 @@ def as_u32(cond: tirx.PrimExpr) -> tirx.PrimExpr:
 def int64_shape(*dims) -> tuple:
     """A TE shape of int64 extents: FuseTIR and the Relax VM expect them (LegalizeOps does the same)."""
     return tuple(tirx.IntImm("int64", d) for d in dims)
+
+
+def nchw_output(func, out_width: int):
+    """``func`` with its last parameter, the ``(N, O, OH*OW)`` output, laid out as NCHW.
+
+    The kernels compute over flattened output pixels (so that a pixel tile is a whole vector
+    whatever the image width), but the graph wants NCHW. Changing only the output buffer's
+    layout keeps the flattened loops: the store ``out[n, o, p // OW, p % OW]`` is address
+    ``p``, so a vectorized pixel tile still writes contiguously, and the graph needs no
+    reshape between the kernel and its elementwise epilogue -- which would stop Relax's
+    FuseOps from fusing that epilogue into the kernel.
+    """
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    sch.transform_layout("out", ("write", 0), lambda n, o, p: (n, o, p // out_width, p % out_width))
+    return sch.mod["main"]

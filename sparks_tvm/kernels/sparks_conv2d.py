@@ -28,14 +28,14 @@ row ``stage1[n, ci, idx[o, ci], p0:p0+T]``: 64 pixels per AVX-512 add.
 Narrow accumulation. Stage 2 sums ``G`` input channels at a time in uint8 (``G * 18 <= 255``,
 so ``G <= 14``), then widens each partial sum into the uint16 (or int32, for very wide
 layers) accumulator: the loads per gathered row are bytes, not 16-bit words. The output is
-``(N, O, OH*OW)`` int32, reshaped to NCHW by the graph (a free view).
+int32 NCHW: computed over flattened pixels, stored through a layout map (``nchw_output``).
 """
 
 from __future__ import annotations
 
 from tvm import te, tirx
 
-from .common import ConvGeometry, activation_code, int64_shape
+from .common import ConvGeometry, activation_code, int64_shape, nchw_output
 
 #: Default pixel tile (flattened output pixels per stage-2 row).
 DEFAULT_TILE = 64
@@ -116,8 +116,8 @@ def unpack_indices(packed, num_codewords: int, in_channels: int):
 
 
 def sparks_out_shape(geom: ConvGeometry) -> tuple:
-    """Shape of the kernel's output: ``(N, O, OH*OW)`` (reshape to NCHW is a view)."""
-    return (geom.batch, geom.out_channels, geom.out_height * geom.out_width)
+    """Shape of the kernel's output parameter: NCHW (see :func:`~.common.nchw_output`)."""
+    return tuple(geom.out_shape)
 
 
 def codeword_index(idx_value: tirx.PrimExpr, num_codewords: int) -> tirx.PrimExpr:
@@ -326,6 +326,6 @@ def sparks_conv2d_primfunc(
     group: int = DEFAULT_GROUP,
 ):
     """Unscheduled PrimFunc of :func:`sparks_conv2d_compute`, marked opaque for Relax fusion."""
-    func = te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, tile, group))
+    func = nchw_output(te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, tile, group)), geom.out_width)
     # The data-dependent gather must not be fused or inlined by Relax: keep it opaque (8).
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .common import ConvGeometry, activation_code, int64_shape
+from .common import ConvGeometry, activation_code, int64_shape, nchw_output
 from .sparks_conv2d import codeword_index, idx_dtype, index_bits, packed_index_shape
 
 #: Pixels per stage-1 word (one byte each).
@@ -212,5 +212,5 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
 
 def sparks_conv2d_gpu_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8):
     """Unscheduled PrimFunc of :func:`sparks_conv2d_gpu_compute`, opaque to Relax fusion."""
-    func = te.create_prim_func(sparks_conv2d_gpu_compute(geom, num_codewords, mode, tile_words, group))
+    func = nchw_output(te.create_prim_func(sparks_conv2d_gpu_compute(geom, num_codewords, mode, tile_words, group)), geom.out_width)
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})

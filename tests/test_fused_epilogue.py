@@ -1,0 +1,94 @@
+"""Epilogue fusion on LLVM targets: deferred kernels, FuseOps + FuseTIR, ScheduleFusedKernels."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir
+
+import sparks_tvm
+from relay_passes import ScheduleFusedKernels
+from schedules.host import DEFERRED_SCHEDULE, HostSchedules
+from sparks_tvm import compiler, frontend, models
+from sparks_tvm.kernels import ConvGeometry
+from sparks_tvm.target import resolve_target
+
+
+def _fused_module(net, shape, fuse: bool):
+    """Lower + FuseOps/FuseTIR + ScheduleFusedKernels, as compile's LLVM pipeline does."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    proto = frontend.load_onnx(models.export_onnx(net, shape))
+    target = resolve_target("llvm")
+    mod, _ = compiler.build_relax(proto, frontend.input_specs(proto, None), target, fuse_epilogues=fuse)
+    sched = ScheduleFusedKernels()
+    with target:
+        mod = tvm.transform.Sequential(cpu_generic.legalize_passes(target) + [sched])(mod)
+    return mod, sched
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 3, 15, 13)])
+def test_each_kernel_takes_in_its_epilogue(shape):
+    # (15, 13): output tiles that do not divide the pixels, the path where `out` runs after the tiles.
+    net = models.sparks_resnet_tiny(k=8, seed=2, widths=(9, 17))
+    mod, sched = _fused_module(net, shape, fuse=True)
+    kernels = {name: n for name, n in sched.inlined.items() if name.startswith("fused_")}
+    # 4 Sparks convs and the stem + shortcut float convs, each fused with what follows it.
+    assert sum("sparks_conv2d" in name for name in kernels) == 4
+    # cast, alpha, BatchNorm's two affine ops, the residual add, PReLU and the next shift.
+    assert all(n >= 5 for name, n in kernels.items() if "sparks" in name), kernels
+    for gvar, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and gvar.name_hint in kernels:
+            assert func.attrs["tirx.is_scheduled"]
+            sch = s_tir.Schedule(func)
+            # Nothing runs after the kernel's output block: the epilogue is inside it.
+            assert sch.get_consumers(sch.get_sblock("out")) == []
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 3, 15, 13), (3, 3, 7, 9)])
+def test_fused_equals_unfused(shape):
+    net = models.sparks_resnet_tiny(k=8, seed=4, widths=(9, 17))
+    data = models.export_onnx(net, shape)
+    x = models.example_input(shape, seed=1)
+    target = resolve_target("llvm")
+    fused = sparks_tvm.compile(data, target="llvm").run(x)[0]
+    proto = frontend.load_onnx(data)
+    mod, _ = compiler.build_relax(proto, frontend.input_specs(proto, None), target, fuse_epilogues=False)
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=compiler.relax_pipeline(target)),
+                                  tvm.cpu())
+    unfused = vm["main"](tvm.runtime.tensor(x)).numpy()
+    # Same float ops on the same integers, in the same order.
+    np.testing.assert_allclose(fused, unfused, rtol=1e-6, atol=1e-6 * np.abs(unfused).max())
+
+
+def test_deferred_kernel_without_epilogue_is_scheduled_alone():
+    geom = ConvGeometry(1, 19, 9, 7, 5, stride=(2, 2), padding=(1, 1, 1, 1))
+    sched = HostSchedules(cores=2)
+    sched.defer = True
+    func = sched.schedule_sparks_conv2d(geom, 4, "sign")
+    assert int(func.attrs["op_pattern"]) == 4 and "tirx.is_scheduled" not in func.attrs
+    sch = s_tir.Schedule(func)
+    assert DEFERRED_SCHEDULE in sch.get(sch.get_sblock("out")).annotations
+    passed = ScheduleFusedKernels()
+    mod = passed(tvm.IRModule({"sparks": func}))
+    assert passed.inlined == {"sparks": 0}
+    assert mod["sparks"].attrs["tirx.is_scheduled"]
+    # Bit for bit the reference.
+    from kernel_utils import random_activations, random_layer
+    from sparks_tvm import reference as ref
+    from sparks_tvm.kernels import pack_indices
+
+    rng = np.random.default_rng(0)
+    codebook, idx = random_layer(rng, geom, 4)
+    x = random_activations(rng, geom.in_shape)
+    lib = tvm.compile(mod["sparks"].with_attr("global_symbol", "main"), target=resolve_target("llvm")).jit()
+    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32))
+    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(ref.codes_to_bits(codebook)),
+                tvm.runtime.tensor(pack_indices(idx, 4)), out)
+    want = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_undeferred_kernels_stay_opaque():
+    func = HostSchedules(cores=1).schedule_sparks_conv2d(ConvGeometry(1, 8, 6, 6, 4), 4, "sign")
+    # Scheduled directly (benchmarks, tests, tuning): not fusable, nothing deferred.
+    assert int(func.attrs["op_pattern"]) == 8 and func.attrs["tirx.is_scheduled"]
