@@ -7,8 +7,8 @@ improvement made there. This file only fixes what differs on an ARM board:
 - the core count: a Raspberry Pi has 4 cores (the host default reads ``num-cores``, which
   an ARM target string often leaves out, and would fall back to 1 thread);
 - the vector width: NEON registers are 128 bits (16 bytes). ``tirx.popcount`` on a vector of
-  bytes lowers through LLVM to ``cnt v.16b`` (+ ``uaddlp`` widening adds), which the tests
-  check in the cross-compiled ELF's disassembly;
+  bytes (the Sparks op's stage 1 works on byte lanes) lowers through LLVM to ``cnt v.16b``,
+  which the tests check in the cross-compiled ELF's disassembly;
 - the Sparks op's pixel tile (see :attr:`ArmSchedules.sparks_pixel_tile`), picked by counting
   instructions on the emulated Pi.
 """
