@@ -48,9 +48,10 @@ class ArmSchedules(HostSchedules):
 
     #: Stage-2 pixel tile of the Sparks op on NEON, chosen with benchmarks/bench_arm_icount.py's
     #: instruction counter (K=16, the 7 ResNet-18 shapes, one call each). int16 stage 1: 64 gave
-    #: 15-25% fewer aarch64 instructions than the host rule's 32 for 16-byte vectors. int8 stage 1
-    #: (current kernel): 64 -> 47.6 M, 32 -> 48.0 M, 128 -> 66.9 M in total; 64 kept.
-    sparks_pixel_tile = 64
+    #: 15-25% fewer aarch64 instructions than the host rule's 32 for 16-byte vectors. int8 stage 1:
+    #: 64 -> 47.6 M, 32 -> 48.0 M, 128 -> 66.9 M. Byte-lane stage 1 (current kernel): 32 -> 32.5 M,
+    #: 64 -> 33.9 M, 128 -> 45.2 M in total (32 wins on 4 of 7 layers); 32.
+    sparks_pixel_tile = 32
 
     def sparks_params(self, geom, num_codewords: int) -> dict:
         """The host core's knobs, with the NEON pixel tile (channel block and chunks follow it)."""

@@ -192,12 +192,14 @@ def sparks_conv2d_compute(
         # The library keeps the indices packed (tau bits each); they are unpacked once per call
         # into (O, fields per byte, bytes), so that the unpack writes whole vectors and stage 2
         # reads channel c at [c % per, c // per]: constant offsets once its group loop unrolls.
+        # Unpacked pre-multiplied by the row length T: a gather's row offset is then the value
+        # masked (one AND), not masked and shifted (512->512, 1 thread: 0.188 -> 0.158 ms).
         per = 8 // field_bits
+        scaled = "uint16" if ((1 << field_bits) - 1) * tile <= 65535 else "int32"
         unpacked = te.compute(
             shp(o_, per, packed_index_shape(o_, c_, k_)[1]),
-            lambda o, r, q: tirx.Cast(
-                "uint8", (idx[o, q] >> tirx.Cast("uint8", r * field_bits)) & tirx.const((1 << field_bits) - 1, "uint8")
-            ),
+            lambda o, r, q: tirx.Cast(scaled, (idx[o, q] >> tirx.Cast("uint8", r * field_bits))
+                                      & tirx.const((1 << field_bits) - 1, "uint8")) * tirx.const(tile, scaled),
             name="idx_unpack",
         )
 
@@ -205,7 +207,7 @@ def sparks_conv2d_compute(
         # The codeword_index forcing keeps any byte value in [0, K).
         if field_bits >= 8:
             return codeword_index(idx[o, c], k_)
-        return codeword_index(unpacked[o, c % per, c // per], k_)
+        return codeword_index(tirx.floordiv(tirx.Cast("int32", unpacked[o, c % per, c // per]), tile), k_)
 
     def tap_bits(n, c, y, x):
         return activation_code(data, mode, n, c, y, x)
