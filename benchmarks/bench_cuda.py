@@ -180,14 +180,12 @@ def run(args) -> int:
             row["ref_integral"] = bool(torch.equal(want_f, want_f.round()))
             want = want_f.round().to(torch.int32).cpu().numpy()
             xd = tvm.runtime.tensor(x, dev)
-            out_pixels = e["out_shape"][2] * e["out_shape"][3]
+            shape = tuple(e["out_shape"])  # both kernels store NCHW
             for kind, so in e["libs"].items():
                 lib = tvm.runtime.load_module(os.path.join(args.dir, so))
                 if kind.startswith("sparks"):
-                    shape = (e["batch"], e["cout"], out_pixels)
                     args_ = [xd, tvm.runtime.tensor(w["codes"], dev), tvm.runtime.tensor(w["idx"], dev)]
                 else:
-                    shape = tuple(e["out_shape"])
                     args_ = [xd, tvm.runtime.tensor(w["wbits"], dev)]
                 out = tvm.runtime.tensor(np.zeros(shape, np.int32), dev)
                 lib["main"](*args_, out)

@@ -30,7 +30,7 @@ def main() -> int:
         lib = tvm.runtime.load_module(os.path.join(folder, entry["libs"][kind]))
         if kind == "sparks":
             args = [x, tvm.runtime.tensor(w["codes"], dev), tvm.runtime.tensor(w["idx"], dev),
-                    tvm.runtime.empty((entry["batch"], entry["cout"], entry["out_shape"][2] * entry["out_shape"][3]), "int32", dev)]
+                    tvm.runtime.empty(tuple(entry["out_shape"]), "int32", dev)]  # NCHW, like the dense kernel
         else:
             args = [x, tvm.runtime.tensor(w["wbits"], dev), tvm.runtime.empty(tuple(entry["out_shape"]), "int32", dev)]
         for _ in range(2):
