@@ -147,23 +147,27 @@ def describe_trace(trace) -> str:
     schedule's trace too. Relies on :func:`apply_sparks_schedule`'s instruction order.
     """
     splits, unrolls, fuses, compute_ats = [], 0, [], []
+    loop_splits = None  # splits of the stage-2 loop nest: those before the first compute_at
     for inst in trace.insts:
         name = inst.kind.name
         if name == "Split":
             splits.append([_factor(trace, f) for f in inst.inputs[1:]])
-        elif name == "Unroll":
-            unrolls += 1
+        elif name == "Unroll" and len(compute_ats) == 1:
+            unrolls += 1  # the group loop's, right after stage 2's partial sums are placed
         elif name == "Fuse":
             fuses.append(inst.outputs[0])
         elif name == "ComputeAt":
             compute_ats.append(inst)
+            if loop_splits is None:
+                loop_splits = len(splits)
     if len(splits) < 3:
         return "?"
     parts = [f"T={splits[0][1]}", f"chunks={splits[1][0]}", f"blocks={splits[2][1]}"]
-    has_oblock = len(splits) >= 4
+    # Later splits (the output's vector lanes, flat patch planes) are not knobs.
+    has_oblock = (loop_splits if loop_splits is not None else len(splits)) >= 4
     if has_oblock:
         parts.append(f"OB={splits[3][1]}")
-    if unrolls - int(has_oblock) > 0:
+    if unrolls > 0:
         parts.append("unroll")
     at_task = len(compute_ats) >= 2 and bool(fuses) and compute_ats[1].inputs[1].same_as(fuses[0])
     parts.append("stage1@" + ("task" if at_task else "block"))
