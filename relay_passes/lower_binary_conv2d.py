@@ -127,6 +127,36 @@ def match_conv(call: relax.Call, lookup) -> tuple[ConvMatch | None, str, str | N
     return ConvMatch(geom, found.source, found.mode, w, found.threshold), "", found.mode
 
 
+def per_channel(value: np.ndarray, channels: int) -> np.ndarray | None:
+    """``value`` as a (C,) float32 vector if it broadcasts along the channel axis only."""
+    v = np.asarray(value)
+    if v.dtype != np.float32 or v.ndim > 4:
+        return None
+    shape = (1,) * (4 - v.ndim) + v.shape
+    if shape[0] != 1 or shape[2:] != (1, 1) or shape[1] not in (1, channels):
+        return None
+    return np.ascontiguousarray(np.broadcast_to(v.reshape(-1), (channels,)), np.float32)
+
+
+def match_input_shift(source: relax.Expr, channels: int, lookup) -> tuple[relax.Expr, np.ndarray] | None:
+    """Pattern + check: ``source = x + b`` (or ``x - b``) with a constant per-channel ``b``.
+
+    Returns ``(x, shift)`` with ``x + shift`` bit-identical to ``source`` (IEEE ``x - b`` is
+    ``x + (-b)`` exactly), or None.
+    """
+    call = lookup(source) if isinstance(source, relax.Var) else source
+    if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+            and call.op.name in ("relax.add", "relax.subtract")):
+        return None
+    a, b = call.args
+    for x, c, sign in ((a, b, 1.0), (b, a, 1.0)) if call.op.name == "relax.add" else ((a, b, -1.0),):
+        value = constant_array(c)
+        shift = None if value is None else per_channel(value, channels)
+        if shift is not None and _static_shape(x) == _static_shape(source):
+            return x, (sign * shift).astype(np.float32)
+    return None
+
+
 @dataclass
 class LoweringOptions:
     """Knobs of :class:`LowerBinaryConv2d`.
@@ -150,6 +180,9 @@ class LoweringOptions:
     """
 
     schedules: object = None
+    #: Fold a per-channel shift of the binarizer's input (``sign(x + b)``, ``x >= t``) into
+    #: the kernel (``shift`` input) when the schedules support it (``folds_shift``).
+    fold_shift: bool = False
     strict: bool = True
     force_kind: str | None = None
     conv_names: list = field(default_factory=list)
@@ -250,6 +283,18 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
 
     def _rewrite(self, call, match: ConvMatch, bw: BinaryWeights, record: LayerRecord) -> relax.Expr:
         geom = match.geom
+        sched = self.options.schedules
+        shift = None
+        if self.options.fold_shift and getattr(sched, "folds_shift", False):
+            if match.threshold is not None:  # binarize(x >= t) == binarize(x + (-t) >= 0), exactly
+                t = per_channel(constant_array(match.threshold), geom.in_channels)
+                if t is not None:
+                    shift, match = -t, ConvMatch(geom, match.source, match.mode, match.weight)
+            else:
+                found = match_input_shift(match.source, geom.in_channels, self.lookup_binding)
+                if found is not None:
+                    match = ConvMatch(geom, found[0], match.mode, match.weight)
+                    shift = found[1]
         if match.threshold is not None:  # binarize(x >= t) == binarize(x - t >= 0), exactly
             match = ConvMatch(geom, self.builder_.emit(relax.op.subtract(match.source, match.threshold)),
                               match.mode, match.weight)
@@ -270,10 +315,10 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             kind = self.options.force_kind
         record.kind = kind
         record.reason = "" if kind == "sparks" or bw.codebook is None else f"K={record.codewords}: dense is cheaper"
-        sched = self.options.schedules
+        extra = {} if shift is None else {"shift": True}  # only set when the schedules fold shifts
         if kind == "sparks":
             func = (
-                sched.schedule_sparks_conv2d(geom, bw.num_codewords, match.mode)
+                sched.schedule_sparks_conv2d(geom, bw.num_codewords, match.mode, **extra)
                 if sched is not None
                 else sparks_conv2d_primfunc(geom, bw.num_codewords, match.mode)
             )
@@ -284,7 +329,7 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             ]
         else:
             func = (
-                sched.schedule_binary_conv2d(geom, match.mode)
+                sched.schedule_binary_conv2d(geom, match.mode, **extra)
                 if sched is not None
                 else binary_conv2d_primfunc(geom, match.mode)
             )
@@ -293,6 +338,8 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
         record.weight_bytes = sum(
             int(np.prod(a.value.shape)) * np.dtype(str(a.value.dtype)).itemsize for a in args[1:]
         )
+        if shift is not None:  # the binarizer's per-channel shift: an input, not weights
+            args.append(relax.const(shift, "float32"))
         symbol = f"{kind}_conv2d_{len(self.report) - 1}"
         self._last_symbol = symbol  # for LoweringOptions.details
         gvar = self.builder_.add_func(func.with_attr("global_symbol", symbol), symbol)

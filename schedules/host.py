@@ -403,11 +403,14 @@ class HostSchedules:
             "o_chunks": output_chunks(tiles, geom.out_channels, self.cores),
         }
 
-    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str) -> tirx.PrimFunc:
+    #: The kernels can take a per-channel shift of their input (``shift=True``).
+    folds_shift = True
+
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, shift: bool = False) -> tirx.PrimFunc:
         from sparks_tvm.kernels import sparks_conv2d_primfunc
 
         knobs = self.sparks_params(geom, num_codewords)
-        func = sparks_conv2d_primfunc(geom, num_codewords, mode, knobs["tile"])
+        func = sparks_conv2d_primfunc(geom, num_codewords, mode, knobs["tile"], shift=shift)
         return self._finish(func, {"kind": "sparks", **knobs})
 
     @property
@@ -423,7 +426,7 @@ class HostSchedules:
         return self._finish(func, {"kind": "float", "columns": register_tile(geom.out_width),
                                    "padded": bool(any(geom.padding))})
 
-    def schedule_binary_conv2d(self, geom, mode: str) -> tirx.PrimFunc:
+    def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False) -> tirx.PrimFunc:
         from sparks_tvm.kernels import binary_conv2d_primfunc
 
-        return self._finish(binary_conv2d_primfunc(geom, mode), {"kind": "binary"})
+        return self._finish(binary_conv2d_primfunc(geom, mode, shift), {"kind": "binary"})

@@ -36,7 +36,9 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
     ``kernel_schedules`` replaces ``schedules.for_target(target)`` as the source of the binary
     kernels' schedules (:mod:`schedules.tuning`: records the kernels, or applies tuning records).
     ``fuse_epilogues`` emits the default CPU kernels unscheduled and fusable, for
-    :func:`relax_pipeline` to fuse each with its elementwise epilogue and then schedule it.
+    :func:`relax_pipeline` to fuse each with its elementwise epilogue and then schedule it,
+    and folds a per-channel shift of each binarizer's input into its kernel (tuned kernels
+    keep both off: their records are for the plain kernels).
     """
     from tvm import relax
 
@@ -51,6 +53,7 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
         mod,
         LoweringOptions(
             schedules=sched,
+            fold_shift=fuse_epilogues and kernel_schedules is None,
             strict=strict,
             force_kind=force_kind,
             conv_names=frontend.conv_names(proto),

@@ -92,3 +92,53 @@ def test_undeferred_kernels_stay_opaque():
     func = HostSchedules(cores=1).schedule_sparks_conv2d(ConvGeometry(1, 8, 6, 6, 4), 4, "sign")
     # Scheduled directly (benchmarks, tests, tuning): not fusable, nothing deferred.
     assert int(func.attrs["op_pattern"]) == 8 and func.attrs["tirx.is_scheduled"]
+
+
+@pytest.mark.parametrize("kind", ["sparks", "binary"])
+@pytest.mark.parametrize("mode", ["sign", "ge", "gt"])
+def test_kernels_fold_a_per_channel_input_shift(kind, mode):
+    """``binarize(x + b)`` inside the kernel equals the reference on the shifted input, bit
+    for bit, including values the shift lands exactly on zero (Sign's third value)."""
+    from kernel_utils import random_activations, random_layer
+    from sparks_tvm import reference as ref
+    from sparks_tvm.kernels import pack_binary_weights, pack_indices
+
+    geom = ConvGeometry(2, 13, 7, 9, 6, stride=(2, 1), padding=(1, 0, 1, 1))
+    rng = np.random.default_rng(7)
+    x = random_activations(rng, geom.in_shape)
+    shift = rng.choice([-0.5, 0.0, 0.25, 1.0], size=geom.in_channels).astype(np.float32)
+    x[:, :, ::3, ::2] = -shift[None, :, None, None]  # lands exactly on 0 after the shift
+    shifted = x + shift[None, :, None, None]
+    sched = HostSchedules(cores=2)
+    if kind == "sparks":
+        codebook, idx = random_layer(rng, geom, 4)
+        func = sched.schedule_sparks_conv2d(geom, 4, mode, shift=True)
+        inputs = [x, ref.codes_to_bits(codebook), pack_indices(idx, 4), shift]
+        want = ref.sparks_conv2d_ref(ref.binarize(shifted, mode), codebook, idx, geom.stride, geom.padding)
+    else:
+        signs = np.where(rng.random((6, 13, 3, 3)) < 0.5, -1, 1).astype(np.int8)
+        func = sched.schedule_binary_conv2d(geom, mode, shift=True)
+        inputs = [x, pack_binary_weights(signs), shift]
+        want = ref.binary_conv2d_ref(ref.binarize(shifted, mode), signs, geom.stride, geom.padding)
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=resolve_target("llvm")).jit()
+    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32))
+    lib["main"](*[tvm.runtime.tensor(a) for a in inputs], out)
+    np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_binarizer_shifts_are_folded_into_the_kernels():
+    net = models.sparks_resnet_tiny(k=8, seed=2, widths=(9, 17))
+    proto = frontend.load_onnx(models.export_onnx(net, (1, 3, 10, 10)))
+    target = resolve_target("llvm")
+
+    def adds_and_kernel_arity(fuse):
+        mod, _ = compiler.build_relax(proto, frontend.input_specs(proto, None), target, fuse_epilogues=fuse)
+        text = mod["main"].script()
+        arity = [line.count("metadata[") for line in text.splitlines() if "call_tir(sparks_conv2d" in line]
+        return text.count("R.add("), arity
+
+    adds_plain, arity_plain = adds_and_kernel_arity(False)
+    adds_folded, arity_folded = adds_and_kernel_arity(True)
+    # Each of the 4 Sparks convs reads sign(x + b): b moves into the kernel as a 4th input.
+    assert arity_plain == [2] * 4 and arity_folded == [3] * 4
+    assert adds_folded == adds_plain - 4

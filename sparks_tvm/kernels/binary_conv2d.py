@@ -35,14 +35,16 @@ def pack_binary_weights(signs: np.ndarray) -> np.ndarray:
     return (neg * weights).sum(axis=2).astype(np.uint32)
 
 
-def binary_conv2d_compute(geom: ConvGeometry, mode: str):
+def binary_conv2d_compute(geom: ConvGeometry, mode: str, shift: bool = False):
     """Define the dense binary convolution.
 
     Returns
     -------
     list of te.Tensor
-        ``[data, wbits, out]``: data float32 (N, C, H, W); wbits uint32 (O, CW, KH, KW)
-        from :func:`pack_binary_weights`; out int32 (N, O, OH, OW).
+        ``[data, wbits, out]`` (``[data, wbits, shift, out]`` with ``shift``, a per-channel
+        float32 (C,) added before binarizing, as in the Sparks kernel): data float32
+        (N, C, H, W); wbits uint32 (O, CW, KH, KW) from :func:`pack_binary_weights`; out
+        int32 (N, O, OH, OW).
     """
     geom.validate()
     n_, c_, h_, w_ = geom.in_shape
@@ -57,6 +59,7 @@ def binary_conv2d_compute(geom: ConvGeometry, mode: str):
 
     data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
     wbits = te.placeholder(shp(o_, cw_, kh_, kw_), "uint32", name="wbits")
+    offset = te.placeholder(shp(c_), "float32", name="shift") if shift else None
     hp, wp = h_ + top + bottom, w_ + left + right
 
     def plane(which):
@@ -69,6 +72,8 @@ def binary_conv2d_compute(geom: ConvGeometry, mode: str):
             for j in range(WORD_BITS):
                 ch = cw * WORD_BITS + j
                 val = data[n, tirx.min(ch, c_ - 1), yc, xc]
+                if offset is not None:
+                    val = val + offset[tirx.min(ch, c_ - 1)]
                 neg, nz = activation_bits(val, mode)
                 real = tirx.all(inside, ch < c_, nz)
                 bit = tirx.all(real, neg) if which == "neg" else real
@@ -106,10 +111,10 @@ def binary_conv2d_compute(geom: ConvGeometry, mode: str):
     out = te.compute(
         shp(n_, o_, oh_, ow_), lambda n, o, oh, ow: valid[n, oh, ow] - 2 * acc[n, o, oh, ow], name="out"
     )
-    return [data, wbits, out]
+    return [data, wbits, out] if offset is None else [data, wbits, offset, out]
 
 
-def binary_conv2d_primfunc(geom: ConvGeometry, mode: str):
+def binary_conv2d_primfunc(geom: ConvGeometry, mode: str, shift: bool = False):
     """Unscheduled PrimFunc of :func:`binary_conv2d_compute`."""
-    func = te.create_prim_func(binary_conv2d_compute(geom, mode))
+    func = te.create_prim_func(binary_conv2d_compute(geom, mode, shift))
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})

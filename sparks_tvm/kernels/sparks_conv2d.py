@@ -138,6 +138,7 @@ def sparks_conv2d_compute(
     mode: str,
     tile: int = DEFAULT_TILE,
     group: int = DEFAULT_GROUP,
+    shift: bool = False,
 ):
     """Define the Sparks convolution.
 
@@ -155,11 +156,15 @@ def sparks_conv2d_compute(
         and are never written out.
     group : int
         Input channels G summed in uint8 before widening (1 <= G <= 14).
+    shift : bool
+        Take a per-channel float32 ``shift`` (C,) added to the activations before they are
+        binarized: a ``sign(x + b)`` binarizer (ReActNet's RSign) folded into the kernel.
 
     Returns
     -------
     list of te.Tensor
-        ``[data, codes, idx, out]``: data float32 (N, C, H, W); codes int32 (K,) with bit t
+        ``[data, codes, idx, out]`` (``[data, codes, idx, shift, out]`` with ``shift``):
+        data float32 (N, C, H, W); codes int32 (K,) with bit t
         set where tap t of the codeword is -1; idx the (O, C) codeword indices packed by
         :func:`pack_indices` (:func:`index_bits` per index); out int32
         (N, O, OH*OW).
@@ -187,6 +192,7 @@ def sparks_conv2d_compute(
     data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
     codes = te.placeholder(shp(k_), "int32", name="codes")
     idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
+    offset = te.placeholder(shp(c_), "float32", name="shift") if shift else None
     field_bits = index_bits(k_)
     if field_bits < 8:
         # The library keeps the indices packed (tau bits each); they are unpacked once per call
@@ -210,7 +216,7 @@ def sparks_conv2d_compute(
         return codeword_index(tirx.floordiv(tirx.Cast("int32", unpacked[o, c % per, c // per]), tile), k_)
 
     def tap_bits(n, c, y, x):
-        return activation_code(data, mode, n, c, y, x)
+        return activation_code(data, mode, n, c, y, x, offset)
 
     # Padded 2-bit codes with columns split by phase (x = q * SW + phase): a strided conv's
     # patch reads then walk q contiguously (vector loads) instead of gathering every SW-th
@@ -317,7 +323,7 @@ def sparks_conv2d_compute(
     )
     # Each real input channel added its S + 9.
     out = te.compute(shp(n_, o_, pixels), lambda n, o, p: tirx.Cast("int32", acc[n, o, p]) - 9 * c_, name="out")
-    return [data, codes, idx, out]
+    return [data, codes, idx, out] if offset is None else [data, codes, idx, offset, out]
 
 
 def sparks_conv2d_primfunc(
@@ -326,8 +332,10 @@ def sparks_conv2d_primfunc(
     mode: str,
     tile: int = DEFAULT_TILE,
     group: int = DEFAULT_GROUP,
+    shift: bool = False,
 ):
     """Unscheduled PrimFunc of :func:`sparks_conv2d_compute`, marked opaque for Relax fusion."""
-    func = nchw_output(te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, tile, group)), geom.out_width)
+    func = nchw_output(te.create_prim_func(sparks_conv2d_compute(geom, num_codewords, mode, tile, group, shift)),
+                       geom.out_width)
     # The data-dependent gather must not be fused or inlined by Relax: keep it opaque (8).
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})
