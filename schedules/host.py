@@ -82,6 +82,11 @@ def apply_deferred(sch, spec: dict):
         return apply_binary_schedule(sch)
     if kind == "float":
         return apply_float_schedule(sch, int(spec["columns"]), bool(spec["padded"]))
+    if kind == "trace":  # a tuning record's schedule (schedules.tuning.TunedSchedules)
+        import tvm
+
+        s_tir.Trace.apply_json_to_schedule(tvm.ir.load_json(spec["trace"]), sch)
+        return sch
     raise ValueError(f"unknown deferred kernel kind {kind!r}")
 
 

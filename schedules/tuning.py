@@ -328,13 +328,25 @@ class RecordingSchedules:
     def __getattr__(self, name):
         return getattr(self.base, name)
 
-    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str):
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, **shift):
         self.calls.append(("sparks", geom, num_codewords, mode))
-        return self.base.schedule_sparks_conv2d(geom, num_codewords, mode)
+        return self.base.schedule_sparks_conv2d(geom, num_codewords, mode, **shift)
 
-    def schedule_binary_conv2d(self, geom, mode: str):
+    def schedule_binary_conv2d(self, geom, mode: str, **shift):
         self.calls.append(("binary", geom, None, mode))
-        return self.base.schedule_binary_conv2d(geom, mode)
+        return self.base.schedule_binary_conv2d(geom, mode, **shift)
+
+
+def _kernel_with_shift(base, kind, geom, num_codewords, mode):
+    """The task's kernel with a folded input shift (same tile, so the same loops for a trace)."""
+    if kind == "sparks":
+        from sparks_tvm.kernels import sparks_conv2d_primfunc
+
+        tile = base.sparks_params(geom, num_codewords)["tile"]
+        return sparks_conv2d_primfunc(geom, num_codewords, mode, tile, shift=True)
+    from sparks_tvm.kernels import binary_conv2d_primfunc
+
+    return binary_conv2d_primfunc(geom, mode, shift=True)
 
 
 class TunedSchedules(RecordingSchedules):
@@ -361,7 +373,8 @@ class TunedSchedules(RecordingSchedules):
         self.missed = []
         self.kept_default = []
 
-    def _lookup(self, kind, geom, num_codewords, mode, default):
+    def _lookup(self, kind, geom, num_codewords, mode, default, shift: bool = False):
+        import tvm
         import tvm_ffi
 
         task = make_task(self.base, kind, geom, num_codewords, mode)
@@ -374,16 +387,27 @@ class TunedSchedules(RecordingSchedules):
             self.kept_default.append(task.name)
             return default()
         self.applied.append(task.name)
-        return _scheduled(sch)
+        defer = getattr(self.base, "defer", False)
+        if not (shift or defer):
+            return _scheduled(sch)
+        # The record's trace, replayed on the kernel the model needs: with its input shift
+        # folded, and/or after Relax fused its epilogue into it (host.deferred). The tuning
+        # space names its blocks and has no postprocessors, so the replay is the same schedule.
+        func = _kernel_with_shift(self.base, kind, geom, num_codewords, mode) if shift else task.mod[WORKLOAD_NAME]
+        trace = str(tvm.ir.save_json(sch.trace.as_json()))
+        if defer:
+            return host.deferred(func, {"kind": "trace", "trace": trace})
+        return _scheduled(host.apply_deferred(s_tir.Schedule(func), {"kind": "trace", "trace": trace}))
 
-    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str):
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, shift: bool = False):
         self.calls.append(("sparks", geom, num_codewords, mode))
         return self._lookup("sparks", geom, num_codewords, mode,
-                            lambda: self.base.schedule_sparks_conv2d(geom, num_codewords, mode))
+                            lambda: self.base.schedule_sparks_conv2d(geom, num_codewords, mode, shift=shift), shift)
 
-    def schedule_binary_conv2d(self, geom, mode: str):
+    def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False):
         self.calls.append(("binary", geom, None, mode))
-        return self._lookup("binary", geom, None, mode, lambda: self.base.schedule_binary_conv2d(geom, mode))
+        return self._lookup("binary", geom, None, mode,
+                            lambda: self.base.schedule_binary_conv2d(geom, mode, shift=shift), shift)
 
 
 class KernelTask:

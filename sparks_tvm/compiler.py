@@ -37,8 +37,8 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
     kernels' schedules (:mod:`schedules.tuning`: records the kernels, or applies tuning records).
     ``fuse_epilogues`` emits the default CPU kernels unscheduled and fusable, for
     :func:`relax_pipeline` to fuse each with its elementwise epilogue and then schedule it,
-    and folds a per-channel shift of each binarizer's input into its kernel (tuned kernels
-    keep both off: their records are for the plain kernels).
+    and folds a per-channel shift of each binarizer's input into its kernel (a tuned kernel's
+    record is replayed on that kernel, after the fusion).
     """
     from tvm import relax
 
@@ -47,13 +47,14 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
 
     mod = import_graph(proto, specs)
     sched = kernel_schedules if kernel_schedules is not None else schedules.for_target(target)
-    if fuse_epilogues and kernel_schedules is None and hasattr(sched, "defer"):
-        sched.defer = True
+    base = getattr(sched, "base", sched)  # tuning's schedules wrap the target's
+    if fuse_epilogues and hasattr(base, "defer"):
+        base.defer = True
     mod, report = lower_binary_conv2d(
         mod,
         LoweringOptions(
             schedules=sched,
-            fold_shift=fuse_epilogues and kernel_schedules is None,
+            fold_shift=fuse_epilogues,
             strict=strict,
             force_kind=force_kind,
             conv_names=frontend.conv_names(proto),

@@ -36,21 +36,27 @@ from kernel_utils import random_activations
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def layer_model(n=2, c=20, h=9, w=9, o=24, k=8, stride=2, seed=0):
+def layer_model(n=2, c=20, h=9, w=9, o=24, k=8, stride=2, seed=0, shift=False):
     """ONNX ``Conv(Sign(x), alpha * codebook[idx])``: one Sparks layer (odd size, stride 2,
-    batch 2, C=20 not a multiple of the int8 channel group)."""
+    batch 2, C=20 not a multiple of the int8 channel group); ``Sign(x + b)`` with ``shift``."""
     rng = np.random.default_rng(seed)
     cb = random_codebook(rng, k).astype(np.float32)
     idx = rng.integers(0, k, size=(o, c))
     weight = cb[idx] * np.float32(0.5)
     oh, ow = (h + 2 - 3) // stride + 1, (w + 2 - 3) // stride + 1
+    inits = [numpy_helper.from_array(weight, "W")]
+    nodes = [helper.make_node("Sign", ["x"], ["b"])]
+    if shift:
+        bias = rng.choice([-0.5, 0.25, 1.0], size=(1, c, 1, 1)).astype(np.float32)
+        inits.append(numpy_helper.from_array(bias, "B"))
+        nodes = [helper.make_node("Add", ["x", "B"], ["xs"]), helper.make_node("Sign", ["xs"], ["b"])]
     graph = helper.make_graph(
-        [helper.make_node("Sign", ["x"], ["b"]),
-         helper.make_node("Conv", ["b", "W"], ["y"], pads=[1, 1, 1, 1], strides=[stride, stride], kernel_shape=[3, 3])],
+        nodes + [helper.make_node("Conv", ["b", "W"], ["y"], pads=[1, 1, 1, 1], strides=[stride, stride],
+                                  kernel_shape=[3, 3])],
         "sparks_layer",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, c, h, w])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, o, oh, ow])],
-        [numpy_helper.from_array(weight, "W")],
+        inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
@@ -224,6 +230,47 @@ def test_compile_uses_the_best_record_exactly(tuned, host, tmp_path):
     x = random_activations(np.random.default_rng(6), (2, 20, 9, 9))
     compiled = sparks_tvm.compile(model, host, tuning_db=work2, force_kind="sparks")
     assert np.array_equal(compiled.run(x)[0], onnx_reference(model, x))
+
+
+def test_tuned_kernels_are_fused_and_take_the_input_shift(tuned, host, tmp_path):
+    """compile(tuning_db=...) replays a record on the kernel the model needs -- its input shift
+    folded in, its epilogue fused in -- and stays exact."""
+    from relay_passes import ScheduleFusedKernels
+    from schedules.host import DEFERRED_SCHEDULE
+    from sparks_tvm.compiler import build_relax
+
+    model, work, _result, _ = tuned
+    work2 = str(tmp_path / "db")
+    shutil.copytree(work, work2)
+    proto = frontend.load_onnx(model)
+    ((task, _),) = extract_tasks(proto, frontend.input_specs(proto, None), host, force_kind="sparks")
+    sch = tuning.apply_sparks_schedule(s_tir.Schedule(task.mod), tile=16, block=1, o_chunks=2, o_block=2)
+    from tvm.s_tir import meta_schedule as ms
+
+    db = open_database(work2)
+    db.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, db.commit_workload(task.mod), [tvm.tirx.FloatImm("float32", 1e-9)], host,
+        ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    shifted = layer_model(shift=True)  # same layer, Sign(x + b): same tuning task
+    proto = frontend.load_onnx(shifted)
+    sched = tuned_schedules(work2, host)
+    mod, _ = build_relax(proto, frontend.input_specs(proto, None), host, force_kind="sparks",
+                         kernel_schedules=sched, fuse_epilogues=True)
+    assert sched.applied == [task.name]
+    (func,) = [f for gv, f in mod.functions_items() if gv.name_hint.startswith("sparks_conv2d")]
+    assert len(func.params) == 5  # data, codes, idx, shift, out
+    fsch = s_tir.Schedule(func)
+    spec = fsch.get(fsch.get_sblock("out")).annotations[DEFERRED_SCHEDULE]
+    assert json.loads(str(spec))["kind"] == "trace"
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    passed = ScheduleFusedKernels()
+    with host:
+        tvm.transform.Sequential(cpu_generic.legalize_passes(host) + [passed])(mod)
+    assert any(name.startswith("fused_sparks") and n >= 2 for name, n in passed.inlined.items()), passed.inlined
+    x = random_activations(np.random.default_rng(8), (2, 20, 9, 9))
+    compiled = sparks_tvm.compile(shifted, host, tuning_db=work2, force_kind="sparks")
+    assert np.array_equal(compiled.run(x)[0], onnx_reference(shifted, x))
 
 
 def test_compile_reads_a_work_dir_without_writing_it(tuned, host, tmp_path):

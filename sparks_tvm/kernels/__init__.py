@@ -1,8 +1,9 @@
 """TE compute definitions of the binary convolutions sparks_tvm lowers to.
 
 Each kernel is an integer computation: float activations in, int32 dot products out.
-The float epilogue (alpha, bias, BatchNorm, ...) stays in the Relax graph, so the
-kernels can be checked bit for bit against :mod:`sparks_tvm.reference`.
+The float epilogue (alpha, bias, BatchNorm, ...) is not part of them: it stays in the Relax
+graph, so the kernels can be checked bit for bit against :mod:`sparks_tvm.reference`, and on
+CPUs it is fused into them after Relax's fusion (:mod:`relay_passes.schedule_fused_kernels`).
 """
 
 from .common import ConvGeometry
