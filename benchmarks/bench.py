@@ -48,9 +48,22 @@ CLOCK_HZ = _clock_hz()
 PEAK_BOPS_PER_CYCLE = 512
 
 
+#: Idle time before each measurement. The frameworks' thread pools spin-wait after their
+#: last run (torch's OpenMP, onnxruntime's intra-op pool, TVM's pool); on this 2-core machine a
+#: measurement started right after another framework's shared the cores with its spinning
+#: threads. At 2 threads that had made the Sparks op, timed right after torch, look 2-3x slower
+#: (256->256: 0.37 ms in the harness, 0.14 ms alone).
+SETTLE_S = 0.5
+
+
+def _settle() -> None:
+    time.sleep(SETTLE_S)
+
+
 def _median_ms(fn, warmup: int, repeat: int, number: int) -> float:
     import numpy as np
 
+    _settle()
     for _ in range(warmup):
         fn()
     runs = []
@@ -87,6 +100,7 @@ def run_child(args) -> dict:
     def tvm_ms(func, tensors):
         lib = tvm.compile(func.with_attr("global_symbol", "main"), target=target).jit()
         lib["main"](*tensors)
+        _settle()
         ev = lib.time_evaluator("main", dev, number=args.number, repeat=args.repeat, min_repeat_ms=30)
         return float(np.median(ev(*tensors).results) * 1e3), lib
 
@@ -163,6 +177,7 @@ def run_child(args) -> dict:
         models.export_onnx(net, (1, 3, 224, 224), onnx_path)
         compiled = sparks_tvm.compile(onnx_path, target=target)
         x = models.example_input((1, 3, 224, 224), seed=1)
+        _settle()
         ours = bench.benchmark_model(compiled, [x], warmup=5, repeat=max(20, args.repeat * 3))
         sess = ort_session(open(onnx_path, "rb").read())
         name = sess.get_inputs()[0].name
