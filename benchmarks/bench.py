@@ -49,10 +49,10 @@ PEAK_BOPS_PER_CYCLE = 512
 
 
 #: Idle time before each measurement. The frameworks' thread pools spin-wait after their
-#: last run (torch's OpenMP, onnxruntime's intra-op pool, TVM's pool); on this 2-core machine a
-#: measurement started right after another framework's shared the cores with its spinning
-#: threads. At 2 threads that had made the Sparks op, timed right after torch, look 2-3x slower
-#: (256->256: 0.37 ms in the harness, 0.14 ms alone).
+#: last run (torch's OpenMP, onnxruntime's intra-op pool, TVM's pool); on a 2-core machine a
+#: measurement started right after another framework's would share the cores with its
+#: spinning threads. (Separately, a whole process can land in a slow 2-thread mode:
+#: benchmarks/bench_thread_modes.py.)
 SETTLE_S = 0.5
 
 
