@@ -87,6 +87,12 @@ def bench_layers(args):
     from sparks_tvm.tune import open_database, tune_kernels, tuned_schedules
 
     target = host_target()
+    if args.threads:
+        import tvm
+
+        # One thread count for everything: the kernels' knobs (num-cores), the tuner's worker
+        # processes and this process (TVM_NUM_THREADS, set in main before TVM starts).
+        target = tvm.target.Target(dict(target.export(), **{"num-cores": args.threads}))
     base = HostSchedules.for_target(target)
     k = args.codewords
     work = args.work_dir or tempfile.mkdtemp(prefix="sparks_bench_tune_")
@@ -238,8 +244,12 @@ def main():
     ap.add_argument("--work-dir", help="tuning work dir (default: a fresh temporary one)")
     ap.add_argument("--throughput", action="store_true", help="trials/min: stock builder vs in-process")
     ap.add_argument("--trials", type=int, default=16, help="trials of the throughput runs")
+    ap.add_argument("--threads", type=int, help="threads for tuning and timing (default: TVM's, all cores); "
+                    "at 2 threads a process can land in a slow mode (bench_thread_modes.py)")
     ap.add_argument("--_throughput-child", dest="child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     if args.child:
         _throughput_child(args.child, args.trials, args.batch)
     elif args.throughput:
