@@ -55,6 +55,8 @@ def _interleaved(funcs, args_np, target, rounds: int, seconds_per_call: float = 
     import numpy as np
     import tvm
 
+    from sparks_tvm.bench import interleaved_times
+
     dev = tvm.cpu()
     libs = [tvm.compile(f.with_attr("global_symbol", "main"), target=target).jit() for f in funcs]
     outs = []
@@ -62,16 +64,8 @@ def _interleaved(funcs, args_np, target, rounds: int, seconds_per_call: float = 
         args = [tvm.runtime.tensor(a, dev) for a in args_np]
         lib["main"](*args)
         outs.append(args[-1].numpy())
-    # Calls per measurement: ~seconds_per_call of work, so a timer tick or a context switch is noise.
     args = [tvm.runtime.tensor(a, dev) for a in args_np]
-    probe = libs[0].time_evaluator("main", dev, number=3, repeat=1)(*args).mean
-    number = max(1, int(seconds_per_call / max(probe, 1e-7)))
-    evals = [lib.time_evaluator("main", dev, number=number, repeat=1) for lib in libs]
-    times = [[] for _ in libs]
-    for r in range(rounds):
-        order = range(len(libs)) if r % 2 == 0 else reversed(range(len(libs)))
-        for i in order:
-            times[i].append(evals[i](*args).mean)
+    times, number = interleaved_times(libs, args, dev, rounds, seconds_per_call)
     return [(float(np.median(t)), float(np.min(t))) for t in times], outs, number
 
 

@@ -104,3 +104,22 @@ def format_layer_table(rows, top: int | None = None) -> str:
         lines.append(f"{r['kernel'][:48]:<48} {r['calls']:>5} {r['median_ms']:>10.3f} {100 * r['share']:>6.1f}%")
     lines.append(f"{'total':<48} {'':>5} {sum(r['median_ms'] for r in rows):>10.3f}")
     return "\n".join(lines)
+
+
+def interleaved_times(funcs, args, dev, rounds: int, seconds_per_call: float = 0.02) -> tuple:
+    """Seconds per call of each packed function, timed in alternating rounds (same process).
+
+    ``funcs`` are TVM runtime modules with a ``main`` function, called on ``args``. Each
+    measurement runs about ``seconds_per_call`` of calls, so a timer tick or a context switch
+    is noise; the order alternates round by round so that neither side always runs warm.
+    Returns ``(times, number)``: one list of per-round times per function, and the calls per
+    measurement.
+    """
+    probe = funcs[0].time_evaluator("main", dev, number=3, repeat=1)(*args).mean
+    number = max(1, int(seconds_per_call / max(probe, 1e-7)))
+    evals = [f.time_evaluator("main", dev, number=number, repeat=1) for f in funcs]
+    times = [[] for _ in funcs]
+    for r in range(rounds):
+        for i in (range(len(funcs)) if r % 2 == 0 else reversed(range(len(funcs)))):
+            times[i].append(float(evals[i](*args).mean))
+    return times, number

@@ -810,10 +810,12 @@ def _validate(task, trace, tgt, builder, runner, rounds: int = 5) -> dict:
             "chosen_hash": chosen_hash}
 
 
-def _time_in_process(paths, args_info, rounds: int, seconds_per_call: float = 0.02):
+def _time_in_process(paths, args_info, rounds: int) -> list:
     """Seconds per call of each library in ``paths``, timed interleaved in this process."""
     import numpy as np
     import tvm
+
+    from .bench import interleaved_times
 
     dev = tvm.cpu()
     rng = np.random.default_rng(0)
@@ -828,14 +830,7 @@ def _time_in_process(paths, args_info, rounds: int, seconds_per_call: float = 0.
     libs = [tvm.runtime.load_module(p) for p in paths]
     for lib in libs:
         lib["main"](*args)
-    probe = libs[0].time_evaluator("main", dev, number=3, repeat=1)(*args).mean
-    evals = [lib.time_evaluator("main", dev, number=max(1, int(seconds_per_call / max(probe, 1e-7))), repeat=1)
-             for lib in libs]
-    times = tuple([] for _ in libs)
-    for r in range(rounds):
-        for i in (range(len(libs)) if r % 2 == 0 else reversed(range(len(libs)))):
-            times[i].append(evals[i](*args).mean)
-    return times
+    return interleaved_times(libs, args, dev, rounds)[0]
 
 
 def _float(v):
