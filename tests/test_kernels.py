@@ -91,16 +91,18 @@ def test_unscheduled_sparks_compute_exact(host, rng):
     assert np.array_equal(run_sparks(host, geom, x, codebook, idx, "sign", scheduled=False), expect)
 
 
-def test_sparks_int32_accumulator(host, rng):
-    """9 * C > 32767 switches stage 2 to int32; all-(-1) inputs reach the extreme sum."""
-    geom = ConvGeometry(1, 3700, 3, 3, 2)
+@pytest.mark.parametrize("channels", [3640, 3700])
+def test_sparks_accumulator_limits(host, rng, channels):
+    """Stage 2 sums biased responses S + 9 (0..18): uint16 while 18 * C <= 65535 (C = 3640
+    reaches 65520), int32 past it (C = 3700). All-(-1) inputs reach the extreme sums."""
+    geom = ConvGeometry(1, channels, 3, 3, 2)
     codebook = np.ones((2, 3, 3), np.int8)
     codebook[1] = -1
-    idx = np.zeros((2, 3700), np.int32)
+    idx = np.zeros((2, channels), np.int32)
     idx[1] = 1
     x = -np.ones(geom.in_shape, np.float32)
     out = run_sparks(host, geom, x, codebook, idx, "sign")
-    assert out[0, 0, 1, 1] == -9 * 3700 and out[0, 1, 1, 1] == 9 * 3700
+    assert out[0, 0, 1, 1] == -9 * channels and out[0, 1, 1, 1] == 9 * channels
     expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
     assert np.array_equal(out, expect)
 
@@ -175,8 +177,9 @@ def test_schedule_knobs_exact(rng, vector_bytes, cin, k):
 
 @pytest.mark.parametrize("group", [1, 5, 14])
 def test_int8_group_sums_at_their_limit(group):
-    """Every response +-9 (uniform input, matching/opposite codewords): the int8 partial sum of
-    a full group reaches +-9*G (126 at G=14) without overflowing; a tail group adds its part."""
+    """Every response +-9 (uniform input, matching/opposite codewords): the uint8 partial sum of
+    biased responses (S + 9) of a full group reaches 18*G (252 at G=14) without overflowing; a
+    tail group adds its part."""
     from schedules.host import schedule_sparks_conv2d
     from sparks_tvm.kernels import pack_indices, sparks_conv2d_primfunc, sparks_out_shape
     from sparks_tvm.target import host_target

@@ -208,21 +208,28 @@ def _kernel_funcs(model, target, work_dir):
     return funcs, sched
 
 
-def test_compile_uses_the_best_record_exactly(tuned, host, tmp_path):
-    """A record with a non-default schedule, made the best: compile takes exactly that schedule."""
-    model, work, _result, _ = tuned
+def _with_best_record(work, tmp_path, model, host, **knobs):
+    """A copy of the work dir whose best record is the Sparks schedule with ``knobs``:
+    ``(work dir, task, schedule)``."""
+    from tvm.s_tir import meta_schedule as ms
+
     work2 = str(tmp_path / "db")
     shutil.copytree(work, work2)
     proto = frontend.load_onnx(model)
     ((task, _),) = extract_tasks(proto, frontend.input_specs(proto, None), host, force_kind="sparks")
-    sch = tuning.apply_sparks_schedule(s_tir.Schedule(task.mod), tile=16, block=1, o_chunks=2, unroll=True,
-                                       o_block=2)
-    from tvm.s_tir import meta_schedule as ms
-
+    sch = tuning.apply_sparks_schedule(s_tir.Schedule(task.mod), **knobs)
     db = open_database(work2)
     db.commit_tuning_record(ms.database.TuningRecord(
         sch.trace, db.commit_workload(task.mod), [tvm.tirx.FloatImm("float32", 1e-9)], host,
         ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    return work2, task, sch
+
+
+def test_compile_uses_the_best_record_exactly(tuned, host, tmp_path):
+    """A record with a non-default schedule, made the best: compile takes exactly that schedule."""
+    model, work, _result, _ = tuned
+    work2, task, sch = _with_best_record(work, tmp_path, model, host, tile=16, block=1, o_chunks=2, unroll=True,
+                                         o_block=2)
     (func,), sched = _kernel_funcs(model, host, work2)
     assert sched.applied == [task.name] and not sched.missed
     assert tvm_ffi.structural_equal(func.without_attr("global_symbol"), tuning._scheduled(sch).without_attr(
@@ -240,17 +247,7 @@ def test_tuned_kernels_are_fused_and_take_the_input_shift(tuned, host, tmp_path)
     from sparks_tvm.compiler import build_relax
 
     model, work, _result, _ = tuned
-    work2 = str(tmp_path / "db")
-    shutil.copytree(work, work2)
-    proto = frontend.load_onnx(model)
-    ((task, _),) = extract_tasks(proto, frontend.input_specs(proto, None), host, force_kind="sparks")
-    sch = tuning.apply_sparks_schedule(s_tir.Schedule(task.mod), tile=16, block=1, o_chunks=2, o_block=2)
-    from tvm.s_tir import meta_schedule as ms
-
-    db = open_database(work2)
-    db.commit_tuning_record(ms.database.TuningRecord(
-        sch.trace, db.commit_workload(task.mod), [tvm.tirx.FloatImm("float32", 1e-9)], host,
-        ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    work2, task, _sch = _with_best_record(work, tmp_path, model, host, tile=16, block=1, o_chunks=2, o_block=2)
     shifted = layer_model(shift=True)  # same layer, Sign(x + b): same tuning task
     proto = frontend.load_onnx(shifted)
     sched = tuned_schedules(work2, host)
