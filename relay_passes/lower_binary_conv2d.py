@@ -14,7 +14,10 @@ Rewrite: ::
 The integer kernels take the *float* input and binarize it themselves (with the rule of the
 recognised binarizer), so the binarizer node is dead unless something else reads it. The
 alpha product stays in the graph; on CPUs, Relax fuses it and the ops after it
-(bias/BatchNorm/residual/PReLU) into the kernel (:mod:`relay_passes.schedule_fused_kernels`). Convolutions that do not match are left alone and reported with the reason.
+(bias/BatchNorm/residual/PReLU) into the kernel (:mod:`relay_passes.schedule_fused_kernels`).
+With ``fold_shift``, a constant per-channel shift of the binarizer's input (``sign(x + b)``,
+a per-channel ``x >= t``) becomes a kernel input instead of a graph op. Convolutions that do
+not match are left alone and reported with the reason.
 """
 
 from __future__ import annotations
