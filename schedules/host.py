@@ -7,6 +7,8 @@ per block of input channels so that the rows stage 2 gathers stay in L1.
 
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 
 
@@ -214,19 +216,15 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         sch.vectorize(sch.split(op, [None, lanes])[1])
     sch.decompose_reduction(s2, gb)
 
-    stride1 = _extent(sch, sch.get_loops(sch.get_sblock("bin_pad"))[3]) == 1  # one column phase
     for name in ("row_triple", "patch_neg", "patch_mask", "patch_bias"):
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
         sch.parallel(sch.fuse(*loops[:2]))
-        plane = _extent(sch, loops[-2]) * _extent(sch, loops[-1])
-        if stride1 and name != "row_triple" and plane == pixels and pixels % 64 == 0:
-            # At stride 1 a patch row reads the same columns of consecutive triple rows, so the
-            # (row, column) plane is one contiguous range: vectorized flat, in whole vectors
-            # rather than one ragged vector of OW (56 = 32 + 16 + 8 lanes) per row (64->64: 5%).
-            # Not with pixel-padding rows (their clamp breaks the contiguity).
-            flat = sch.fuse(*loops[-2:])
-            sch.vectorize(sch.split(flat, [None, 64])[1])
+        if name != "row_triple" and len(loops) == (3 if name != "patch_bias" else 4):
+            # Flat planes (row stride 1): whole vectors over the padded pixels, a multiple of
+            # the tile (64->64: 5% over one ragged vector of OW lanes per row; 256->256: 15%).
+            lanes = math.gcd(_extent(sch, loops[-1]), 64)
+            sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
         else:
             sch.vectorize(loops[-1])
 

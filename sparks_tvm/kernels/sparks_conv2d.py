@@ -152,8 +152,8 @@ def sparks_conv2d_compute(
         Binarizer rule for activations (see :data:`sparks_tvm.reference.BINARIZE_MODES`).
     tile : int
         Pixel tile T: the stages before the output are computed for
-        :func:`padded_pixels` pixels; pixels past ``OH*OW`` have an empty mask (they add 0)
-        and are never written out.
+        :func:`padded_pixels` pixels; pixels past ``OH*OW`` hold arbitrary in-range
+        responses (0..18) and are never written out.
     group : int
         Input channels G summed in uint8 before widening (1 <= G <= 14).
     shift : bool
@@ -223,6 +223,12 @@ def sparks_conv2d_compute(
     # column; for SW = 1 this is the plain padded image.
     wp = w_ + geom.padding[1] + geom.padding[3]
     hp = h_ + geom.padding[0] + geom.padding[2]
+    # At row stride 1 the patch planes are flat over padded pixels (see pack_low): pixel p's
+    # rows are r + dy with r = p // OW, so up to ceil(P / OW) + 2 rows are read. Rows past the
+    # padded image are more zero padding (code 0): the reads stay in bounds without a clamp.
+    flat = sh == 1
+    if flat:
+        hp = max(hp, -(-ppad // ow_) + 2)
     if sw == 1:
         bits = te.compute(shp(n_, c_, hp, 1, wp), lambda n, c, y, ph, q: tap_bits(n, c, y - top, q - left),
                           name="bin_pad")
@@ -240,7 +246,7 @@ def sparks_conv2d_compute(
         bits = te.compute(shp(n_, c_, hp, sw, -(-wp // sw)), split, name="bin_pad")
 
     def in_rows(r, value, zero):
-        return value if rows == oh_ else tirx.if_then_else(r < oh_, value, zero)
+        return value if flat or rows == oh_ else tirx.if_then_else(r < oh_, value, zero)
 
     u8 = lambda v: tirx.const(v, "uint8")  # noqa: E731
 
@@ -256,38 +262,54 @@ def sparks_conv2d_compute(
 
     triple = te.compute(shp(n_, c_, hp, ow_), row_triple, name="row_triple")
 
-    def patch_rows(n, c, r):
+    # Patch planes, indexed by a pixel position ``pos``: ``(p,)`` flattened when flat, else
+    # ``(r, ow)``. Flat (row stride 1), patch row dy of pixel p is row triple p + dy * OW of
+    # the flattened (rows, OW) triples: a plane is then three contiguous shifted reads, one
+    # whole-vector loop over the padded pixels whatever the width (a 14-wide row was a ragged
+    # 8 + 4 + 2-lane vector per row: 15% of the 256->256 layer). Padding pixels read real
+    # rows below the image and get arbitrary in-range bytes; their outputs are never stored.
+    # At row stride 2 the patch rows of consecutive pixels are not contiguous: the planes are
+    # (rows, OW), and rows past the image are masked.
+    def triple_rows(n, c, pos):
+        if flat:
+            (p,) = pos
+            r, w = p // ow_, p % ow_
+            return [triple[n, c, r + dy, w] for dy in range(3)]
+        r, w = pos
         y = tirx.min(r, oh_ - 1) * sh  # rows past the image read a real row; in_rows masks them
-        return y, y + 1, y + 2
+        return [triple[n, c, y + dy, w] for dy in range(3)]
+
+    def masked(pos, value):
+        return value if flat else in_rows(pos[0], value, u8(0))
 
     def pack_low(plane):
         # Taps 0..7 (rows 0 and 1, then taps 0..1 of row 2) in one byte: popcounts then run on
         # byte lanes (64 per AVX-512 vector, NEON's native `cnt`). plane 0: taps holding -1;
         # plane 1: taps holding a real +-1.
-        def fcompute(n, c, r, ow):
-            y0, y1, y2 = patch_rows(n, c, r)
-            t0, t1, t2 = (triple[n, c, y, ow] >> u8(3 * plane) for y in (y0, y1, y2))
+        def fcompute(n, c, *pos):
+            t0, t1, t2 = (t >> u8(3 * plane) for t in triple_rows(n, c, pos))
             word = (t0 & u8(7)) | ((t1 & u8(7)) << u8(3)) | ((t2 & u8(3)) << u8(6))
-            return in_rows(r, word, u8(0))
+            return masked(pos, word)
 
         return fcompute
 
-    neg = te.compute(shp(n_, c_, rows, ow_), pack_low(0), name="patch_neg")
-    mask = te.compute(shp(n_, c_, rows, ow_), pack_low(1), name="patch_mask")
+    plane_shape = (ppad,) if flat else (rows, ow_)
+    neg = te.compute(shp(n_, c_, *plane_shape), pack_low(0), name="patch_neg")
+    mask = te.compute(shp(n_, c_, *plane_shape), pack_low(1), name="patch_mask")
 
-    def bias(n, c, b, r, ow):
+    def bias(n, c, b, *pos):
         # Everything in S + 9 = 2 * matches(taps 0..7) + [2 * match(tap 8) + 9 - real taps] but
         # the first popcount, for both values b of the codeword's bit 8: stage 1 picks the plane
         # per codeword (an address outside the pixel loop) instead of testing the bit per pixel.
-        t2 = triple[n, c, patch_rows(n, c, r)[2], ow]
+        t2 = triple_rows(n, c, pos)[2]
         neg8 = (t2 >> u8(2)) & u8(1)
-        real8 = in_rows(r, (t2 >> u8(5)) & u8(1), u8(0))  # rows past the image: no taps
+        real8 = masked(pos, (t2 >> u8(5)) & u8(1))  # masked rows past the image: no taps
         match8 = real8 & (neg8 ^ tirx.Cast("uint8", b) ^ u8(1))
-        real = tirx.popcount(mask[n, c, r, ow]) + real8
-        # 0..11, so S + 9 stays in 0..18; pixel-padding rows (empty mask) come out at 9, S = 0.
+        real = tirx.popcount(mask[(n, c, *pos)]) + real8
+        # 0..11, so S + 9 stays in 0..18; masked pixel-padding rows come out at 9, S = 0.
         return match8 * u8(2) + (u8(9) - real)
 
-    plane = te.compute(shp(n_, c_, 2, rows, ow_), bias, name="patch_bias")
+    plane = te.compute(shp(n_, c_, 2, *plane_shape), bias, name="patch_bias")
 
     # Per codeword, once per call: taps 0..7 where it is +1, and its bit 8. Read from these in
     # stage 1, each is one load per (channel, codeword) instead of a shift-and-mask chain.
@@ -296,10 +318,10 @@ def sparks_conv2d_compute(
     bit8 = te.compute(shp(k_), lambda k: tirx.floormod(codes[k] >> 8, 2), name="code_bit8")
 
     def stage1(n, c, k, p):
-        # S + 9 in 0..18. The patch planes are (rows, OW) row-major, so [p // OW, p % OW] is address p.
-        r, w = p // ow_, p % ow_
-        matches = tirx.popcount((neg[n, c, r, w] ^ agree[k]) & mask[n, c, r, w])
-        return matches * tirx.const(2, "uint8") + plane[n, c, bit8[k], r, w]
+        # S + 9 in 0..18. (rows, OW) patch planes are row-major: [p // OW, p % OW] is address p.
+        pos = (p,) if flat else (p // ow_, p % ow_)
+        matches = tirx.popcount((neg[(n, c, *pos)] ^ agree[k]) & mask[(n, c, *pos)])
+        return matches * tirx.const(2, "uint8") + plane[(n, c, bit8[k], *pos)]
 
     s1 = te.compute(shp(n_, c_, k_, ppad), stage1, name="stage1")
 
