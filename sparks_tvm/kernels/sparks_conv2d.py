@@ -23,7 +23,10 @@ Layout. Output pixels are flattened (``p = oh * OW + ow``) and padded to a multi
 pixel tile ``T``: a schedule then vectorizes over whole machine vectors of pixels whatever
 the image width (7, 14, 28 and 56 are not multiples of 32). Stage 1 is stored as
 ``(N, C, K, P)`` uint8 so that stage 2's inner step is one byte-vector add of a contiguous
-row ``stage1[n, ci, idx[o, ci], p0:p0+T]``: 64 pixels per AVX-512 add.
+row ``stage1[n, ci, idx[o, ci], p0:p0+T]``: 64 pixels per AVX-512 add. At row stride 1 the
+patch planes are flat over the padded pixels too (row triples are read at ``p + dy * OW``), so
+packing also runs in whole vectors; pixels past ``OH*OW`` then hold arbitrary in-range values
+and are never stored.
 
 Narrow accumulation. Stage 2 sums ``G`` input channels at a time in uint8 (``G * 18 <= 255``,
 so ``G <= 14``), then widens each partial sum into the uint16 (or int32, for very wide
