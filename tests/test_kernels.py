@@ -214,3 +214,42 @@ def test_index_packing_roundtrip(rng, k):
     assert np.array_equal(unpack_indices(packed, k, 37), idx)
     with pytest.raises(ValueError):
         pack_indices(np.full((2, 2), k), k)
+
+
+@pytest.mark.parametrize(
+    "geom, tile",
+    [
+        (ConvGeometry(1, 5, 7, 7, 3), 64),  # 49 pixels, 15 padding pixels: rows read past the image
+        (ConvGeometry(2, 3, 6, 1, 4), 64),  # OW = 1: 58 padding pixels, each its own row
+        (ConvGeometry(1, 4, 9, 9, 5, padding=(0, 0, 0, 0)), 16),  # unpadded: the extra rows are all padding
+        (ConvGeometry(1, 6, 8, 5, 3, padding=(0, 1, 2, 0)), 256),  # asymmetric, bottom rows padded by 2
+        (ConvGeometry(1, 3, 5, 5, 2, stride=(1, 2)), 32),  # row stride 1, column stride 2
+    ],
+)
+def test_flat_patch_planes_exact(rng, geom, tile):
+    """At row stride 1 the patch planes are flat over the padded pixels and read row triples
+    past the image (their rows extended with zero padding): stored pixels stay exact, the
+    triples cover every row read, and the plane really is flat (so this covers that path)."""
+    from schedules.host import schedule_sparks_conv2d
+    from sparks_tvm.kernels import pack_indices, sparks_conv2d_primfunc, sparks_out_shape
+    from sparks_tvm.kernels.sparks_conv2d import padded_pixels
+    from sparks_tvm.target import host_target
+    import tvm
+
+    func = sparks_conv2d_primfunc(geom, 8, "sign", tile)
+    bufs = {b.name: b for b in func.body.block.alloc_buffers}
+    ppad = padded_pixels(geom, tile)
+    assert [int(d) for d in bufs["patch_neg"].shape] == [geom.batch, geom.in_channels, ppad]
+    # Pixel p reads triple rows p // OW + 0..2: the triples must have that many rows (reads
+    # past a TVM buffer are not bound-checked, so this is asserted, not left to chance).
+    assert int(bufs["row_triple"].shape[2]) >= -(-ppad // geom.out_width) + 2
+    lib = tvm.compile(schedule_sparks_conv2d(func, tile=tile, block=1).with_attr("global_symbol", "main"),
+                      target=host_target()).jit()
+    codebook, idx = random_layer(rng, geom, 8)
+    x = random_activations(rng, geom.in_shape)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(sparks_out_shape(geom), np.int32), dev)
+    lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(ref.codes_to_bits(codebook), dev),
+                tvm.runtime.tensor(pack_indices(idx, 8), dev), out)
+    expect = ref.sparks_conv2d_ref(ref.binarize(x, "sign"), codebook, idx, geom.stride, geom.padding)
+    assert np.array_equal(out.numpy().reshape(geom.out_shape), expect)
