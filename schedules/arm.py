@@ -9,7 +9,7 @@ improvement made there. This file only fixes what differs on an ARM board:
 - the vector width: NEON registers are 128 bits (16 bytes). ``tirx.popcount`` on a vector of
   bytes (the Sparks op's stage 1 works on byte lanes) lowers through LLVM to ``cnt v.16b``,
   which the tests check in the cross-compiled ELF's disassembly;
-- the Sparks op's pixel tile (see :attr:`ArmSchedules.sparks_pixel_tile`), picked by counting
+- the Sparks op's pixel tile (see :meth:`ArmSchedules.sparks_tile`), picked by counting
   instructions on the emulated Pi.
 """
 
@@ -47,11 +47,21 @@ class ArmSchedules(HostSchedules):
         return cls(cores=max(1, cores))
 
     #: Stage-2 pixel tile of the Sparks op on NEON, chosen with benchmarks/bench_arm_icount.py's
-    #: instruction counter (K=16, the 7 ResNet-18 shapes, one call each). int16 stage 1: 64 gave
+    #: instruction counter (the 7 ResNet-18 shapes, one call each). int16 stage 1: 64 gave
     #: 15-25% fewer aarch64 instructions than the host rule's 32 for 16-byte vectors. int8 stage 1:
-    #: 64 -> 47.6 M, 32 -> 48.0 M, 128 -> 66.9 M. Byte-lane stage 1 (current kernel): 32 -> 32.5 M,
-    #: 64 -> 33.9 M, 128 -> 45.2 M in total (32 wins on 4 of 7 layers); 32.
+    #: 64 -> 47.6 M, 32 -> 48.0 M, 128 -> 66.9 M. Byte-lane stage 1: 32 -> 32.5 M, 64 -> 33.9 M,
+    #: 128 -> 45.2 M in total (32 wins on 4 of 7 layers); 32.
     sparks_pixel_tile = 32
+    #: The tile for row-stride-1 layers of more than one tile, whose patch planes are flat
+    #: (whole vectors over the padded pixels): 64 there is 10-20% fewer instructions at every
+    #: K (K=16: 64->64 6.10 -> 5.41 M, 128->128 4.72 -> 4.24 M, 256->256 5.31 -> 4.81 M), while
+    #: the stride-2 and 7x7 layers stay best at 32 (64->128 s2: 3.06 M at 32, 3.64 M at 64).
+    flat_pixel_tile = 64
+
+    def sparks_tile(self, geom) -> int:
+        """NEON pixel tile for one layer (see :attr:`flat_pixel_tile`)."""
+        many = geom.out_height * geom.out_width > self.flat_pixel_tile
+        return self.flat_pixel_tile if geom.stride[0] == 1 and many else self.sparks_pixel_tile
 
     def sparks_params(self, geom, num_codewords: int) -> dict:
         """The host core's knobs, with the NEON pixel tile (channel block and chunks follow it)."""
@@ -60,7 +70,7 @@ class ArmSchedules(HostSchedules):
         from . import host
 
         knobs = super().sparks_params(geom, num_codewords)
-        tile = self.sparks_pixel_tile
+        tile = self.sparks_tile(geom)
         if knobs.get("tile") != tile:
             tiles = geom.batch * padded_pixels(geom, tile) // tile
             knobs.update(tile=tile, block=host.groups_per_block(geom.in_channels, num_codewords, tile, DEFAULT_GROUP),

@@ -137,9 +137,12 @@ def test_arm_sparks_knobs():
     from sparks_tvm.kernels import ConvGeometry
 
     arm = schedules.for_target(resolve_target("arm_cpu"))
-    for geom in (ConvGeometry(1, 64, 56, 56, 64), ConvGeometry(1, 512, 7, 7, 512), ConvGeometry(2, 33, 5, 9, 17)):
+    # NEON choices (instruction counts): 64 for stride-1 layers of several tiles, else 32.
+    for geom, tile in ((ConvGeometry(1, 64, 56, 56, 64), 64), (ConvGeometry(1, 256, 14, 14, 256), 64),
+                       (ConvGeometry(1, 64, 56, 56, 128, stride=(2, 2)), 32), (ConvGeometry(1, 512, 7, 7, 512), 32),
+                       (ConvGeometry(2, 33, 5, 9, 17), 32)):
         knobs = arm.sparks_params(geom, 16)
-        assert knobs["tile"] == arm.sparks_pixel_tile == 32  # NEON choice (instruction counts)
+        assert knobs["tile"] == tile, geom
         assert 1 <= knobs["block"] <= geom.in_channels
     # A 7x7 layer is two pixel tiles: its output channels are split so that 4 cores get work.
     assert arm.sparks_params(ConvGeometry(1, 512, 7, 7, 512), 16)["o_chunks"] >= 4

@@ -71,6 +71,8 @@ def _small_layers():
         (ConvGeometry(1, 40, 11, 6, 24, stride=(2, 2)), 16, "ge"),
         (ConvGeometry(3, 5, 5, 5, 3, stride=(2, 2), padding=(0, 0, 0, 0)), 2, "gt"),
         (ConvGeometry(1, 64, 8, 8, 70, stride=(1, 1), padding=(1, 0, 1, 0)), 64, "sign"),
+        # stride 1, 143 pixels: NEON's 64-pixel tile (flat planes), the last tile partial
+        (ConvGeometry(2, 19, 11, 13, 21, stride=(1, 1)), 16, "sign"),
     ]
     rand = []
     for _ in range(3):
