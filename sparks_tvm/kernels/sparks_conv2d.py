@@ -249,7 +249,7 @@ def sparks_conv2d_compute(
         bits = te.compute(shp(n_, c_, hp, sw, -(-wp // sw)), split, name="bin_pad")
 
     def in_rows(r, value, zero):
-        return value if flat or rows == oh_ else tirx.if_then_else(r < oh_, value, zero)
+        return value if rows == oh_ else tirx.if_then_else(r < oh_, value, zero)
 
     u8 = lambda v: tirx.const(v, "uint8")  # noqa: E731
 
