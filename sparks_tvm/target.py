@@ -15,29 +15,17 @@ logger = logging.getLogger("sparks_tvm")
 
 
 def host_cpu_count() -> int:
-    """Threads the host's kernels are split for: ``TVM_NUM_THREADS`` when set, else the CPUs
-    this process may run on.
-
-    ``TVM_NUM_THREADS`` is the size of TVM's thread pool when the model runs. Split for more
-    threads than it runs on, a kernel does extra work for nothing: a 7x7 Sparks layer split
-    into output-channel chunks for 2 cores recomputes stage 1 per chunk (512->512 on 1
-    thread: 0.173 ms built for 2 cores, 0.147 ms built for 1).
-    """
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        cpus = os.cpu_count() or 1
-    threads = os.environ.get("TVM_NUM_THREADS", "").strip()
-    if threads.isdigit() and int(threads) > 0:
-        return int(threads)
-    return cpus
+        return os.cpu_count() or 1
 
 
 def host_target() -> tvm.target.Target:
     """This machine's CPU, with its real vector and popcount instructions.
 
     TVM's bare ``"llvm"`` is a generic x86-64 with neither; ``mcpu`` comes from LLVM's
-    host detection instead. ``num-cores`` is :func:`host_cpu_count`.
+    host detection instead.
     """
     return tvm.target.Target(
         {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": host_cpu_count()}

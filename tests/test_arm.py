@@ -82,18 +82,6 @@ def test_arm_aliases(alias, mcpu):
     assert "arm_cpu" in [str(k) for k in tgt.keys]
 
 
-@pytest.mark.parametrize("env, expect", [("1", 1), ("3", 3), ("", None), ("zero", None), ("0", None)])
-def test_host_target_cores_follow_tvm_num_threads(monkeypatch, env, expect):
-    """The host alias splits kernels for TVM's thread pool (TVM_NUM_THREADS) when it is set to a
-    positive count, else for the CPUs this process may use; the ARM boards keep their cores."""
-    import os
-
-    monkeypatch.setenv("TVM_NUM_THREADS", env)
-    cores = int(resolve_target("llvm").attrs["num-cores"])
-    assert cores == (expect if expect is not None else len(os.sched_getaffinity(0)))
-    assert int(resolve_target("rpi4").attrs["num-cores"]) == 4
-
-
 def test_resolved_target_is_logged_as_json(caplog):
     with caplog.at_level(logging.INFO, logger="sparks_tvm"):
         resolve_target("arm_cpu")
