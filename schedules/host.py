@@ -216,13 +216,15 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         sch.vectorize(sch.split(op, [None, lanes])[1])
     sch.decompose_reduction(s2, gb)
 
+    # Row stride 1: the patch planes are flat, (n, c, padded pixel), not (n, c, row, column).
+    flat = len(sch.get_loops(sch.get_sblock("patch_neg"))) == 3
     for name in ("row_triple", "patch_neg", "patch_mask", "patch_bias"):
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
         sch.parallel(sch.fuse(*loops[:2]))
-        if name != "row_triple" and len(loops) == (3 if name != "patch_bias" else 4):
-            # Flat planes (row stride 1): whole vectors over the padded pixels, a multiple of
-            # the tile (64->64: 5% over one ragged vector of OW lanes per row; 256->256: 15%).
+        if flat and name != "row_triple":
+            # Whole vectors over the padded pixels, a multiple of the tile (64->64: 5% over
+            # one ragged vector of OW lanes per row; 256->256: 15%).
             lanes = math.gcd(_extent(sch, loops[-1]), 64)
             sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
         else:
