@@ -46,7 +46,12 @@ MODE = "sign"
 VARIANTS = [{"vec": 1}, {"vec": 2}, {"out_regs": 4}, {"out_regs": 16}, {"out_threads": 16},
             {"out_threads": 16, "out_regs": 16}, {"group": 4}, {"group": 2}, {"threads_x": 16}, {"threads_x": 32},
             {"vec": 2, "out_regs": 4}, {"vec": 2, "out_threads": 16, "out_regs": 4}, {"vec": 2, "threads_x": 8},
-            {"vec": 4, "threads_x": 8, "out_regs": 4}, {"threads_x": 8}]
+            {"vec": 4, "threads_x": 8, "out_regs": 4}, {"threads_x": 8},
+            # Fewer output channels or pixels per block: more blocks for batch-1 grids.
+            {"out_regs": 1}, {"out_regs": 2}, {"out_threads": 16, "out_regs": 1}, {"out_threads": 16, "out_regs": 2},
+            {"out_threads": 32, "out_regs": 1}, {"out_threads": 4, "out_regs": 2}, {"out_regs": 2, "group": 4},
+            {"threads_x": 8, "vec": 1, "out_regs": 2}, {"threads_x": 8, "vec": 1, "out_regs": 4},
+            {"threads_x": 8, "vec": 2, "out_regs": 2}]
 
 
 def _name(cin, cout, side, stride, batch, k):

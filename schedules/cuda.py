@@ -24,12 +24,16 @@ The dense binary conv (the comparison baseline) has its own tiled schedule in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 
 #: Budget for the shared stage-1 block, in 32-bit words (32 KB, under the 48 KB static limit).
 SHARED_WORDS = 8192
+#: Grids of fewer thread blocks than this take the small-grid knobs
+#: (:meth:`GpuSparksParams.for_small_grid`): about two waves on a 132-SM H100.
+SMALL_GRID_BLOCKS = 256
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,32 @@ class GpuSparksParams:
         elif words >= 256:
             threads_x = 16  # 56x56: smaller blocks measured 1.1x faster
         out_regs = max(1, min(out_regs, -(-geom.out_channels // out_threads)))
-        return cls(threads_x, vec, out_threads, out_regs, group)
+        params = cls(threads_x, vec, out_threads, out_regs, group)
+        if params.blocks(geom) < SMALL_GRID_BLOCKS:
+            params = params.for_small_grid(geom)
+        return params
+
+    def blocks(self, geom) -> int:
+        """Thread blocks in the fused kernel's grid: images x output-channel blocks x pixel tiles."""
+        words = -(-geom.out_height * geom.out_width // 4)
+        return geom.batch * -(-geom.out_channels // self.out_block) * -(-words // self.tile_words)
+
+    def for_small_grid(self, geom) -> "GpuSparksParams":
+        """Smaller blocks for grids that would leave most of the GPU idle (batch 1, deep layers).
+
+        The knobs above were chosen at batch 64. At batch 1 they give 4 to 49 blocks, and each
+        block runs all the input channels one after another. Two output channels per thread and,
+        on images under 128 words, 8-word pixel tiles, gave 1.2x-2.3x on every ResNet-18 layer
+        at batch 1 (NVIDIA H100, ``benchmarks/results/cuda_b1_variants.md``). Each extra
+        output-channel block recomputes its tile's stage 1, which the idle SMs absorb.
+        """
+        words = -(-geom.out_height * geom.out_width // 4)
+        if words < 128:
+            threads_x, vec, out_threads = 8, 1, self.out_threads
+        else:
+            threads_x, vec, out_threads = self.threads_x, 1, 16
+        out_regs = max(1, min(2, -(-geom.out_channels // out_threads)))
+        return dataclasses.replace(self, threads_x=threads_x, vec=vec, out_threads=out_threads, out_regs=out_regs)
 
 
 def _bind_elementwise(sch, block_name: str, threads: int = 256) -> None:

@@ -20,6 +20,7 @@ from kernel_utils import build, random_activations, random_layer
 from schedules.cuda import CudaSchedules, GpuSparksParams
 from tvm import s_tir
 from sparks_tvm import models
+from sparks_tvm.cost import RESNET18_BINARY_LAYERS
 from sparks_tvm import reference as ref
 from sparks_tvm.kernels import ConvGeometry, pack_indices, sparks_out_shape
 from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
@@ -219,8 +220,28 @@ SCHEDULED_SPARKS = [
     (ConvGeometry(1, 40, 9, 8, 33, padding=(0, 1, 1, 0)), 32, "ge", None),
     (ConvGeometry(1, 3, 5, 70, 4), 4, "gt", None),  # byte-code patch path
     (ConvGeometry(2, 21, 12, 12, 20), 8, "sign", GpuSparksParams(threads_x=4, vec=2, out_threads=2, out_regs=3, group=4)),
-    (ConvGeometry(1, 300, 4, 4, 260), 16, "sign", None),  # wide-layer knobs (128 outputs per block)
+    (ConvGeometry(1, 300, 4, 4, 260), 16, "sign", None),  # small-grid knobs (batch 1)
+    # The wide-layer knobs that large batches get (128 output channels per block).
+    (ConvGeometry(1, 300, 4, 4, 260), 16, "sign", GpuSparksParams(threads_x=16, vec=1, out_threads=16, out_regs=8, group=8)),
 ]
+
+
+def test_small_grids_get_more_blocks():
+    """Batch-1 grids that would leave most SMs idle take the small-grid knobs; batch 64 keeps
+    the knobs measured there. Both stay within the shared-memory budget."""
+    from schedules.cuda import SMALL_GRID_BLOCKS
+
+    for cin, cout, side, stride in RESNET18_BINARY_LAYERS:
+        big = GpuSparksParams.for_layer(ConvGeometry(64, cin, side, side, cout, stride=(stride, stride)), 16)
+        geom = ConvGeometry(1, cin, side, side, cout, stride=(stride, stride))
+        small = GpuSparksParams.for_layer(geom, 16)
+        assert big.blocks(geom) < SMALL_GRID_BLOCKS  # the batch-64 knobs would underfill the GPU
+        assert small == big.for_small_grid(geom) and small.out_regs == 2
+        assert small.blocks(geom) >= 2 * big.blocks(geom)
+        small.validate(16)
+        assert small.shared_words(16) <= big.shared_words(16)
+    deep = ConvGeometry(64, 512, 7, 7, 512)
+    assert GpuSparksParams.for_layer(deep, 16).blocks(deep) >= SMALL_GRID_BLOCKS
 
 
 @pytest.mark.parametrize("many_planes", [False, True])
