@@ -51,7 +51,9 @@ VARIANTS = [{"vec": 1}, {"vec": 2}, {"out_regs": 4}, {"out_regs": 16}, {"out_thr
             {"out_regs": 1}, {"out_regs": 2}, {"out_threads": 16, "out_regs": 1}, {"out_threads": 16, "out_regs": 2},
             {"out_threads": 32, "out_regs": 1}, {"out_threads": 4, "out_regs": 2}, {"out_regs": 2, "group": 4},
             {"threads_x": 8, "vec": 1, "out_regs": 2}, {"threads_x": 8, "vec": 1, "out_regs": 4},
-            {"threads_x": 8, "vec": 2, "out_regs": 2}]
+            {"threads_x": 8, "vec": 2, "out_regs": 2},
+            # Split-K: the input channels shared among 2, 4 or 8 blocks per output tile.
+            {"splits": 2}, {"splits": 4}, {"splits": 8}, {"splits": 4, "out_regs": 4}, {"splits": 8, "out_regs": 4}]
 
 
 def _name(cin, cout, side, stride, batch, k):
@@ -101,13 +103,15 @@ def build(args) -> None:
                     default = sched.sparks_params(geom, k)
                     for change in VARIANTS:
                         params = dataclasses.replace(default, **change)
-                        try:
+                        if params == default:
+                            continue
+                        try:  # over a limit, or splits that do not divide the channel groups
                             params.validate(k)
+                            func = sched.schedule_sparks_conv2d(geom, k, MODE, params)
                         except ValueError:
                             continue
-                        if params != default:
-                            tag = "sparks@" + ",".join(f"{key}={val}" for key, val in sorted(change.items()))
-                            kernels.append((tag, sched.schedule_sparks_conv2d(geom, k, MODE, params)))
+                        tag = "sparks@" + ",".join(f"{key}={val}" for key, val in sorted(change.items()))
+                        kernels.append((tag, func))
                 for kind, func in kernels:
                     lib = tvm.compile(func.with_attr("global_symbol", "main"), target=target)
                     libs[kind] = f"{name}_{kind.replace('@', '_').replace(',', '_').replace('=', '')}.so"

@@ -13,6 +13,10 @@ The Sparks op runs as one fused kernel (plus two small preparation kernels) buil
             acc[o] += widen(part)                       # two words of 16-bit lanes
     out[n, o, 4x:4x+4] = acc - 9*C                       # int32, coalesced
 
+Small grids (batch 1) take smaller blocks, and layers of 128+ input channels split those
+channels among blocks (split-K, ``GpuSparksParams.splits``): each block then stores its
+partial sums, and a second elementwise kernel adds the splits and writes ``out``.
+
 Inside a warp every thread reads the same codeword row (same ``o``) at consecutive words,
 so the gather is conflict-free in shared memory and the index load is a broadcast. The
 packed patch words (``patch``) and the tau-bit index unpacking are separate elementwise
@@ -34,6 +38,10 @@ SHARED_WORDS = 8192
 #: Grids of fewer thread blocks than this take the small-grid knobs
 #: (:meth:`GpuSparksParams.for_small_grid`): about two waves on a 132-SM H100.
 SMALL_GRID_BLOCKS = 256
+#: Small grids over at least this many channel groups split their input channels among blocks,
+#: up to 8 splits or until the grid has SPLIT_BLOCKS blocks (:meth:`GpuSparksParams.for_small_grid`).
+SPLIT_MIN_GROUPS = 16
+SPLIT_BLOCKS = 128
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,10 @@ class GpuSparksParams:
         Output channels per thread (register accumulators).
     group : int
         Input channels per shared stage-1 block (and per byte-lane partial sum).
+    splits : int
+        Thread blocks sharing one output tile, each over its own share of the input channels
+        (split-K); a second, elementwise kernel adds their partial sums. Must divide the
+        channel groups.
     """
 
     threads_x: int = 32
@@ -60,6 +72,7 @@ class GpuSparksParams:
     out_threads: int = 8
     out_regs: int = 8
     group: int = 8
+    splits: int = 1
 
     @property
     def tile_words(self) -> int:
@@ -111,7 +124,7 @@ class GpuSparksParams:
     def blocks(self, geom) -> int:
         """Thread blocks in the fused kernel's grid: images x output-channel blocks x pixel tiles."""
         words = -(-geom.out_height * geom.out_width // 4)
-        return geom.batch * -(-geom.out_channels // self.out_block) * -(-words // self.tile_words)
+        return geom.batch * -(-geom.out_channels // self.out_block) * -(-words // self.tile_words) * self.splits
 
     def for_small_grid(self, geom) -> "GpuSparksParams":
         """Smaller blocks for grids that would leave most of the GPU idle (batch 1, deep layers).
@@ -120,7 +133,9 @@ class GpuSparksParams:
         block runs all the input channels one after another. Two output channels per thread and,
         on images under 128 words, 8-word pixel tiles, gave 1.2x-2.3x on every ResNet-18 layer
         at batch 1 (NVIDIA H100, ``benchmarks/results/cuda_b1_variants.md``). Each extra
-        output-channel block recomputes its tile's stage 1, which the idle SMs absorb.
+        output-channel block recomputes its tile's stage 1, which the idle SMs absorb. Layers
+        of 128+ input channels then also split them among blocks
+        (``benchmarks/results/cuda_b1_splits.md``).
         """
         words = -(-geom.out_height * geom.out_width // 4)
         if words < 128:
@@ -128,7 +143,22 @@ class GpuSparksParams:
         else:
             threads_x, vec, out_threads = self.threads_x, 1, 16
         out_regs = max(1, min(2, -(-geom.out_channels // out_threads)))
-        return dataclasses.replace(self, threads_x=threads_x, vec=vec, out_threads=out_threads, out_regs=out_regs)
+        params = dataclasses.replace(self, threads_x=threads_x, vec=vec, out_threads=out_threads, out_regs=out_regs)
+        groups = -(-geom.in_channels // self.group)
+        if groups < SPLIT_MIN_GROUPS or params.blocks(geom) >= SPLIT_BLOCKS:
+            return params
+        # Deep layers: split the input channels among blocks (split-K) until the grid has
+        # SPLIT_BLOCKS blocks, with four output channels per thread. On the H100 this beat the
+        # unsplit small-grid knobs 1.2x (128->128) to 2.6x (512->512, 7x7) at batch 1; on
+        # 64-channel layers every split was slower (8 groups leave too little work per block).
+        wide = dataclasses.replace(params, out_regs=max(1, min(4, -(-geom.out_channels // out_threads))))
+        best = params
+        for splits in (2, 4, 8):
+            if groups % splits == 0:
+                best = dataclasses.replace(wide, splits=splits)
+                if best.blocks(geom) >= SPLIT_BLOCKS:
+                    break
+        return best
 
 
 def _bind_elementwise(sch, block_name: str, threads: int = 256) -> None:
@@ -213,14 +243,21 @@ def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
     """
     tx, vec, ty, orr = params.threads_x, params.vec, params.out_threads, params.out_regs
     acc = sch.get_sblock("stage2")
-    n, o, h, q, g = sch.get_loops(acc)
+    loops = sch.get_loops(acc)
+    split = len(loops) == 6  # (n, o, split, h, q, g): the kernel was built with channel splits
+    n, o, *s, h, q, g = loops
     qb, qt, qv = sch.split(q, [None, tx, vec])
     ob, oy, oreg = sch.split(o, [None, ty, orr])
-    sch.reorder(n, ob, qb, oy, qt, g, oreg, h, qv)
-    sch.bind(sch.fuse(n, ob, qb), "blockIdx.x")
+    sch.reorder(n, ob, *s, qb, oy, qt, g, oreg, h, qv)
+    sch.bind(sch.fuse(n, ob, *s, qb), "blockIdx.x")
     sch.bind(oy, "threadIdx.y")
     sch.bind(qt, "threadIdx.x")
-    sch.set_scope(acc, 0, "local")
+    if split:
+        # Partial sums accumulate in registers and go to global memory once per thread; the
+        # splits of a pixel are added by `out`, a second kernel.
+        write_back = sch.cache_write(acc, 0, "local")
+    else:
+        sch.set_scope(acc, 0, "local")
     # Unrolled so that the per-thread accumulators are registers, not local memory.
     for loop in (oreg, h, qv):
         sch.unroll(loop)
@@ -271,10 +308,16 @@ def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
     sch.unroll(kc_o)
     sch.unroll(xo)
 
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, qt)
-    for loop in sch.get_loops(out)[-2:]:
-        sch.unroll(loop)
+    if split:
+        sch.reverse_compute_at(write_back, qt)
+        for loop in sch.get_loops(write_back)[3:]:  # under (block, oy, x): (oreg, h, qv)
+            sch.unroll(loop)
+        _bind_elementwise(sch, "out")
+    else:
+        out = sch.get_sblock("out")
+        sch.reverse_compute_at(out, qt)
+        for loop in sch.get_loops(out)[-2:]:
+            sch.unroll(loop)
     init = sch.decompose_reduction(acc, g)
     for loop in sch.get_loops(init)[-3:]:
         sch.unroll(loop)
@@ -311,7 +354,7 @@ class CudaSchedules:
 
         params = params or self.sparks_params(geom, num_codewords)
         params.validate(num_codewords)
-        func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group)
+        func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits)
         sch = apply_sparks_gpu_schedule(s_tir.Schedule(func), params)
         return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 

@@ -222,8 +222,8 @@ def binary_space(geom):
 def cuda_sparks_space(params):
     """The CUDA Sparks kernel's design space around the default knobs ``params``.
 
-    The kernel is built with ``params.tile_words`` and ``params.group`` (they shape the
-    computation), so the space keeps them and varies how the tile is mapped:
+    The kernel is built with ``params.tile_words``, ``params.group`` and ``params.splits``
+    (they shape the computation), so the space keeps them and varies how the tile is mapped:
 
     - structure (one design space each): stage-1 words per thread ``vec`` in {1, 2, 4}
       dividing the tile, with ``threads_x = tile_words / vec`` (so the default is one point);
@@ -479,7 +479,7 @@ def _make_cuda_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTa
         from .cuda import apply_sparks_gpu_schedule
 
         params = base.sparks_params(geom, num_codewords)
-        func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group)
+        func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits)
         mod = tvm.IRModule({WORKLOAD_NAME: func.with_attr("global_symbol", WORKLOAD_NAME)})
 
         def default_schedule():

@@ -120,8 +120,11 @@ def gpu_layers(draw):
         batch=draw(st.integers(1, 3)), in_channels=draw(st.integers(1, 45)),
         height=draw(st.integers(3, 12)), width=draw(st.integers(3, 12)), out_channels=draw(st.integers(1, 20)),
         stride=(stride, stride), padding=draw(st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (0, 1, 1, 0)])))
+    group = draw(st.integers(1, 14))
+    groups = -(-geom.in_channels // group)
+    splits = draw(st.sampled_from([d for d in range(1, groups + 1) if groups % d == 0]))
     return (geom, draw(st.integers(2, 64)), draw(st.sampled_from(["sign", "ge", "gt"])),
-            draw(st.sampled_from([1, 2, 8, 32])), draw(st.integers(1, 14)), draw(st.integers(0, 2**31)),
+            draw(st.sampled_from([1, 2, 8, 32])), group, splits, draw(st.integers(0, 2**31)),
             draw(st.sampled_from([0.2, 0.9])))
 
 
@@ -136,29 +139,32 @@ def test_gpu_form_exact_on_cpu(case):
     Built unscheduled for the CPU: what the CUDA schedule then does is a loop transformation
     of this same computation.
     """
-    geom, k, mode, tile_words, group, seed, zeros = case
+    geom, k, mode, tile_words, group, splits, seed, zeros = case
     rng = np.random.default_rng(seed)
     codebook, idx = random_layer(rng, geom, k)
     # Mostly-zero inputs give patches with no real tap at all (S = 0 must still carry the bias).
     x = random_activations(rng, geom.in_shape, zero_frac=zeros)
-    _assert_sparks_exact_on_cpu(sparks_conv2d_gpu_primfunc(geom, k, mode, tile_words, group), geom, x, codebook, idx, mode)
+    func = sparks_conv2d_gpu_primfunc(geom, k, mode, tile_words, group, splits)
+    _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, mode)
 
 
-def test_gpu_form_wide_layer_uses_32bit_lanes():
-    """Past 3640 input channels 16-bit lanes could overflow: the 4-lane accumulator is used and exact."""
+@pytest.mark.parametrize("splits", [1, 5])
+def test_gpu_form_wide_layer_uses_32bit_lanes(splits):
+    """Past 3640 input channels 16-bit lanes could overflow: the 4-lane accumulator is used and
+    exact, also when the channels are split (265 groups of 14 = 5 x 53)."""
     geom = ConvGeometry(1, 3700, 3, 3, 2, padding=(1, 1, 1, 1))
     rng = np.random.default_rng(0)
     codebook, idx = random_layer(rng, geom, 2)
     x = np.full(geom.in_shape, -1.0, np.float32)  # every tap agrees with a codeword: the largest sums
     codebook[:] = -1
-    func = sparks_conv2d_gpu_primfunc(geom, 2, "sign", 1, 14)
+    func = sparks_conv2d_gpu_primfunc(geom, 2, "sign", 1, 14, splits)
     assert "stage2" in func.script() and "T.int64(4)" in func.script()
     want = _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, "sign")
     assert want.max() == 9 * 3700
 
 
 @pytest.mark.parametrize("shape,k", [((64, 64, 56, 56, 64), 16), ((1, 512, 7, 7, 512), 64), ((2, 3, 5, 5, 1), 2),
-                                     ((1, 8, 9, 70, 4), 16)])
+                                     ((1, 8, 9, 70, 4), 16), ((64, 512, 7, 7, 512), 16)])
 def test_sparks_cuda_kernel_structure(shape, k):
     """The Sparks kernel is the fused shared-memory kernel: __popc stage 1 in __shared__, one
     barrier per channel group, per-thread register accumulators; it builds with nvcc without spills."""
@@ -174,6 +180,11 @@ def test_sparks_cuda_kernel_structure(shape, k):
     body = fused[0]
     assert "__popc" in body and "__syncthreads" in body and "threadIdx.y" in body
     assert "stage2_local_ptr[" in body and "stage2_local_ptr[(" not in body  # unrolled: registers, no dynamic index
+    if params.splits > 1:  # split-K: the blocks' partial sums go to global memory, a second kernel adds them
+        adders = [b for b in bodies if "stage2_ptr[" in b and "stage1_shared" not in b]
+        assert len(adders) == 1 and "stage2_ptr[" in body
+    else:
+        assert "stage2_ptr[" not in src
     if params.group == 8:  # a group's eight indices: one 64-bit vector load
         assert "*(uint2*)(idx_unpack_local_ptr" in body
     if shape[3] + 2 <= 64:  # rows binarized into 64-bit words, patches assembled from them
@@ -223,12 +234,18 @@ SCHEDULED_SPARKS = [
     (ConvGeometry(1, 300, 4, 4, 260), 16, "sign", None),  # small-grid knobs (batch 1)
     # The wide-layer knobs that large batches get (128 output channels per block).
     (ConvGeometry(1, 300, 4, 4, 260), 16, "sign", GpuSparksParams(threads_x=16, vec=1, out_threads=16, out_regs=8, group=8)),
+    # Split-K: channel shares in separate blocks, added by a second kernel (tail group included).
+    (ConvGeometry(2, 21, 9, 7, 11, stride=(2, 2)), 8, "sign",
+     GpuSparksParams(threads_x=4, vec=2, out_threads=2, out_regs=3, group=4, splits=3)),
+    (ConvGeometry(1, 64, 5, 5, 20), 16, "ge", GpuSparksParams(threads_x=8, vec=1, out_threads=4, out_regs=2, group=8,
+                                                               splits=8)),
 ]
 
 
 def test_small_grids_get_more_blocks():
-    """Batch-1 grids that would leave most SMs idle take the small-grid knobs; batch 64 keeps
-    the knobs measured there. Both stay within the shared-memory budget."""
+    """Batch-1 grids that would leave most SMs idle take the small-grid knobs (deep layers split
+    their input channels); batch 64 keeps the knobs measured there. Both stay within the
+    shared-memory budget."""
     from schedules.cuda import SMALL_GRID_BLOCKS
 
     for cin, cout, side, stride in RESNET18_BINARY_LAYERS:
@@ -236,8 +253,11 @@ def test_small_grids_get_more_blocks():
         geom = ConvGeometry(1, cin, side, side, cout, stride=(stride, stride))
         small = GpuSparksParams.for_layer(geom, 16)
         assert big.blocks(geom) < SMALL_GRID_BLOCKS  # the batch-64 knobs would underfill the GPU
-        assert small == big.for_small_grid(geom) and small.out_regs == 2
+        assert small == big.for_small_grid(geom)
         assert small.blocks(geom) >= 2 * big.blocks(geom)
+        # 128+ input channels: split among blocks (measured slower on the 64-channel layers).
+        assert (small.splits > 1) == (cin >= 128)
+        assert -(-cin // small.group) % small.splits == 0
         small.validate(16)
         assert small.shared_words(16) <= big.shared_words(16)
     deep = ConvGeometry(64, 512, 7, 7, 512)
@@ -260,7 +280,8 @@ def test_scheduled_sparks_cuda_kernel_on_cpu(geom, k, mode, params, many_planes,
     rng = np.random.default_rng(k)
     codebook, idx = random_layer(rng, geom, k)
     x = random_activations(rng, geom.in_shape, zero_frac=0.5)
-    func = _unbound(apply_sparks_gpu_schedule, sparks_conv2d_gpu_primfunc(geom, k, mode, params.tile_words, params.group),
+    func = _unbound(apply_sparks_gpu_schedule, sparks_conv2d_gpu_primfunc(geom, k, mode, params.tile_words, params.group,
+                                                                  params.splits),
                     params)
     _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, mode)
 

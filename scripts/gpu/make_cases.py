@@ -44,6 +44,10 @@ SPARKS_LAYERS = [
     (2, 513, 6, 5, 17, 2, (1, 1, 1, 1), 16, "ge"),
     (1, 8, 9, 70, 4, 1, (1, 1, 1, 1), 16, "sign"),   # rows wider than 64: byte-code patch path
     (2, 5, 7, 71, 6, 2, (0, 1, 1, 0), 4, "gt"),
+    # Batch-1 deep layers: input channels split among blocks (GpuSparksParams.for_small_grid).
+    (1, 256, 14, 14, 256, 1, (1, 1, 1, 1), 16, "sign"),
+    (1, 512, 7, 7, 512, 1, (1, 1, 1, 1), 16, "ge"),
+    (1, 144, 9, 11, 40, 2, (0, 1, 1, 0), 32, "gt"),
 ]
 #: (N, C, H, W, O, stride, padding, mode)
 BINARY_LAYERS = [

@@ -48,7 +48,8 @@ def padded_words(geom: ConvGeometry, tile_words: int) -> int:
     return -(-words // tile_words) * tile_words
 
 
-def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8):
+def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8,
+                              splits: int = 1):
     """Define the Sparks convolution in the packed-byte GPU form.
 
     Parameters
@@ -64,6 +65,11 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         to whole tiles so that a schedule needs no bounds checks inside a tile.
     group : int
         Input channels G summed with byte-lane adds before widening (1 <= G <= 14).
+    splits : int
+        Channel splits S, dividing the channel groups: ``stage2`` holds S partial sums per
+        pixel, each over its own contiguous share of the groups, and ``out`` adds them. A
+        schedule can then run the splits in separate thread blocks (split-K), for grids that
+        are too small otherwise (batch 1, deep layers).
 
     Returns
     -------
@@ -80,6 +86,9 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         raise ValueError(f"tile_words must be positive, got {tile_words}")
     n_, c_, h_, w_ = geom.in_shape
     o_, k_ = geom.out_channels, num_codewords
+    groups = -(-c_ // group)
+    if splits < 1 or groups % splits:
+        raise ValueError(f"channel splits must divide the {groups} channel groups of {group}, got {splits}")
     oh_, ow_ = geom.out_height, geom.out_width
     pixels = oh_ * ow_
     words = padded_words(geom, tile_words)
@@ -92,7 +101,6 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
     codes = te.placeholder(shp(k_), "int32", name="codes")
     idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
     field_bits = index_bits(k_)
-    groups = -(-c_ // group)
     # Indices unpacked per call to one byte (two past K = 256) per kernel, rows padded to whole
     # channel groups: a thread then loads a group's indices of one output channel as a single
     # aligned vector. Padding entries are 0 and their channels are masked out below.
@@ -191,26 +199,39 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
     parts = te.compute(shp(n_, o_, groups, words), part, name="stage2_part")
     halves = 2 if c_ <= MAX_C_16BIT else LANES
     lane_mask = u32(0x00FF00FF if halves == 2 else 0xFF)
-    g = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", groups)), name="g")
-    acc = te.compute(
-        shp(n_, o_, halves, words),
-        lambda n, o, h, q: te.sum((parts[n, o, g, q] >> tirx.Cast("uint32", h * 8)) & lane_mask, axis=g),
-        name="stage2",
-    )
+    per_split = groups // splits
+    g = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", per_split)), name="g")
+
+    def widen(n, o, group_index, h, q):
+        return (parts[n, o, group_index, q] >> tirx.Cast("uint32", h * 8)) & lane_mask
+
+    if splits == 1:
+        acc = te.compute(shp(n_, o_, halves, words), lambda n, o, h, q: te.sum(widen(n, o, g, h, q), axis=g),
+                         name="stage2")
+    else:
+        acc = te.compute(shp(n_, o_, splits, halves, words),
+                         lambda n, o, s, h, q: te.sum(widen(n, o, s * per_split + g, h, q), axis=g), name="stage2")
 
     def extract(n, o, p):
         lane = p % LANES
-        if halves == 2:
-            field = (acc[n, o, lane % 2, p // LANES] >> tirx.Cast("uint32", (lane // 2) * 16)) & u32(0xFFFF)
-        else:
-            field = acc[n, o, lane, p // LANES]
-        return tirx.Cast("int32", field) - tirx.const(9 * c_, "int32")
+        total = None
+        for s in range(splits):
+            at = (n, o) if splits == 1 else (n, o, s)
+            if halves == 2:
+                field = (acc[(*at, lane % 2, p // LANES)] >> tirx.Cast("uint32", (lane // 2) * 16)) & u32(0xFFFF)
+            else:
+                field = acc[(*at, lane, p // LANES)]
+            field = tirx.Cast("int32", field)
+            total = field if total is None else total + field
+        return total - tirx.const(9 * c_, "int32")
 
     out = te.compute(shp(n_, o_, pixels), extract, name="out")
     return [data, codes, idx, out]
 
 
-def sparks_conv2d_gpu_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8):
+def sparks_conv2d_gpu_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8,
+                               splits: int = 1):
     """Unscheduled PrimFunc of :func:`sparks_conv2d_gpu_compute`, opaque to Relax fusion."""
-    func = nchw_output(te.create_prim_func(sparks_conv2d_gpu_compute(geom, num_codewords, mode, tile_words, group)), geom.out_width)
+    func = nchw_output(te.create_prim_func(sparks_conv2d_gpu_compute(geom, num_codewords, mode, tile_words, group, splits)),
+                       geom.out_width)
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})
