@@ -101,7 +101,11 @@ def build(args) -> None:
                     kernels.append(("binary", sched.schedule_binary_conv2d(geom, MODE)))
                 if batch in args.variants_batch:
                     default = sched.sparks_params(geom, k)
-                    for change in VARIANTS:
+                    if args.batch64_knobs:
+                        big = sched.sparks_params(dataclasses.replace(geom, batch=64), k)
+                        if big != default:
+                            kernels.append(("sparks@batch64_knobs", sched.schedule_sparks_conv2d(geom, k, MODE, big)))
+                    for change in VARIANTS if args.variants is None else args.variants:
                         params = dataclasses.replace(default, **change)
                         if params == default:
                             continue
@@ -278,6 +282,11 @@ def main(argv=None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--variants-batch", type=int, nargs="*", default=[64],
                    help="batch sizes at which the schedule variants (VARIANTS) are built too")
+    b.add_argument("--variants", type=json.loads, default=None, metavar="JSON",
+                   help='a JSON list of knob changes to build instead of VARIANTS, e.g. \'[{"splits": 4}]\'')
+    b.add_argument("--batch64-knobs", action="store_true",
+                   help="at the --variants-batch sizes, also build the kernel with the knobs batch 64 gets "
+                        "(variant sparks@batch64_knobs): the small-grid rule against no rule")
     r = sub.add_parser("run", help="check and time the built kernels on the GPU (TVM runtime + torch)")
     r.add_argument("--dir", default=os.path.join(ROOT, ".gpu", "bench"))
     r.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))

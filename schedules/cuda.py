@@ -38,10 +38,9 @@ SHARED_WORDS = 8192
 #: Grids of fewer thread blocks than this take the small-grid knobs
 #: (:meth:`GpuSparksParams.for_small_grid`): about two waves on a 132-SM H100.
 SMALL_GRID_BLOCKS = 256
-#: Small grids over at least this many channel groups split their input channels among blocks,
-#: up to 8 splits or until the grid has SPLIT_BLOCKS blocks (:meth:`GpuSparksParams.for_small_grid`).
+#: Small grids over at least this many channel groups split their input channels among blocks
+#: (:meth:`GpuSparksParams.for_small_grid`).
 SPLIT_MIN_GROUPS = 16
-SPLIT_BLOCKS = 128
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ class GpuSparksParams:
         at batch 1 (NVIDIA H100, ``benchmarks/results/cuda_b1_variants.md``). Each extra
         output-channel block recomputes its tile's stage 1, which the idle SMs absorb. Layers
         of 128+ input channels then also split them among blocks
-        (``benchmarks/results/cuda_b1_splits.md``).
+        (``benchmarks/results/cuda_b1_splits.md``, ``cuda_b4_b16_splits.md``).
         """
         words = -(-geom.out_height * geom.out_width // 4)
         if words < 128:
@@ -145,20 +144,18 @@ class GpuSparksParams:
         out_regs = max(1, min(2, -(-geom.out_channels // out_threads)))
         params = dataclasses.replace(self, threads_x=threads_x, vec=vec, out_threads=out_threads, out_regs=out_regs)
         groups = -(-geom.in_channels // self.group)
-        if groups < SPLIT_MIN_GROUPS or params.blocks(geom) >= SPLIT_BLOCKS:
+        if groups < SPLIT_MIN_GROUPS:
             return params
-        # Deep layers: split the input channels among blocks (split-K) until the grid has
-        # SPLIT_BLOCKS blocks, with four output channels per thread. On the H100 this beat the
-        # unsplit small-grid knobs 1.2x (128->128) to 2.6x (512->512, 7x7) at batch 1; on
+        # Deep layers: split the input channels among 8 blocks (split-K; 4 or 2 where 8 does not
+        # divide the groups), four output channels per thread. On the H100, at batch 1, 4 and
+        # 16, this was the best or within 9% of the best of 2/4/8 splits x 2/4 channels per
+        # thread on every 128+ channel ResNet-18 layer, 1.2x-2.6x faster than not splitting. On
         # 64-channel layers every split was slower (8 groups leave too little work per block).
-        wide = dataclasses.replace(params, out_regs=max(1, min(4, -(-geom.out_channels // out_threads))))
-        best = params
-        for splits in (2, 4, 8):
+        out_regs = max(1, min(4, -(-geom.out_channels // out_threads)))
+        for splits in (8, 4, 2):
             if groups % splits == 0:
-                best = dataclasses.replace(wide, splits=splits)
-                if best.blocks(geom) >= SPLIT_BLOCKS:
-                    break
-        return best
+                return dataclasses.replace(params, out_regs=out_regs, splits=splits)
+        return params
 
 
 def _bind_elementwise(sch, block_name: str, threads: int = 256) -> None:

@@ -5,6 +5,7 @@ and ``benchmarks/bench_cuda.py`` on a lent GPU machine (results in ``benchmarks/
 Here the GPU form of the arithmetic is checked on the CPU, unscheduled, against the reference.
 """
 
+import itertools
 import re
 import shutil
 
@@ -248,9 +249,9 @@ def test_small_grids_get_more_blocks():
     shared-memory budget."""
     from schedules.cuda import SMALL_GRID_BLOCKS
 
-    for cin, cout, side, stride in RESNET18_BINARY_LAYERS:
+    for (cin, cout, side, stride), batch in itertools.product(RESNET18_BINARY_LAYERS, (1, 4)):
         big = GpuSparksParams.for_layer(ConvGeometry(64, cin, side, side, cout, stride=(stride, stride)), 16)
-        geom = ConvGeometry(1, cin, side, side, cout, stride=(stride, stride))
+        geom = ConvGeometry(batch, cin, side, side, cout, stride=(stride, stride))
         small = GpuSparksParams.for_layer(geom, 16)
         assert big.blocks(geom) < SMALL_GRID_BLOCKS  # the batch-64 knobs would underfill the GPU
         assert small == big.for_small_grid(geom)
