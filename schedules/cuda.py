@@ -342,21 +342,27 @@ class CudaSchedules:
     def for_target(cls, target) -> "CudaSchedules":
         return cls(target)
 
+    #: The kernels can take a per-channel shift of their input (``shift=True``): the binarizer's
+    #: ``x + b`` is then no separate kernel launch.
+    folds_shift = True
+
     def sparks_params(self, geom, num_codewords: int) -> GpuSparksParams:
         return GpuSparksParams.for_layer(geom, num_codewords)
 
-    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, params: GpuSparksParams | None = None):
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, params: GpuSparksParams | None = None,
+                               shift: bool = False):
         """The fused Sparks kernel for one layer (see the module docstring)."""
         from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
 
         params = params or self.sparks_params(geom, num_codewords)
         params.validate(num_codewords)
-        func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits)
+        func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits,
+                                          shift)
         sch = apply_sparks_gpu_schedule(s_tir.Schedule(func), params)
         return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
-    def schedule_binary_conv2d(self, geom, mode: str, params=None) -> tirx.PrimFunc:
+    def schedule_binary_conv2d(self, geom, mode: str, params=None, shift: bool = False) -> tirx.PrimFunc:
         """The dense binary conv: channel-packed words staged in shared memory (schedules.cuda_binary)."""
         from .cuda_binary import schedule_binary_conv2d_cuda
 
-        return schedule_binary_conv2d_cuda(geom, mode, params)
+        return schedule_binary_conv2d_cuda(geom, mode, params, shift)

@@ -262,11 +262,13 @@ def apply_binary_gpu_schedule(sch, params: GpuBinaryParams):
     return sch
 
 
-def schedule_binary_conv2d_cuda(geom, mode: str, params: GpuBinaryParams | None = None) -> tirx.PrimFunc:
-    """The scheduled dense binary conv for one layer (see the module docstring)."""
+def schedule_binary_conv2d_cuda(geom, mode: str, params: GpuBinaryParams | None = None,
+                                shift: bool = False) -> tirx.PrimFunc:
+    """The scheduled dense binary conv for one layer (see the module docstring); ``shift`` as in
+    :func:`sparks_tvm.kernels.binary_conv2d_compute`."""
     from sparks_tvm.kernels import binary_conv2d_primfunc
 
     params = params or GpuBinaryParams.for_layer(geom)
     params.validate(geom)
-    sch = apply_binary_gpu_schedule(s_tir.Schedule(binary_conv2d_primfunc(geom, mode)), params)
+    sch = apply_binary_gpu_schedule(s_tir.Schedule(binary_conv2d_primfunc(geom, mode, shift)), params)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

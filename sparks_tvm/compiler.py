@@ -54,7 +54,8 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
         mod,
         LoweringOptions(
             schedules=sched,
-            fold_shift=fuse_epilogues,
+            # CUDA kernels take the shift too: no fusion there, so each add was its own launch.
+            fold_shift=fuse_epilogues or getattr(base, "name", None) == "cuda",
             strict=strict,
             force_kind=force_kind,
             conv_names=frontend.conv_names(proto),
@@ -74,8 +75,8 @@ def relax_pipeline(target):
     kernels take in the elementwise epilogue FuseOps fused into them and get their schedules
     (:class:`relay_passes.ScheduleFusedKernels`), and
     :class:`schedules.cpu_fallback.InjectiveFallback` (a dlight rule) schedules what is left;
-    our own kernels carry ``tirx.is_scheduled`` and are left alone. Other targets get TVM's
-    default pipeline.
+    our own kernels carry ``tirx.is_scheduled`` and are left alone. CUDA targets get
+    :func:`cuda_pipeline`, others TVM's default pipeline.
     """
     import tvm
     from tvm import relax
@@ -86,6 +87,8 @@ def relax_pipeline(target):
     from schedules.cpu_fallback import InjectiveFallback
     from schedules.host import vector_bytes_of
 
+    if target.kind.name == "cuda":
+        return cuda_pipeline(target)
     if target.kind.name != "llvm":
         return "default"
 
@@ -103,6 +106,48 @@ def relax_pipeline(target):
                 ]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def cuda_pipeline(target):
+    """TVM's CUDA pipeline with :class:`schedules.cuda_window_reduction.WindowReduction` first.
+
+    Stock dlight maps pooling windows to one thread block per output (a 2x2 pool: 4 threads a
+    block); the rule gives them one thread per output instead. Everything else is TVM's
+    default CUDA pipeline (``tvm.relax.backend.cuda.pipeline``), rules and passes unchanged.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight
+
+    from schedules.cuda_window_reduction import WindowReduction
+
+    @tvm.transform.module_pass(opt_level=0, name="SparksCudaPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cuda.library_dispatch_passes(target)
+                + [
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                    dlight.ApplyDefaultSchedule(
+                        WindowReduction(),
+                        dlight.gpu.Matmul(),
+                        dlight.gpu.GEMV(),
+                        dlight.gpu.Reduction(),
+                        dlight.gpu.GeneralReduction(),
+                        dlight.gpu.Fallback(),
+                    ),
+                ]
+                + cuda.dataflow_lower_passes(target)
+                + cuda.finalize_passes(target)
             )
             return seq(mod)
 

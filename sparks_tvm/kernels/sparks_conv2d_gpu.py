@@ -49,7 +49,7 @@ def padded_words(geom: ConvGeometry, tile_words: int) -> int:
 
 
 def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8,
-                              splits: int = 1):
+                              splits: int = 1, shift: bool = False):
     """Define the Sparks convolution in the packed-byte GPU form.
 
     Parameters
@@ -70,12 +70,16 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         pixel, each over its own contiguous share of the groups, and ``out`` adds them. A
         schedule can then run the splits in separate thread blocks (split-K), for grids that
         are too small otherwise (batch 1, deep layers).
+    shift : bool
+        Take a per-channel float32 ``shift`` (C,) added to the activations before they are
+        binarized (a ``sign(x + b)`` binarizer folded into the kernel, as on CPUs): on a GPU
+        at batch 1 the separate add was a ~3 us kernel launch per layer.
 
     Returns
     -------
     list of te.Tensor
-        ``[data, codes, idx, out]`` with the same meaning, types and shapes as
-        :func:`sparks_tvm.kernels.sparks_conv2d_compute`.
+        ``[data, codes, idx, out]`` (``[data, codes, idx, shift, out]`` with ``shift``) with
+        the same meaning, types and shapes as :func:`sparks_tvm.kernels.sparks_conv2d_compute`.
     """
     geom.validate()
     if tuple(geom.kernel) != (3, 3):
@@ -100,6 +104,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
     data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
     codes = te.placeholder(shp(k_), "int32", name="codes")
     idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
+    offset = te.placeholder(shp(c_), "float32", name="shift") if shift else None
     field_bits = index_bits(k_)
     # Indices unpacked per call to one byte (two past K = 256) per kernel, rows padded to whole
     # channel groups: a thread then loads a group's indices of one output channel as a single
@@ -129,7 +134,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
     wp = w_ + geom.padding[1] + geom.padding[3]
 
     def pad_code(n, c, y, x):  # (y, x) in the padded frame
-        return activation_code(data, mode, n, c, y - top, x - left)
+        return activation_code(data, mode, n, c, y - top, x - left, offset)
 
     def finish(word):
         # valid + 9 stored with the word, so stage 1 needs one popcount per codeword. The +9
@@ -226,12 +231,12 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         return total - tirx.const(9 * c_, "int32")
 
     out = te.compute(shp(n_, o_, pixels), extract, name="out")
-    return [data, codes, idx, out]
+    return [data, codes, idx, out] if offset is None else [data, codes, idx, offset, out]
 
 
 def sparks_conv2d_gpu_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8,
-                               splits: int = 1):
+                               splits: int = 1, shift: bool = False):
     """Unscheduled PrimFunc of :func:`sparks_conv2d_gpu_compute`, opaque to Relax fusion."""
-    func = nchw_output(te.create_prim_func(sparks_conv2d_gpu_compute(geom, num_codewords, mode, tile_words, group, splits)),
-                       geom.out_width)
+    compute = sparks_conv2d_gpu_compute(geom, num_codewords, mode, tile_words, group, splits, shift)
+    func = nchw_output(te.create_prim_func(compute), geom.out_width)
     return func.with_attr({"op_pattern": 8, "tir.noalias": True})
