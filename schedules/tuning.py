@@ -338,7 +338,13 @@ class RecordingSchedules:
 
 
 def _kernel_with_shift(base, kind, geom, num_codewords, mode):
-    """The task's kernel with a folded input shift (same tile, so the same loops for a trace)."""
+    """The task's kernel with a folded input shift (same shape knobs, so the same loops for a trace)."""
+    if kind == "sparks" and getattr(base, "name", None) == "cuda":
+        from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
+
+        params = base.sparks_params(geom, num_codewords)
+        return sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits,
+                                          shift=True)
     if kind == "sparks":
         from sparks_tvm.kernels import sparks_conv2d_primfunc
 

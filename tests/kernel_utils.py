@@ -1,5 +1,7 @@
 """Build and run the binary kernels in isolation, against the numpy references."""
 
+import re
+
 import numpy as np
 import tvm
 
@@ -44,3 +46,14 @@ def run_binary(target, geom, x, signs, mode, scheduled=True):
     out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
     lib["main"](tvm.runtime.tensor(x, dev), tvm.runtime.tensor(pack_binary_weights(signs), dev), out)
     return out.numpy()
+
+
+def kernel_bodies(src: str, prefix: str) -> dict:
+    """name -> body text of each __global__ kernel whose name starts with ``prefix``."""
+    starts = [(m.group(1), m.start()) for m in re.finditer(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", src)]
+    bodies = {}
+    for i, (name, pos) in enumerate(starts):
+        end = starts[i + 1][1] if i + 1 < len(starts) else len(src)
+        if name.startswith(prefix):
+            bodies[name] = src[pos:end]
+    return bodies

@@ -17,7 +17,7 @@ import sparks_tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_utils import build, random_activations, random_layer
+from kernel_utils import build, kernel_bodies as _kernel_bodies, random_activations, random_layer
 from schedules.cuda import CudaSchedules, GpuSparksParams
 from tvm import s_tir
 from sparks_tvm import models
@@ -29,17 +29,6 @@ from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
 HAS_GPU = tvm.cuda(0).exist
 NEEDS_NVCC = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not on PATH")
 NEEDS_GPU = pytest.mark.skipif(not HAS_GPU, reason="no NVIDIA GPU visible to TVM on this machine")
-
-
-def _kernel_bodies(src: str, prefix: str) -> dict:
-    """name -> body text of each __global__ kernel whose name starts with ``prefix``."""
-    starts = [(m.group(1), m.start()) for m in re.finditer(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", src)]
-    bodies = {}
-    for i, (name, pos) in enumerate(starts):
-        end = starts[i + 1][1] if i + 1 < len(starts) else len(src)
-        if name.startswith(prefix):
-            bodies[name] = src[pos:end]
-    return bodies
 
 
 def _assert_sparks_exact_on_cpu(func, geom, x, codebook, idx, mode):
@@ -418,6 +407,44 @@ def test_cuda_tuning_tasks_and_no_gpu_error(tmp_path):
         pytest.skip("a GPU is present: tuning would run")
     with pytest.raises(TuningError, match="GPU"):
         sparks_tvm.tune(path, "cuda", str(tmp_path / "work"), trials=1, progress=False)
+
+
+def test_cuda_tuning_record_replays_on_the_shift_kernel(tmp_path):
+    """A CUDA tuning record, recorded on the task kernel (no shift), replayed by compile onto
+    the kernel the model needs (its binarizer shift folded in): the result is exactly the
+    default schedule of the shift kernel, which the threads-serialized tests check bit for bit."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from sparks_tvm import frontend
+    from sparks_tvm.compiler import build_relax
+    from sparks_tvm.target import resolve_target
+    from schedules.tuning import TunedSchedules
+    from sparks_tvm.tune import extract_tasks, open_database
+
+    target = resolve_target("cuda")
+    path = tmp_path / "tiny.onnx"
+    models.export_onnx(models.sparks_resnet_tiny(k=4, widths=(8, 12)), (1, 3, 9, 9), path)
+    proto = frontend.load_onnx(str(path))
+    specs = frontend.input_specs(proto, None)
+    work = str(tmp_path / "work")
+    db = open_database(work)
+    tasks = [task for task, _ in extract_tasks(proto, specs, target)]
+    for task in tasks:
+        db.commit_tuning_record(ms.database.TuningRecord(
+            task.default_schedule().trace, db.commit_workload(task.mod), [tvm.tirx.FloatImm("float32", 1e-9)], target,
+            ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+    sched = TunedSchedules(CudaSchedules(target), db, target)
+    mod, _ = build_relax(proto, specs, target, kernel_schedules=sched)
+    assert set(sched.applied) == {task.name for task in tasks} and not sched.missed
+    funcs = sorted((int(gv.name_hint.rsplit("_", 1)[1]), f) for gv, f in mod.functions_items()
+                   if gv.name_hint.startswith("sparks_conv2d"))
+    assert len(funcs) == len(sched.calls) == 4
+    cuda = CudaSchedules(target)
+    for (_, func), (kind, geom, k, mode) in zip(funcs, sched.calls):  # both in the order of the convs
+        want = cuda.schedule_sparks_conv2d(geom, k, mode, shift=True)
+        assert len(func.params) == 5  # data, codes, indices, shift, out
+        assert tvm_ffi.structural_equal(func.without_attr("global_symbol"), want.without_attr("global_symbol"))
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="aarch64 cross linker not installed")
