@@ -116,11 +116,12 @@ def cuda_pipeline(target):
     """TVM's CUDA pipeline with :class:`schedules.cuda_window_reduction.WindowReduction` first.
 
     Stock dlight maps pooling windows to one thread block per output (a 2x2 pool: 4 threads a
-    block); the rule gives them one thread per output instead. Everything else is TVM's
-    default CUDA pipeline (``tvm.relax.backend.cuda.pipeline``), rules and passes unchanged.
+    block); the rule gives them one thread per output instead. It runs as its own
+    ``ApplyDefaultSchedule`` just before TVM's: the functions it schedules are marked
+    scheduled, so TVM's rules skip them. Everything else is TVM's default CUDA pipeline
+    (``tvm.relax.backend.cuda.pipeline``), unchanged.
     """
     import tvm
-    from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight
 
@@ -129,23 +130,12 @@ def cuda_pipeline(target):
     @tvm.transform.module_pass(opt_level=0, name="SparksCudaPipeline")
     def _pipeline(mod, _ctx):
         with target:
+            legalize = cuda.legalize_passes(target)
+            at = next(i for i, p in enumerate(legalize) if isinstance(p, dlight.ApplyDefaultSchedule))
+            legalize.insert(at, dlight.ApplyDefaultSchedule(WindowReduction()))
             seq = tvm.transform.Sequential(
                 cuda.library_dispatch_passes(target)
-                + [
-                    relax.transform.LegalizeOps(),
-                    relax.transform.AnnotateTIROpPattern(),
-                    relax.transform.FoldConstant(),
-                    relax.transform.FuseOps(),
-                    relax.transform.FuseTIR(),
-                    dlight.ApplyDefaultSchedule(
-                        WindowReduction(),
-                        dlight.gpu.Matmul(),
-                        dlight.gpu.GEMV(),
-                        dlight.gpu.Reduction(),
-                        dlight.gpu.GeneralReduction(),
-                        dlight.gpu.Fallback(),
-                    ),
-                ]
+                + legalize
                 + cuda.dataflow_lower_passes(target)
                 + cuda.finalize_passes(target)
             )

@@ -6,6 +6,7 @@ import tvm
 from tvm import relax, s_tir
 from tvm.script import relax as R
 
+from kernel_utils import kernel_bodies
 from schedules.cuda_window_reduction import MAX_TAPS, WindowReduction, window_taps
 
 CUDA = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
@@ -24,6 +25,13 @@ class Ops:
     def mx(x: R.Tensor((2, 5, 13, 14), "float32")):
         with R.dataflow():
             y = R.nn.max_pool2d(x, pool_size=(3, 3), strides=(2, 2), padding=(1, 1, 1, 1))
+            R.output(y)
+        return y
+
+    @R.function
+    def ln(x: R.Tensor((64, 8), "float32"), g: R.Tensor((8,), "float32"), b: R.Tensor((8,), "float32")):
+        with R.dataflow():
+            y = R.nn.layer_norm(x, g, b, axes=[-1])
             R.output(y)
         return y
 
@@ -82,3 +90,34 @@ def test_average_pool_is_one_kernel_with_a_register_accumulator():
     src = lib.mod.imports[0].inspect_source()
     assert src.count("__global__ void") == 2  # declaration + definition of one kernel
     assert "pool_sum_local" in src and "__shfl" not in src
+
+
+def test_two_small_reductions_take_the_block_by_block_mapping():
+    """A layer norm over 8 values has two small reductions (mean, variance): not the one-kernel
+    case, so the rule maps block by block (dlight's Fallback) -- still exact."""
+    func = _prim_funcs()["layer_norm"]
+    assert window_taps(func) == 8
+    with pytest.raises(s_tir.ScheduleError):
+        WindowReduction._one_kernel(func, CUDA)
+    rng = np.random.default_rng(1)
+    args = [rng.standard_normal(shape).astype(np.float32) for shape in ((64, 8), (8,), (8,))]
+    outs = []
+    for f in (func, _serialized(func).mod["main"]):
+        lib = tvm.compile(f.with_attr("global_symbol", "main"), target="llvm")
+        out = tvm.runtime.tensor(np.zeros((64, 8), np.float32))
+        lib["main"](*[tvm.runtime.tensor(a) for a in args], out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_model_pools_use_the_rule(tmp_path):
+    """In a compiled model (the tiny net's downsampling shortcut), the average pool is the
+    rule's one-thread-per-output kernel, not dlight's shuffle reduction."""
+    import sparks_tvm
+    from sparks_tvm import models
+
+    path = tmp_path / "tiny.onnx"
+    models.export_onnx(models.sparks_resnet_tiny(k=4, widths=(8, 12)), (1, 3, 9, 9), path)
+    compiled = sparks_tvm.compile(path, target="cuda")
+    pools = kernel_bodies(compiled.cuda_source(), "avg_pool2d").values()
+    assert pools and all("pool_sum_local" in k and "__shfl" not in k for k in pools)
