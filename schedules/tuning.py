@@ -428,14 +428,23 @@ class KernelTask:
     space : callable
         ``ScheduleFn`` function of the design space.
     default_schedule : callable
-        ``() -> s_tir.Schedule`` (with trace) of the default schedule.
+        ``() -> s_tir.Schedule`` (with trace) of the default schedule: what compile uses
+        without a record.
+    default_point : callable
+        ``() -> s_tir.Schedule`` of the default's knobs as a point of the space, the record
+        :func:`sparks_tvm.tune` seeds the search with. It differs from the default only where
+        the default uses a primitive whose trace TVM cannot print (``decompose_padding``):
+        MetaSchedule prints the trace of every candidate that fails to run, and candidates
+        descend from the records in the database, so an unprintable seed crashes the search
+        on the first failed measurement.
     """
 
-    def __init__(self, name, mod, space, default_schedule):
+    def __init__(self, name, mod, space, default_schedule, default_point=None):
         self.name = name
         self.mod = mod
         self.space = space
         self.default_schedule = default_schedule
+        self.default_point = default_point if default_point is not None else default_schedule
 
 
 def _geom_name(geom) -> str:
@@ -462,7 +471,13 @@ def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
             sch = s_tir.Schedule(mod)
             return apply_sparks_schedule(sch, default["tile"], default["block"], default["o_chunks"])
 
-        return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}", mod, space, default_schedule)
+        def default_point():
+            sch = s_tir.Schedule(mod)
+            return apply_sparks_schedule(sch, default["tile"], default["block"], default["o_chunks"],
+                                         split_padding=False)
+
+        return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}", mod, space, default_schedule,
+                          default_point)
     if kind == "binary":
         from sparks_tvm.kernels import binary_conv2d_primfunc
 

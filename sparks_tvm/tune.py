@@ -546,14 +546,13 @@ def extract_tasks(proto, specs, target, strict: bool = True, force_kind: str | N
     return [(tasks[name], counts[name]) for name in tasks]
 
 
-def _measure_default(task, target, builder, runner):
-    """Build and run the default schedule with the tuning builder/runner: ``(secs, record)``."""
+def _measure_schedule(task, sch, target, builder, runner, what: str = "default schedule"):
+    """Build and run one schedule of ``task`` with the tuning builder/runner: ``(run secs, args info)``."""
     from tvm.s_tir import meta_schedule as ms
 
-    sch = task.default_schedule()
     (b,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
     if b.error_msg is not None:
-        raise TuningError(f"task {task.name}: the default schedule does not build: {b.error_msg.strip()[:500]}")
+        raise TuningError(f"task {task.name}: the {what} does not build: {b.error_msg.strip()[:500]}")
     args_info = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
     (fut,) = runner.run([ms.runner.RunnerInput(b.artifact_path, "cpu" if target.kind.name == "llvm" else str(target.kind.name), args_info)])
     r = fut.result()
@@ -562,10 +561,47 @@ def _measure_default(task, target, builder, runner):
     except OSError:
         pass
     if r.error_msg is not None or not r.run_secs:
-        raise TuningError(f"task {task.name}: the default schedule could not be measured: "
+        raise TuningError(f"task {task.name}: the {what} could not be measured: "
                           f"{str(r.error_msg).strip()[-800:]}")
-    secs = [float(s) for s in r.run_secs]
-    return sum(secs) / len(secs), sch.trace, args_info, secs
+    return [float(s) for s in r.run_secs], args_info
+
+
+def _check_printable(database, tasks, work_dir):
+    """Refuse to search from a record whose trace TVM cannot print.
+
+    Work dirs tuned before this check seeded the database with the default schedule itself,
+    ``decompose_padding`` included; MetaSchedule would crash with a type error on the first
+    failed candidate descending from it.
+    """
+    for task in tasks:
+        records = database.get_top_k(database.commit_workload(task.mod), 1 << 30)
+        for rec in records:
+            try:
+                rec.trace.as_python()
+            except Exception as err:  # noqa: BLE001 - TVM raises a TypeError from its FFI
+                raise TuningError(
+                    f"task {task.name}: {work_dir} holds a record whose trace TVM cannot print "
+                    f"({err.__class__.__name__}: {str(err)[:200]}); it was made by an older sparks_tvm. "
+                    f"compile(tuning_db=...) can still use this work dir; to tune more, start a new one"
+                ) from None
+
+
+def _measure_default(task, target, builder, runner):
+    """Measure the default schedule and the record that stands for it in the database.
+
+    Returns ``(default secs, seed trace, args info, seed run secs)``: the seed is
+    ``task.default_point()`` (see :class:`schedules.tuning.KernelTask`), measured itself when it
+    is not the default schedule, so that its record's latency is its own.
+    """
+    import tvm_ffi
+
+    default = task.default_schedule()
+    secs, args_info = _measure_schedule(task, default, target, builder, runner)
+    point = task.default_point()
+    seed_secs = secs
+    if not tvm_ffi.structural_equal(point.mod, default.mod):
+        seed_secs, _ = _measure_schedule(task, point, target, builder, runner, "default schedule's seed point")
+    return sum(secs) / len(secs), point.trace, args_info, seed_secs
 
 
 def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=None, *, shapes: dict | None = None,
@@ -655,8 +691,9 @@ def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None
     runner = runner if runner is not None else default_runner(tgt)
     progress = sys.stderr.isatty() if progress is None else progress
 
-    # The default schedule of each task, measured once per work dir and committed as a record:
-    # the database's best is then never worse than the default, whatever the search finds.
+    # The default schedule of each task, measured once per work dir; its seed point (the default
+    # unless that cannot be printed, see KernelTask) is committed as a record, so the search
+    # starts from the default's knobs whatever it samples.
     for task, _layers in pairs:
         info = meta["tasks"].get(task.name)
         if info is not None and info.get("default_s") is not None:
@@ -679,6 +716,7 @@ def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None
     run = _Run(work_dir, [t for t, _ in pairs], total=max(trials, done), done=done, best=best, progress=progress)
 
     if remaining > 0:
+        _check_printable(database, [t for t, _ in pairs], work_dir)
         names = [t.name for t, _ in pairs]
         loggers = _task_loggers(work_dir, names)
         from tvm.s_tir.meta_schedule.utils import fork_seed

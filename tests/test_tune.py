@@ -88,7 +88,9 @@ GEOMS = [
 
 @pytest.mark.parametrize("geom", GEOMS, ids=lambda g: f"{g.in_channels}x{g.height}s{g.stride[0]}")
 def test_default_schedule_is_a_point_of_the_space(host, geom):
-    """Space 0 with the default decisions is the host's default schedule, primitive for primitive.
+    """The task's default schedule is the host's default schedule, primitive for primitive, and
+    the space samples from the default's knob values (its seed point, ``default_point``, is
+    space 0 at those values: the default without the padding split, which TVM cannot print).
 
     If this fails, schedules/host.py changed its default schedule: update
     schedules.tuning.apply_sparks_schedule to match (else tuning no longer contains it).
@@ -98,6 +100,7 @@ def test_default_schedule_is_a_point_of_the_space(host, geom):
     mine = tuning._scheduled(task.default_schedule())
     theirs = base.schedule_sparks_conv2d(geom, 16, "sign").with_attr("global_symbol", "main")
     assert tvm_ffi.structural_equal(mine, theirs)
+    task.default_point().trace.as_python()
     cand = tuning.sparks_knob_candidates(geom, 16, base.sparks_params(geom, 16), base.cores)
     # Each candidate list starts with the default's value: the default is reachable by sampling.
     for knob in ("tile", "block", "o_chunks"):
@@ -313,6 +316,45 @@ def _failing_runner():
             return [ms.runner.RunnerFuture(lambda: True, lambda: res) for _ in runner_inputs]
 
     return Failing()
+
+
+def test_every_record_prints_as_python(tuned):
+    """MetaSchedule prints the trace of each candidate that fails to run, and candidates descend
+    from the records in the database; TVM cannot print ``decompose_padding`` (a type error), so
+    one such record crashed a search on its first failed measurement (CI of 90f8593). The
+    fixture's layer is padded, so its default schedule does use ``decompose_padding``."""
+    _model, work, _result, _ = tuned
+    records = open_database(work, read_only=True).get_all_tuning_records()
+    assert len(records) > 1
+    for rec in records:
+        rec.trace.as_python()
+
+
+def test_failed_candidates_from_the_seed_record_are_reported(host, tmp_path):
+    """Only the default's seed record in the database: the search starts from it (its mutants
+    are the candidates), every one fails to run, and tune says so instead of crashing."""
+    model = layer_model(c=12, h=7, w=7, o=8, stride=1, seed=3)
+    work = str(tmp_path / "w")
+    sparks_tvm.tune(model, host, work, trials=0, force_kind="sparks", progress=False)
+    proto = onnx.load_from_string(model)
+    (task, _), = extract_tasks(proto, frontend.input_specs(proto, None), host, force_kind="sparks")
+    assert "DecomposePadding" in [inst.kind.name for inst in task.default_schedule().trace.insts]
+    with pytest.raises(TuningError, match="candidates could be measured.*simulated device failure"):
+        sparks_tvm.tune(model, host, work, trials=8, batch=4, runner=_failing_runner(), force_kind="sparks",
+                        progress=False)
+    # A work dir seeded the old way (the default's own trace): refused with the reason, before
+    # any search, and compile still reads it.
+    from tvm.s_tir import meta_schedule as ms
+
+    db = open_database(work)
+    rec = db.get_top_k(db.commit_workload(task.mod), 1)[0]
+    db.commit_tuning_record(ms.database.TuningRecord(task.default_schedule().trace, rec.workload, rec.run_secs,
+                                                     rec.target, rec.args_info))
+    with pytest.raises(TuningError, match="record whose trace TVM cannot print.*start a new one"):
+        sparks_tvm.tune(model, host, work, trials=16, force_kind="sparks", progress=False)
+    x = random_activations(np.random.default_rng(1), (2, 12, 7, 7))
+    compiled = sparks_tvm.compile(model, host, tuning_db=work, force_kind="sparks")
+    assert np.array_equal(compiled.run(x)[0], onnx_reference(model, x))
 
 
 def test_nothing_measured_is_an_error(tuned, host, tmp_path):
