@@ -335,10 +335,14 @@ def test_failed_candidates_from_the_seed_record_are_reported(host, tmp_path):
     are the candidates), every one fails to run, and tune says so instead of crashing."""
     model = layer_model(c=12, h=7, w=7, o=8, stride=1, seed=3)
     work = str(tmp_path / "w")
-    sparks_tvm.tune(model, host, work, trials=0, force_kind="sparks", progress=False)
+    result = sparks_tvm.tune(model, host, work, trials=0, force_kind="sparks", progress=False)
     proto = onnx.load_from_string(model)
     (task, _), = extract_tasks(proto, frontend.input_specs(proto, None), host, force_kind="sparks")
     assert "DecomposePadding" in [inst.kind.name for inst in task.default_schedule().trace.insts]
+    # The seed record stands for the default: compile keeps the default (with its padding split).
+    assert result.tasks[0].chosen == "default"
+    _funcs, sched = _kernel_funcs(model, host, work)
+    assert sched.kept_default == [task.name] and not sched.applied
     with pytest.raises(TuningError, match="candidates could be measured.*simulated device failure"):
         sparks_tvm.tune(model, host, work, trials=8, batch=4, runner=_failing_runner(), force_kind="sparks",
                         progress=False)
