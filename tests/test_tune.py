@@ -396,8 +396,9 @@ def test_killed_run_resumes_without_losing_records(tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
-        # Kill once the default and at least one batch of 4 trials are on disk.
-        while len([ln for ln in _record_lines(records) if ln.strip()]) < 1 + 4:
+        # Kill once the default and at least one batch of 4 trials are on disk, complete: one
+        # line more than that, since the last line read may be half written.
+        while len([ln for ln in _record_lines(records) if ln.strip()]) < 1 + 4 + 1:
             assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
             assert time.time() < deadline, "the tuning run wrote no batch in 240 s"
             time.sleep(0.2)
