@@ -771,11 +771,18 @@ def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None
         # Validate the search's winner against the default, interleaved (see _validate): a lone
         # noisy measurement on a shared machine must not pass for a speed-up.
         if rec is not None and info.get("validated_trials") != trials_done:
+            for key in ("validated_default_s", "validated_best_s", "use_default", "chosen_hash"):
+                info.pop(key, None)  # an earlier run's verdict must not outlive this one
             info.update(_validate(task, rec.trace, tgt, builder, runner, rounds=validate_rounds))
             info["validated_trials"] = trials_done
-        tr = TaskResult(task.name, layers, trials=trials_done,
-                        default_ms=info.get("validated_default_s", info["default_s"]) * 1e3,
-                        best_ms=info.get("validated_best_s", _mean(rec.run_secs) if rec else info["default_s"]) * 1e3,
+        default_ms = info.get("validated_default_s", info["default_s"]) * 1e3
+        if info.get("use_default"):
+            # What compile runs is the default: its latency, not that of the record that lost to
+            # it (or of the seed record, measured apart from the default).
+            best_ms = default_ms
+        else:
+            best_ms = info.get("validated_best_s", _mean(rec.run_secs) if rec else info["default_s"]) * 1e3
+        tr = TaskResult(task.name, layers, trials=trials_done, default_ms=default_ms, best_ms=best_ms,
                         chosen="default" if info.get("use_default") else "tuned")
         info.update(trials=trials_done, layers=layers)
         result.tasks.append(tr)

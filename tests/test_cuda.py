@@ -376,6 +376,7 @@ def test_cuda_design_space_points_build_and_are_exact():
         for sch in task.space(s_tir.Schedule(task.mod, seed=seed)):
             tvm.compile(sch.mod["main"], target=target)  # a valid GPU kernel
             seen.add(tuple(int(v) for v in dict(sch.trace.decisions.items()).values()))
+            sch.trace.as_python()  # MetaSchedule prints candidates' traces
         original = s_tir.Schedule.bind
         s_tir.Schedule.bind = lambda self, loop, thread: None
         try:

@@ -133,6 +133,7 @@ def test_sampled_points_are_exact(host, rng):
     decisions = set()
     for sch in spaces:
         decisions.add(tuple(int(v) for v in sch.trace.decisions.values()))
+        sch.trace.as_python()  # MetaSchedule prints candidates' traces (a failed one, the design spaces)
         assert np.array_equal(_run_kernel(tuning._scheduled(sch), geom, x, codebook, idx, host), expect)
     assert len(decisions) > 1  # the points differ
     extreme = tuning.apply_sparks_schedule(s_tir.Schedule(task.mod), tile=16, block=1, o_chunks=4, unroll=True,
@@ -341,6 +342,7 @@ def test_failed_candidates_from_the_seed_record_are_reported(host, tmp_path):
     assert "DecomposePadding" in [inst.kind.name for inst in task.default_schedule().trace.insts]
     # The seed record stands for the default: compile keeps the default (with its padding split).
     assert result.tasks[0].chosen == "default"
+    assert result.tasks[0].best_ms == result.tasks[0].default_ms  # the seed's own time is not reported
     _funcs, sched = _kernel_funcs(model, host, work)
     assert sched.kept_default == [task.name] and not sched.applied
     with pytest.raises(TuningError, match="candidates could be measured.*simulated device failure"):
