@@ -269,6 +269,22 @@ def cuda_binary_space(params):
     return space
 
 
+def space_point(mod, space, structure: int = 0):
+    """Design space ``structure`` of ``space`` with every sampled decision at its first candidate.
+
+    Each knob's candidate list starts with the default's value, so structure 0 at the first
+    candidates is the default's point of the space: unlike a schedule built from plain ints,
+    its trace keeps the ``SampleCategorical`` decisions, so the search can mutate it.
+    """
+    from tvm.s_tir.schedule import Trace
+
+    sampled = space(s_tir.Schedule(mod))[structure].trace
+    decisions = {inst: (0 if inst.kind.name == "SampleCategorical" else d) for inst, d in sampled.decisions.items()}
+    point = s_tir.Schedule(mod)
+    Trace(sampled.insts, decisions).apply_to_schedule(point, remove_postproc=True)
+    return point
+
+
 # ----------------------------------------------------------------------------- mutator
 
 
@@ -431,12 +447,13 @@ class KernelTask:
         ``() -> s_tir.Schedule`` (with trace) of the default schedule: what compile uses
         without a record.
     default_point : callable
-        ``() -> s_tir.Schedule`` of the default's knobs as a point of the space, the record
-        :func:`sparks_tvm.tune` seeds the search with. It differs from the default only where
-        the default uses a primitive whose trace TVM cannot print (``decompose_padding``):
-        MetaSchedule prints the trace of every candidate that fails to run, and candidates
-        descend from the records in the database, so an unprintable seed crashes the search
-        on the first failed measurement.
+        ``() -> s_tir.Schedule`` of the default's knobs as a point of the space
+        (:func:`space_point`), the record :func:`sparks_tvm.tune` seeds the search with. It
+        differs from the default only where the default uses a primitive whose trace TVM
+        cannot print (``decompose_padding``, on padded Sparks layers): MetaSchedule prints the
+        trace of every candidate that fails to run, and candidates descend from the records in
+        the database, so an unprintable seed crashes the search on the first failed
+        measurement.
     """
 
     def __init__(self, name, mod, space, default_schedule, default_point=None):
@@ -471,13 +488,8 @@ def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
             sch = s_tir.Schedule(mod)
             return apply_sparks_schedule(sch, default["tile"], default["block"], default["o_chunks"])
 
-        def default_point():
-            sch = s_tir.Schedule(mod)
-            return apply_sparks_schedule(sch, default["tile"], default["block"], default["o_chunks"],
-                                         split_padding=False)
-
         return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}", mod, space, default_schedule,
-                          default_point)
+                          lambda: space_point(mod, space))
     if kind == "binary":
         from sparks_tvm.kernels import binary_conv2d_primfunc
 
@@ -487,7 +499,9 @@ def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
         def default_schedule():
             return apply_binary_schedule(s_tir.Schedule(mod))
 
-        return KernelTask(f"binary_{_geom_name(geom)}_{mode}", mod, binary_space(geom), default_schedule)
+        space = binary_space(geom)
+        return KernelTask(f"binary_{_geom_name(geom)}_{mode}", mod, space, default_schedule,
+                          lambda: space_point(mod, space))
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -506,8 +520,9 @@ def _make_cuda_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTa
         def default_schedule():
             return apply_sparks_gpu_schedule(s_tir.Schedule(mod), params)
 
-        return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}_cuda", mod, cuda_sparks_space(params),
-                          default_schedule)
+        space = cuda_sparks_space(params)
+        return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}_cuda", mod, space, default_schedule,
+                          lambda: space_point(mod, space))
     if kind == "binary":
         from sparks_tvm.kernels import binary_conv2d_primfunc
 
@@ -519,5 +534,7 @@ def _make_cuda_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTa
         def default_schedule():
             return apply_binary_gpu_schedule(s_tir.Schedule(mod), params)
 
-        return KernelTask(f"binary_{_geom_name(geom)}_{mode}_cuda", mod, cuda_binary_space(params), default_schedule)
+        space = cuda_binary_space(params)
+        return KernelTask(f"binary_{_geom_name(geom)}_{mode}_cuda", mod, space, default_schedule,
+                          lambda: space_point(mod, space))
     raise ValueError(f"unknown kernel kind {kind!r}")

@@ -582,14 +582,15 @@ def _check_printable(database, tasks, work_dir):
                 raise TuningError(
                     f"task {task.name}: {work_dir} holds a record whose trace TVM cannot print "
                     f"({err.__class__.__name__}: {str(err)[:200]}); it was made by an older sparks_tvm. "
-                    f"compile(tuning_db=...) can still use this work dir; to tune more, start a new one"
+                    f"compile(tuning_db=...) can still use this work dir, and so can tune() with no more "
+                    f"trials than it holds (it then only reports); to tune more, start a new one"
                 ) from None
 
 
 def _measure_default(task, target, builder, runner):
     """Measure the default schedule and the record that stands for it in the database.
 
-    Returns ``(default secs, seed trace, args info, seed run secs)``: the seed is
+    Returns ``(default secs, seed schedule, args info, seed run secs)``: the seed is
     ``task.default_point()`` (see :class:`schedules.tuning.KernelTask`), measured itself when it
     is not the default schedule, so that its record's latency is its own.
     """
@@ -601,7 +602,7 @@ def _measure_default(task, target, builder, runner):
     seed_secs = secs
     if not tvm_ffi.structural_equal(point.mod, default.mod):
         seed_secs, _ = _measure_schedule(task, point, target, builder, runner, "default schedule's seed point")
-    return sum(secs) / len(secs), point.trace, args_info, seed_secs
+    return sum(secs) / len(secs), point, args_info, seed_secs
 
 
 def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=None, *, shapes: dict | None = None,
@@ -675,6 +676,7 @@ def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None
     """
     import contextlib
 
+    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
     from .target import target_json
@@ -698,11 +700,14 @@ def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None
         info = meta["tasks"].get(task.name)
         if info is not None and info.get("default_s") is not None:
             continue
-        secs, trace, args_info, all_secs = _measure_default(task, tgt, builder, runner)
+        secs, point, args_info, all_secs = _measure_default(task, tgt, builder, runner)
         workload = database.commit_workload(task.mod)
         database.commit_tuning_record(ms.database.TuningRecord(
-            trace, workload, [_float(s) for s in all_secs], tgt, args_info))
-        meta["tasks"][task.name] = {"default_s": secs}
+            point.trace, workload, [_float(s) for s in all_secs], tgt, args_info))
+        # Until a search's winner is validated, the seed stands for the default: a run killed or
+        # failing before the end must not leave compile replaying the seed (no padding split).
+        meta["tasks"][task.name] = {"default_s": secs, "use_default": True,
+                                    "chosen_hash": str(tvm_ffi.structural_hash(point.mod))}
         _write_meta(work_dir, meta)
 
     # Trials already in the database (resume): all records of our workloads but the defaults.

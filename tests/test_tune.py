@@ -89,8 +89,8 @@ GEOMS = [
 @pytest.mark.parametrize("geom", GEOMS, ids=lambda g: f"{g.in_channels}x{g.height}s{g.stride[0]}")
 def test_default_schedule_is_a_point_of_the_space(host, geom):
     """The task's default schedule is the host's default schedule, primitive for primitive, and
-    the space samples from the default's knob values (its seed point, ``default_point``, is
-    space 0 at those values: the default without the padding split, which TVM cannot print).
+    its seed point (``default_point``) is space 0 at the default's knob values: the default
+    without the padding split, which TVM cannot print.
 
     If this fails, schedules/host.py changed its default schedule: update
     schedules.tuning.apply_sparks_schedule to match (else tuning no longer contains it).
@@ -100,7 +100,14 @@ def test_default_schedule_is_a_point_of_the_space(host, geom):
     mine = tuning._scheduled(task.default_schedule())
     theirs = base.schedule_sparks_conv2d(geom, 16, "sign").with_attr("global_symbol", "main")
     assert tvm_ffi.structural_equal(mine, theirs)
-    task.default_point().trace.as_python()
+    point = task.default_point()
+    point.trace.as_python()
+    d = base.sparks_params(geom, 16)
+    plain = tuning.apply_sparks_schedule(s_tir.Schedule(task.mod), d["tile"], d["block"], d["o_chunks"],
+                                         split_padding=False)
+    assert tvm_ffi.structural_equal(point.mod, plain.mod)
+    # A sampled point, not plain ints: the search's mutator can move it.
+    assert [int(v) for v in point.trace.decisions.values()] == [0, 0, 0]
     cand = tuning.sparks_knob_candidates(geom, 16, base.sparks_params(geom, 16), base.cores)
     # Each candidate list starts with the default's value: the default is reachable by sampling.
     for knob in ("tile", "block", "o_chunks"):
@@ -306,17 +313,27 @@ def test_records_of_another_target_are_refused(tuned, host, tmp_path):
         sparks_tvm.compile(model, host, tuning_db=str(tmp_path), force_kind="sparks")
 
 
-def _failing_runner():
-    from tvm.s_tir import meta_schedule as ms
+def _failing_runner(after: int = 0, target=None):
+    """A runner whose measurements fail, but for its first ``after`` calls (the local runner's)."""
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    from sparks_tvm.tune import default_runner
 
     @derived_object
     class Failing(ms.runner.PyRunner):
+        def __init__(self, real=None, after=0):
+            super().__init__()
+            self.real, self.after, self.calls = real, after, 0
+
         def run(self, runner_inputs):
+            self.calls += 1
+            if self.calls <= self.after:
+                return self.real.run(runner_inputs)
             res = ms.runner.RunnerResult(None, "simulated device failure")
             return [ms.runner.RunnerFuture(lambda: True, lambda: res) for _ in runner_inputs]
 
-    return Failing()
+    return Failing(default_runner(target) if after else None, after)
 
 
 def test_every_record_prints_as_python(tuned):
@@ -333,21 +350,25 @@ def test_every_record_prints_as_python(tuned):
 
 def test_failed_candidates_from_the_seed_record_are_reported(host, tmp_path):
     """Only the default's seed record in the database: the search starts from it (its mutants
-    are the candidates), every one fails to run, and tune says so instead of crashing."""
+    are the candidates), every one fails to run, and tune says so instead of crashing; the
+    seed then stands for the default, in compile and in the report."""
     model = layer_model(c=12, h=7, w=7, o=8, stride=1, seed=3)
     work = str(tmp_path / "w")
-    result = sparks_tvm.tune(model, host, work, trials=0, force_kind="sparks", progress=False)
     proto = onnx.load_from_string(model)
     (task, _), = extract_tasks(proto, frontend.input_specs(proto, None), host, force_kind="sparks")
     assert "DecomposePadding" in [inst.kind.name for inst in task.default_schedule().trace.insts]
-    # The seed record stands for the default: compile keeps the default (with its padding split).
+    # The default and its seed point measure (two runs), then every candidate fails.
+    with pytest.raises(TuningError, match="none of the .* candidates could be measured.*simulated device failure"):
+        sparks_tvm.tune(model, host, work, trials=8, batch=4, runner=_failing_runner(after=2, target=host),
+                        force_kind="sparks", progress=False)
+    # Nothing validated yet: compile keeps the default (with its padding split), not the seed.
+    _funcs, sched = _kernel_funcs(model, host, work)
+    assert sched.kept_default == [task.name] and not sched.applied
+    result = sparks_tvm.tune(model, host, work, trials=0, force_kind="sparks", progress=False)
     assert result.tasks[0].chosen == "default"
     assert result.tasks[0].best_ms == result.tasks[0].default_ms  # the seed's own time is not reported
     _funcs, sched = _kernel_funcs(model, host, work)
     assert sched.kept_default == [task.name] and not sched.applied
-    with pytest.raises(TuningError, match="candidates could be measured.*simulated device failure"):
-        sparks_tvm.tune(model, host, work, trials=8, batch=4, runner=_failing_runner(), force_kind="sparks",
-                        progress=False)
     # A work dir seeded the old way (the default's own trace): refused with the reason, before
     # any search, and compile still reads it.
     from tvm.s_tir import meta_schedule as ms
@@ -357,7 +378,7 @@ def test_failed_candidates_from_the_seed_record_are_reported(host, tmp_path):
     db.commit_tuning_record(ms.database.TuningRecord(task.default_schedule().trace, rec.workload, rec.run_secs,
                                                      rec.target, rec.args_info))
     with pytest.raises(TuningError, match="record whose trace TVM cannot print.*start a new one"):
-        sparks_tvm.tune(model, host, work, trials=16, force_kind="sparks", progress=False)
+        sparks_tvm.tune(model, host, work, trials=64, force_kind="sparks", progress=False)
     x = random_activations(np.random.default_rng(1), (2, 12, 7, 7))
     compiled = sparks_tvm.compile(model, host, tuning_db=work, force_kind="sparks")
     assert np.array_equal(compiled.run(x)[0], onnx_reference(model, x))
