@@ -456,12 +456,12 @@ class KernelTask:
         measurement.
     """
 
-    def __init__(self, name, mod, space, default_schedule, default_point=None):
+    def __init__(self, name, mod, space, default_schedule, default_point):
         self.name = name
         self.mod = mod
         self.space = space
         self.default_schedule = default_schedule
-        self.default_point = default_point if default_point is not None else default_schedule
+        self.default_point = default_point
 
 
 def _geom_name(geom) -> str:
