@@ -141,3 +141,82 @@ def test_selection_frozen_after_selection_end(split):
     after = [m.selector.logits.detach() for m in net.modules() if hasattr(m, "selector")]
     assert all(torch.equal(a, b) for a, b in zip(logits, after))
     assert not all(torch.equal(a, b.detach()) for a, b in zip(before, net.parameters()))
+
+
+def test_top_k_codes_counts_dense_kernels():
+    from sparks_tvm.torch import DenseBinaryConv2d, top_k_codes
+    from sparks_tvm.torch.codebook import all_codewords
+
+    book = all_codewords()
+    layer = DenseBinaryConv2d(4, 6, 3)
+    # 24 kernels: code 5 seven times, code 300 five times, code 9 four times, eight others once.
+    codes = [5] * 7 + [300] * 5 + [9] * 4 + [100, 101, 102, 103, 104, 105, 106, 107]
+    with torch.no_grad():
+        w = book[torch.tensor(codes)] * torch.linspace(0.1, 1.0, 24).unsqueeze(1)
+        layer.weight.copy_(w.view(6, 4, 3, 3))
+    assert top_k_codes(layer.weight, 3).tolist() == [5, 300, 9]
+    # Among the kernels seen once the heaviest (the last, 107) comes first; then unseen codes by index.
+    top = top_k_codes(layer.weight, 16).tolist()
+    assert top == [5, 300, 9, 107, 106, 105, 104, 103, 102, 101, 100, 0, 1, 2, 3, 4]
+
+
+def test_two_stage_init_starts_from_the_dense_net(split):
+    from sparks_tvm.torch import init_from_dense, top_k_codes
+    from sparks_tvm.torch.layers import binary_convs
+
+    dense = tiny_net("dense", seed=3)
+    short_run(dense, split, n=256, epochs=1)
+    sparks, topk, snn = tiny_net("sparks", k=16, seed=4), tiny_net("topk", k=16, seed=4), tiny_net("snn", k=16, seed=4)
+    snn_codes = [m.selected_codes() for _, m in binary_convs(snn)]
+    for net in (sparks, topk, snn):
+        init_from_dense(net, dense)
+    for (name, d), (_, s), (_, t), (_, r), before in zip(binary_convs(dense), binary_convs(sparks),
+                                                         binary_convs(topk), binary_convs(snn), snn_codes):
+        want = top_k_codes(d.weight, 16)
+        assert np.array_equal(s.selected_codes(), want), name
+        assert np.array_equal(t.selected_codes(), want), name
+        assert np.array_equal(r.selected_codes(), before)  # random codebooks are not replaced
+        assert torch.equal(s.weight, d.weight) and torch.equal(r.weight, d.weight)
+    assert torch.equal(sparks.fc.weight, dense.fc.weight)
+    assert torch.equal(sparks.blocks[0].bn.running_var, dense.blocks[0].bn.running_var)
+    # Learning can still move the selection away from the counted one; counting cannot.
+    cfg = TrainConfig(epochs=1, batch_size=64, selection_lr=0.5, schedule=TemperatureSchedule(noise0=0.0))
+    start = [m.selected_codes() for _, m in binary_convs(sparks)]
+    train(sparks, split.x_train[:256], split.y_train[:256], cfg)
+    assert any(not np.array_equal(a, m.selected_codes()) for a, (_, m) in zip(start, binary_convs(sparks)))
+    with pytest.raises(SparksError, match="no dense binary conv"):
+        init_from_dense(tiny_net("sparks"), tiny_net("float"))
+
+
+def test_distillation_needs_a_teacher_and_pulls_towards_it(split):
+    x, y = split.x_train[:256], split.y_train[:256]
+    with pytest.raises(SparksError, match="needs a teacher"):
+        train(tiny_net("dense"), x, y, TrainConfig(epochs=1, kd_weight=1.0))
+    with pytest.raises(SparksError, match="kd_weight"):
+        TrainConfig(kd_weight=1.5)
+    teacher = tiny_net("float", seed=7)  # untrained: its soft labels are far from the true ones
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        target = torch.softmax(teacher.eval()(xt), 1)
+
+    def kl_to_teacher(net):
+        with torch.no_grad():
+            return torch.nn.functional.kl_div(torch.log_softmax(net.eval()(xt), 1), target,
+                                              reduction="batchmean").item()
+
+    plain, kd = tiny_net("dense"), tiny_net("dense")
+    train(plain, x, y, TrainConfig(epochs=2, batch_size=64))
+    train(kd, x, y, TrainConfig(epochs=2, batch_size=64, kd_weight=1.0), teacher=teacher)
+    assert kl_to_teacher(kd) < 0.5 * kl_to_teacher(plain)
+
+
+def test_per_epoch_accuracy_and_selection_changes_are_recorded(split):
+    net = tiny_net("sparks", k=16)
+    cfg = TrainConfig(epochs=2, batch_size=64, selection_end=0.5, recalibrate_images=128,
+                      schedule=TemperatureSchedule(noise0=1.0, noise_end=0.25))
+    res = train(net, split.x_train[:256], split.y_train[:256], cfg, split.x_test[:100], split.y_test[:100])
+    assert len(res.test_accuracy) == 3 and res.final_accuracy == res.test_accuracy[-1]
+    # Gumbel noise in the first epoch changes codewords every step; in the second epoch the
+    # noise is 0 and the selection frozen, so the training forward uses one fixed codebook.
+    assert res.selection_changes[0] > 1 and res.selection_changes[1] == 0
+    assert all(m.selector.logits.requires_grad for m in net.modules() if hasattr(m, "selector"))

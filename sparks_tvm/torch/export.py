@@ -25,7 +25,14 @@ from torch import nn
 
 from ..errors import SparksError
 from .codebook import code_strings, kernel_codes
-from .layers import BinaryConv2dBase, CodebookConv2dBase, DenseBinaryConv2d, SparksConv2d, binary_convs
+from .layers import (
+    BinaryConv2dBase,
+    CodebookConv2dBase,
+    DenseBinaryConv2d,
+    RandomCodebookConv2d,
+    SparksConv2d,
+    binary_convs,
+)
 
 
 class FrozenConv2d(nn.Module):
@@ -63,7 +70,8 @@ class LayerSummary:
     onnx_name : str
         The ONNX Conv node's name (the compiler report's ``name``).
     kind : str
-        ``"sparks"``, ``"snn"`` (random fixed codewords) or ``"dense"`` (plain BNN).
+        ``"sparks"``, ``"snn"`` (random fixed codewords), ``"topk"`` (fixed codewords counted
+        from a dense BNN) or ``"dense"`` (plain BNN).
     codewords : int or None
         K (None for dense).
     selected : list of str
@@ -98,7 +106,9 @@ def _kind(layer: BinaryConv2dBase) -> str:
         return "sparks"
     if isinstance(layer, DenseBinaryConv2d):
         return "dense"
-    return "snn"
+    if isinstance(layer, RandomCodebookConv2d):
+        return "snn"
+    return "topk"
 
 
 def summarize(model: nn.Module) -> list[LayerSummary]:
@@ -206,7 +216,7 @@ def export_onnx(model: nn.Module, example_input, path=None, input_name: str = "i
 def check_compiled(report, layers: list[LayerSummary]) -> list[str]:
     """Compare a compile report with the export summary; returns the problems (empty: all good).
 
-    Every Sparks / SNN layer must be compiled as ``sparks`` with as many codewords as the
+    Every codebook layer (Sparks, SNN, top-K) must be compiled as ``sparks`` with as many codewords as the
     layer uses (at most K), and every dense binary layer as ``binary`` or ``sparks``.
     """
     by_name = {rec.name: rec for rec in report}
@@ -216,7 +226,7 @@ def check_compiled(report, layers: list[LayerSummary]) -> list[str]:
         if rec is None:
             problems.append(f"{lay.name}: no conv named {lay.onnx_name!r} in the compile report")
             continue
-        if lay.kind in ("sparks", "snn"):
+        if lay.kind in ("sparks", "snn", "topk"):
             if rec.kind != "sparks":
                 problems.append(f"{lay.name}: compiled as {rec.kind!r}, not 'sparks' ({rec.reason})")
             elif rec.codewords != lay.used:

@@ -44,6 +44,24 @@ def bireal_approx(x: torch.Tensor) -> torch.Tensor:
                                    torch.where(x < 1, -x * x + 2 * x, torch.ones_like(x))))
 
 
+class _SignBiReal(torch.autograd.Function):
+    """``sign`` forward, the derivative of :func:`bireal_approx`, ``max(0, 2 - 2|x|)``, backward.
+
+    The same gradient as ``_ste(sign(x), bireal_approx(x))`` in one elementwise kernel each
+    way: the ``where`` chain of the composed form took about half of a training step on the CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (2.0 - 2.0 * x.abs()).clamp_(min=0.0)
+
+
 class BinaryActivation(nn.Module):
     """``sign(x)`` forward (ONNX ``Sign``: 0 -> 0), Bi-Real's polynomial gradient backward.
 
@@ -53,10 +71,9 @@ class BinaryActivation(nn.Module):
     """
 
     def forward(self, x):
-        b = torch.sign(x)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _ste(b, bireal_approx(x))
-        return b
+            return _SignBiReal.apply(x)
+        return torch.sign(x)
 
 
 def _check_conv_args(name, in_channels, out_channels, stride, padding):
@@ -175,7 +192,36 @@ class CodebookConv2dBase(BinaryConv2dBase):
         return _ste(kernels, self.weight)
 
 
-class RandomCodebookConv2d(CodebookConv2dBase):
+class FixedCodebookConv2d(CodebookConv2dBase):
+    """A codebook conv whose K codewords are given and never learned.
+
+    Used for the "count, don't learn" baseline: the K most frequent kernels of a trained dense
+    BNN (:func:`sparks_tvm.torch.train.top_k_codes`), set with :meth:`set_codes`. Until then
+    it holds codewords 0..K-1.
+    """
+
+    def __init__(self, in_channels, out_channels, codewords=16, stride=1, padding=1):
+        super().__init__(in_channels, out_channels, codewords, stride, padding)
+        self.register_buffer("codes", torch.arange(self.codewords, dtype=torch.int64))
+
+    @torch.no_grad()
+    def set_codes(self, codes) -> None:
+        """Use the K distinct codes ``codes`` (integers in [0, 512))."""
+        codes = torch.as_tensor(np.asarray(codes, np.int64))
+        if codes.shape != (self.codewords,) or codes.unique().numel() != self.codewords \
+                or int(codes.min()) < 0 or int(codes.max()) >= NUM_CODEWORDS:
+            raise SparksError(f"{type(self).__name__}: need {self.codewords} distinct codes in [0, 512), "
+                              f"got {codes.tolist()}")
+        self.codes.copy_(codes)
+
+    def selection(self):
+        codes = self.codes.numpy()
+        sel = torch.zeros(self.codewords, NUM_CODEWORDS, dtype=self.book.dtype, device=self.book.device)
+        sel[torch.arange(self.codewords), self.codes] = 1.0
+        return sel, codes
+
+
+class RandomCodebookConv2d(FixedCodebookConv2d):
     """SNN-style baseline: K distinct codewords drawn at random once and kept fixed.
 
     Parameters
@@ -187,13 +233,7 @@ class RandomCodebookConv2d(CodebookConv2dBase):
     def __init__(self, in_channels, out_channels, codewords=16, stride=1, padding=1, seed=0):
         super().__init__(in_channels, out_channels, codewords, stride, padding)
         gen = torch.Generator().manual_seed(int(seed))
-        self.register_buffer("codes", torch.as_tensor(random_codes(self.codewords, gen)))
-
-    def selection(self):
-        codes = self.codes.numpy()
-        sel = torch.zeros(self.codewords, NUM_CODEWORDS, dtype=self.book.dtype, device=self.book.device)
-        sel[torch.arange(self.codewords), self.codes] = 1.0
-        return sel, codes
+        self.set_codes(random_codes(self.codewords, gen))
 
 
 class SparksConv2d(CodebookConv2dBase):
@@ -228,6 +268,17 @@ class SparksConv2d(CodebookConv2dBase):
 
     def selection(self):
         return self.selector()
+
+    @torch.no_grad()
+    def set_selection(self, codes, margin: float = 1.0) -> None:
+        """Start the learned selection at the given K distinct codewords (slack form only).
+
+        Slot r's logits get ``margin`` on ``codes[r]`` and 0 elsewhere
+        (:meth:`CodewordSelector.set_selection`), so the noise-free Hungarian solution is
+        exactly ``codes`` until training moves the logits (top-K initialisation from a
+        trained dense BNN's kernels).
+        """
+        self.selector.set_selection(codes, margin)
 
 
 def binary_convs(model: nn.Module) -> list[tuple[str, BinaryConv2dBase]]:

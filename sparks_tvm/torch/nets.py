@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import SparksError
-from .layers import BinaryActivation, DenseBinaryConv2d, RandomCodebookConv2d, SparksConv2d
+from .layers import BinaryActivation, DenseBinaryConv2d, FixedCodebookConv2d, RandomCodebookConv2d, SparksConv2d
 
-#: The conv kinds of the training table.
-KINDS = ("float", "dense", "snn", "sparks")
+#: The conv kinds of the training table ("topk": fixed codewords set from a dense BNN).
+KINDS = ("float", "dense", "snn", "topk", "sparks")
 
 
 class LearnableBias(nn.Module):
@@ -43,6 +43,8 @@ def make_conv(kind: str, cin: int, cout: int, stride: int, codewords: int | None
         return DenseBinaryConv2d(cin, cout, 3, stride=stride, padding=1)
     if kind == "snn":
         return RandomCodebookConv2d(cin, cout, codewords, stride=stride, padding=1, seed=seed)
+    if kind == "topk":
+        return FixedCodebookConv2d(cin, cout, codewords, stride=stride, padding=1)
     if kind == "sparks":
         return SparksConv2d(cin, cout, codewords, stride=stride, padding=1, selection=selection, seed=seed)
     raise SparksError(f"unknown conv kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -80,13 +82,13 @@ class BiRealNet(nn.Module):
 
     Parameters
     ----------
-    kind : {"float", "dense", "snn", "sparks"}
+    kind : {"float", "dense", "snn", "topk", "sparks"}
     widths : tuple of int
         Channels per stage; every stage after the first starts with a stride-2 block.
     blocks : tuple of int
         Blocks (binary convs) per stage.
     codewords : int
-        K for ``snn`` and ``sparks``.
+        K for ``snn``, ``topk`` and ``sparks``.
     in_channels, num_classes : int
     stem_stride : int
         Stride of the float 3x3 stem (2 halves the cost on 28x28 digits).
@@ -105,7 +107,7 @@ class BiRealNet(nn.Module):
         if len(widths) != len(blocks) or not widths:
             raise SparksError(f"widths {widths} and blocks {blocks} must be non-empty and of equal length")
         torch.manual_seed(seed)  # the float parameters' initialisation
-        self.kind, self.codewords = kind, (codewords if kind in ("snn", "sparks") else None)
+        self.kind, self.codewords = kind, (codewords if kind in ("snn", "topk", "sparks") else None)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, stride=stem_stride, padding=1, bias=False),
             nn.BatchNorm2d(widths[0]),

@@ -203,6 +203,22 @@ class CodewordSelector(torch.nn.Module):
             return log_sinkhorn(la, self.n_iters)
         return log_sinkhorn(torch.cat([la, slack]), self.n_iters, row_mass=mass)[: self.k]
 
+    @torch.no_grad()
+    def set_selection(self, codes, margin: float = 1.0) -> None:
+        """Logits whose noise-free selection is exactly ``codes`` (K distinct columns).
+
+        Each row becomes 0 everywhere and ``margin`` at its column (slack form: rows are the
+        sub-codebook slots). A small margin keeps the selection learnable: Gumbel noise and
+        gradients can still move a slot to a better codeword.
+        """
+        codes = np.asarray(codes, np.int64)
+        if self.mode != "slack":
+            raise SparksError("set_selection needs the 'slack' selection form")
+        if codes.shape != (self.k,) or len(set(codes.tolist())) != self.k or codes.min() < 0 or codes.max() >= self.n:
+            raise SparksError(f"set_selection needs {self.k} distinct codes in [0, {self.n}), got {codes.tolist()}")
+        self.logits.zero_()
+        self.logits[torch.arange(self.k), torch.as_tensor(codes)] = float(margin)
+
     def forward(self) -> tuple[torch.Tensor, np.ndarray]:
         """The (K, N) selection matrix: exact 0/1 one-hot rows; PSTE gradient when training.
 
@@ -214,6 +230,8 @@ class CodewordSelector(torch.nn.Module):
         noisy = self._noisy_logits()
         cols = hungarian(noisy)[: self.k]
         hard = one_hot_rows(cols, self.n, self.logits)
-        if not (self.training and torch.is_grad_enabled()):
+        # Frozen logits (requires_grad False) need no soft permutation: skipping its Sinkhorn
+        # saves most of a Sparks layer's per-step overhead once the selection is fixed.
+        if not (self.training and torch.is_grad_enabled() and self.logits.requires_grad):
             return hard, cols
         return pste(hard, self.soft(noisy)), cols

@@ -1,9 +1,13 @@
-"""Training loop, temperature schedule and evaluation for the binary nets.
+"""Training loop, schedules, two-stage initialisation and evaluation for the binary nets.
 
-The recipe is a one-stage, CPU-sized version of SNN's (SPARKS.md): Adam, learning rate
-decayed linearly to 0, cross-entropy (no distillation teacher: the table's float row is the
-reference instead). For Sparks layers the Sinkhorn temperature and the Gumbel noise scale
-follow :class:`TemperatureSchedule`, and the selection logits have their own learning rate.
+The recipe is a CPU-sized version of SNN's (SPARKS.md): Adam, learning rate decayed linearly
+to 0, optional knowledge distillation from a float teacher, and two stages: a dense BNN
+first, whose weights and most frequent kernels start every codebook net
+(:func:`init_from_dense`). For Sparks layers the Sinkhorn temperature and the Gumbel noise
+scale follow :class:`TemperatureSchedule`; the selection logits have their own learning rate
+and are frozen for the last part of training (``TrainConfig.selection_end``), so the latent
+weights settle on the codebook that inference uses. Accuracy is measured after BatchNorm
+recalibration (:func:`recalibrate_batchnorm`), every epoch and at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SparksError
+from .codebook import kernel_codes
+from .layers import DenseBinaryConv2d, FixedCodebookConv2d, SparksConv2d, binary_convs
 from .sinkhorn import CodewordSelector
 
 
@@ -67,11 +73,24 @@ class TrainConfig:
     selection_lr: float = 2e-2
     weight_decay: float = 0.0
     seed: int = 0
+    #: Re-estimate BatchNorm statistics before every evaluation and at the end.
     recalibrate_bn: bool = True
-    #: Fraction of training after which the Sparks selection is frozen (selection lr 0), so
-    #: the latent weights settle on the final codebook; 1.0 never freezes it.
+    #: Training images used for the recalibration (the first ones; 0 = all).
+    recalibrate_images: int = 10000
+    #: Fraction of training after which the Sparks selection is frozen (no update and no
+    #: Sinkhorn), so the latent weights settle on the final codebook; 1.0 never freezes it.
     selection_end: float = 1.0
+    #: Weight of the distillation loss (KL to the teacher's softmax at ``kd_temperature``);
+    #: the cross-entropy gets ``1 - kd_weight``. Needs a ``teacher`` in :func:`train`.
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
     schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
+
+    def __post_init__(self):
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise SparksError(f"kd_weight must be in [0, 1], got {self.kd_weight}")
+        if not 0.0 <= self.selection_end <= 1.0:
+            raise SparksError(f"selection_end must be in [0, 1], got {self.selection_end}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,13 +98,19 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run produced: per-epoch loss and test accuracy, final accuracy, wall time."""
+    """What a run produced: per-epoch loss and test accuracy, final accuracy, wall time.
+
+    ``selection_changes`` holds, per epoch, the mean number of Sparks slots (summed over the
+    layers) whose codeword in the training forward changed from one step to the next: Gumbel
+    noise and swaps of the learned selection both count (0 for nets without Sparks layers).
+    """
 
     losses: list
     #: per epoch, plus a last entry after BatchNorm recalibration when it is on
     test_accuracy: list
     final_accuracy: float
     seconds: float
+    selection_changes: list = field(default_factory=list)
 
 
 def selection_parameters(model: torch.nn.Module) -> list:
@@ -100,16 +125,19 @@ def recalibrate_batchnorm(model: torch.nn.Module, x: np.ndarray, batch_size: int
     Binary weights flip sign often during training, so the running averages (momentum 0.1)
     describe weights of the last few dozen steps, not the final ones; in eval mode that gap
     alone can cost tens of accuracy points on small binary nets. One cumulative pass over the
-    training images fixes the statistics without changing any learned parameter.
+    training images fixes the statistics without changing any learned parameter. The pass
+    runs in eval mode for everything but the BatchNorms, so Sparks layers use their
+    noise-free (inference) selection.
     """
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
     saved = [(m, m.momentum) for m in bns]
+    model.eval()
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average over the pass
-    model.train()
+        m.train()
     try:
         for i in range(0, len(x), batch_size):
             model(torch.from_numpy(x[i:i + batch_size]))
@@ -133,8 +161,80 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((predict(model, x)[1] == y).mean() * 100.0)
 
 
+def top_k_codes(weight: torch.Tensor, k: int) -> np.ndarray:
+    """The K most frequent binary kernels of a dense BNN layer (``sign(w)``, 0 -> +1).
+
+    Ties (and layers with fewer than K distinct kernels) are broken by the summed magnitude
+    of the latent weights that voted for each codeword, then by code, so the result is a
+    deterministic function of the weights.
+    """
+    w = weight.detach().reshape(-1, 9).to(torch.float64)
+    codes = kernel_codes(torch.where(w >= 0, 1.0, -1.0).numpy())
+    counts = np.bincount(codes, minlength=512).astype(np.float64)
+    mass = np.bincount(codes, weights=w.abs().sum(1).numpy(), minlength=512)
+    # lexsort: last key is primary; most frequent first, then heaviest, then lowest code
+    order = np.lexsort((np.arange(512), -mass, -counts))
+    return order[:k].astype(np.int64)
+
+
+@torch.no_grad()
+def init_from_dense(model: torch.nn.Module, dense: torch.nn.Module, top_k: bool = True,
+                    weights: bool = True, margin: float = 0.5) -> list:
+    """Start a codebook net from a trained dense BNN of the same architecture (stage 2).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The net to initialise (Sparks, top-K or SNN convs, or dense).
+    dense : torch.nn.Module
+        A trained net with :class:`DenseBinaryConv2d` block convs, same shapes.
+    top_k : bool
+        Set every Sparks selection and every top-K fixed codebook to the K most frequent
+        kernels of the matching dense layer (:func:`top_k_codes`). Random (SNN) codebooks stay.
+    weights : bool
+        Copy every parameter and buffer of matching name and shape (latent weights, BatchNorm,
+        shifts, stem, classifier), so stage 2 starts where stage 1 ended.
+    margin : float
+        Logit margin of the initial Sparks selection
+        (:meth:`~sparks_tvm.torch.sinkhorn.CodewordSelector.set_selection`).
+
+    Returns
+    -------
+    list of ndarray
+        The codes set per codebook layer (empty entries for layers left as they were).
+    """
+    if weights:
+        src = dense.state_dict()
+        own = model.state_dict()
+        copied = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape
+                  and not k.endswith(".codes") and ".selector." not in k}
+        model.load_state_dict(copied, strict=False)
+    dense_layers = dict(binary_convs(dense))
+    set_codes = []
+    for name, layer in binary_convs(model):
+        codes = np.zeros(0, np.int64)
+        # SNN (random) codebooks are FixedCodebookConv2d subclasses and keep their draw.
+        if top_k and (isinstance(layer, SparksConv2d) or type(layer) is FixedCodebookConv2d):
+            src = dense_layers.get(name)
+            if not isinstance(src, DenseBinaryConv2d):
+                raise SparksError(f"{name}: the source net has no dense binary conv of that name")
+            codes = top_k_codes(src.weight, layer.codewords)
+            if isinstance(layer, SparksConv2d):
+                layer.set_selection(codes, margin)
+            else:
+                layer.set_codes(codes)
+        set_codes.append(codes)
+    return set_codes
+
+
+def _recal_images(config: TrainConfig, x_train: np.ndarray) -> np.ndarray:
+    n = config.recalibrate_images
+    return x_train if n <= 0 else x_train[:n]
+
+
 def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, config: TrainConfig,
-          x_test: np.ndarray | None = None, y_test: np.ndarray | None = None, log=None) -> TrainResult:
+          x_test: np.ndarray | None = None, y_test: np.ndarray | None = None, log=None,
+          teacher: torch.nn.Module | None = None) -> TrainResult:
     """Train ``model`` in place with a fixed seed (data order and Gumbel noise).
 
     Parameters
@@ -144,9 +244,12 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
         (N, C, H, W) float32 images and int64 labels.
     config : TrainConfig
     x_test, y_test : ndarray, optional
-        Evaluated after every epoch when given.
+        Evaluated after every epoch when given (after BatchNorm recalibration when
+        ``config.recalibrate_bn``).
     log : callable, optional
         Called with one progress line per epoch.
+    teacher : torch.nn.Module, optional
+        Frozen float model for distillation (``config.kd_weight > 0``), run in eval mode.
 
     Returns
     -------
@@ -154,6 +257,8 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
     """
     if len(x_train) != len(y_train) or len(x_train) == 0:
         raise SparksError(f"training set: {len(x_train)} images and {len(y_train)} labels")
+    if config.kd_weight > 0 and teacher is None:
+        raise SparksError(f"kd_weight={config.kd_weight} needs a teacher model")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     sel = selection_parameters(model)
@@ -163,43 +268,72 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
     if sel:
         groups.append({"params": sel, "lr": config.selection_lr, "weight_decay": 0.0})
     opt = torch.optim.Adam(groups)
+    sparks = [m for m in model.modules() if isinstance(m, SparksConv2d)]
+    if teacher is not None:
+        teacher.eval()
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total = config.epochs * steps_per_epoch
     base = [g["lr"] for g in opt.param_groups]
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    losses, accs, step, start = [], [], 0, time.perf_counter()
-    for epoch in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(xt), generator=gen)
-        run_loss = 0.0
-        for b in range(steps_per_epoch):
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            for gi, (g, lr) in enumerate(zip(opt.param_groups, base)):
-                g["lr"] = lr * (1.0 - step / total)  # linear decay to 0 (SNN recipe)
-                if gi == 1 and step >= config.selection_end * total:
-                    g["lr"] = 0.0  # selection frozen: Adam makes no update at lr 0
-            config.schedule.apply(model, step / total)
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
-            if not torch.isfinite(loss):
-                raise SparksError(f"training diverged: loss {loss.item()} at epoch {epoch}, step {b}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            run_loss += loss.item() * len(idx)
-            step += 1
-        losses.append(run_loss / len(xt))
-        if x_test is not None:
-            accs.append(accuracy(model, x_test, y_test))
-        if log is not None:
-            acc = f", test {accs[-1]:.2f}%" if accs else ""
-            log(f"  epoch {epoch + 1}/{config.epochs}: loss {losses[-1]:.4f}{acc} "
-                f"({time.perf_counter() - start:.0f} s)")
+    recal = _recal_images(config, x_train)
+    losses, accs, changes, step, start = [], [], [], 0, time.perf_counter()
+    temp = config.kd_temperature
+    try:
+        for epoch in range(config.epochs):
+            model.train()
+            order = torch.randperm(len(xt), generator=gen)
+            run_loss, n_changed, prev = 0.0, 0, None
+            for b in range(steps_per_epoch):
+                idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+                frozen = step >= config.selection_end * total
+                for gi, (g, lr) in enumerate(zip(opt.param_groups, base)):
+                    g["lr"] = lr * (1.0 - step / total)  # linear decay to 0 (SNN recipe)
+                if sel and frozen and sel[0].requires_grad:
+                    # Frozen: no gradient, so Adam leaves the logits alone and the forward
+                    # skips the soft permutation.
+                    for p in sel:
+                        p.requires_grad_(False)
+                config.schedule.apply(model, step / total)
+                xb = xt[idx]
+                out = model(xb)
+                loss = F.cross_entropy(out, yt[idx])
+                if config.kd_weight > 0:
+                    with torch.no_grad():
+                        soft_t = F.softmax(teacher(xb) / temp, dim=1)
+                    kd = F.kl_div(F.log_softmax(out / temp, dim=1), soft_t, reduction="batchmean") * temp * temp
+                    loss = (1.0 - config.kd_weight) * loss + config.kd_weight * kd
+                if not torch.isfinite(loss):
+                    raise SparksError(f"training diverged: loss {loss.item()} at epoch {epoch}, step {b}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sparks:
+                    now = [m.last_codes for m in sparks]
+                    if prev is not None:
+                        n_changed += sum(int((a != p).sum()) for a, p in zip(now, prev))
+                    prev = now
+                run_loss += loss.item() * len(idx)
+                step += 1
+            losses.append(run_loss / len(xt))
+            changes.append(n_changed / max(1, steps_per_epoch - 1))
+            if x_test is not None:
+                if config.recalibrate_bn:
+                    recalibrate_batchnorm(model, recal)
+                accs.append(accuracy(model, x_test, y_test))
+            if log is not None:
+                acc = f", test {accs[-1]:.2f}%" if accs else ""
+                chg = f", selection changes/step {changes[-1]:.2f}" if sparks else ""
+                log(f"  epoch {epoch + 1}/{config.epochs}: loss {losses[-1]:.4f}{acc}{chg} "
+                    f"({time.perf_counter() - start:.0f} s)")
+    finally:
+        for p in sel:
+            p.requires_grad_(True)
     config.schedule.apply(model, 1.0)  # noise-free selection: training mode == inference
     if config.recalibrate_bn:
-        recalibrate_batchnorm(model, x_train)
+        recalibrate_batchnorm(model, recal)
         if x_test is not None:
             accs.append(accuracy(model, x_test, y_test))
             if log is not None:
                 log(f"  after BatchNorm recalibration: test {accs[-1]:.2f}%")
     final = accs[-1] if accs else float("nan")
-    return TrainResult(losses, accs, final, time.perf_counter() - start)
+    return TrainResult(losses, accs, final, time.perf_counter() - start, changes)
