@@ -1,0 +1,423 @@
+"""The Sparks convolution for 128-bit SIMD CPUs (aarch64 NEON), written as explicit vector TIR.
+
+Same operation, parameters and output as :func:`.sparks_conv2d.sparks_conv2d_compute` (the
+readable reference is :func:`sparks_tvm.reference.sparks_conv2d_ref`), with the loop nest fixed
+by hand instead of left to a schedule: on NEON the instruction count is the cost, and a TE
+formulation plus schedule leaves LLVM too much to guess (masked borders, per-codeword plane
+selection, accumulators through memory).
+
+Formulation. For a patch with ``neg`` (taps holding -1) and ``real`` (taps holding a real +-1)
+bits and a codeword whose ``-1`` taps are ``code``, let ``u`` be the number of real taps on
+which patch and codeword agree (0..9). The response is ``S = 2 * u - popcount(real)``, so
+
+    y[o, p] = sum_c S[c, idx[o, c], p] = 2 * sum_c u[c, idx[o, c], p] - R[p],
+    R[p] = sum_c popcount(real[c, p])
+
+and the codeword-dependent part is ``u`` alone: 0..9, so 28 input channels sum in one byte.
+Taps 0..7 of a patch are one byte (``n8``, ``m8``), so ``u`` is one byte-lane ``cnt`` plus the
+ninth tap's match, which depends on the codeword only through its bit 8: one of two
+precomputed planes (``t9[0]``, ``t9[1]``). Stage 1 runs over the codewords sorted by that bit
+(two loops), so the plane stays in registers across a loop.
+
+Passes (one call):
+
+1. per call: gather offsets ``off[o, c]`` (row of ``(c, idx[o, c])`` in a stage-1 block) and
+   the codewords' ``~code & 0xFF`` bytes and bit-8 order;
+2. per input channel: binarize into padded 0/1 planes (``neg``, ``real``), then horizontal
+   tap triples (3 bits per output column and padded row; at column stride 2 the loop reads
+   interleaved bytes, which LLVM turns into ``ld2``);
+3. per pixel vector: patch planes ``n8``, ``m8``, ``t9`` from three triple rows, and ``R``
+   (uint8 per group of channels, widened once per group);
+4. per (image, pixel tile, output-channel chunk), a parallel task: for each block of at most
+   28 channels, stage 1 writes ``u`` rows of the tile into a task-local block (K rows per
+   channel, contiguous pixels), then for each output channel the block's rows are gathered
+   and summed in one byte-vector expression (the sum stays in registers) and widened into
+   the uint16 (int32 past C = 7281) accumulator;
+5. ``out = 2 * acc - R`` as a TE block named ``out``: the epilogue Relax fuses after the conv
+   is inlined into it, then scheduled (``schedules.arm``).
+
+Flattened pixels. As in the generic kernel, output pixels are flattened (``p = oh * OW + ow``)
+and padded to a multiple of the tile; at row stride 1 the triple rows are flat too (pixel
+``p``'s patch row ``dy`` is triple ``p + dy * OW``), so passes 3-4 run in whole vectors
+whatever the width. Pixels past ``OH * OW`` hold bounded garbage (each ``u`` <= 9 lane-wise
+whatever bytes the planes hold there) and are never stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .common import ConvGeometry, int64_shape, nchw_output
+from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
+
+U8 = "uint8"
+#: Channels summed in one byte: u <= 9 per channel, 28 * 9 = 252.
+MAX_BLOCK = 28
+#: NEON register width in bytes.
+VECTOR = 16
+#: Pixel tiles the default plan chooses from.
+TILES = (16, 32, 64, 128)
+
+
+def accumulator_dtype(in_channels: int) -> str:
+    """Narrowest accumulator of ``sum_c u`` (u <= 9) that cannot overflow."""
+    return "uint16" if 9 * in_channels <= 65535 else "int32"
+
+
+@dataclass(frozen=True)
+class NeonSparksPlan:
+    """Static choices of one layer's kernel.
+
+    Attributes
+    ----------
+    tile : int
+        Pixels per task and per gathered row (a multiple of 16).
+    chunk : int
+        Pixels per stage-1 pass (divides ``tile``): its planes stay in registers across the
+        codeword loop.
+    block : int
+        Input channels per stage-1 block (<= 28: one byte sum).
+    o_chunks : int
+        Output-channel chunks per pixel tile, run as separate parallel tasks (divides O).
+    """
+
+    tile: int
+    chunk: int
+    block: int
+    o_chunks: int = 1
+
+
+def padded(pixels: int, tile: int) -> int:
+    return -(-pixels // tile) * tile
+
+
+def default_plan(geom: ConvGeometry, num_codewords: int, cores: int = 1) -> NeonSparksPlan:
+    """Tile with the least padding waste and the fewest per-row overheads; balanced channel blocks.
+
+    A gathered row of T pixels costs about ``1.5 + T / 32 + T / 16`` instructions (offset,
+    address, paired loads, adds), so longer rows are cheaper per pixel, while padded pixels
+    past ``OH * OW`` are wasted work: the tile minimizes the row cost times the padded pixel
+    count. Tiles and chunks are powers of two (16..128): LLVM legalizes other vector lengths
+    (48, 96 lanes) into much longer code.
+    """
+    pixels = geom.out_height * geom.out_width
+    tile = min(TILES, key=lambda t: (padded(pixels, t) * (1.5 + t / 32 + t / 16) / t, -t))
+    chunk = min(tile, 64)
+    bits = index_bits(num_codewords)
+    per = 8 // bits if bits < 8 else 1  # a block starts on a packed index byte
+    nblk = -(-geom.in_channels // MAX_BLOCK)
+    block = min(MAX_BLOCK // per * per, -(-(-(-geom.in_channels // nblk)) // per) * per)
+    tiles = geom.batch * padded(pixels, tile) // tile
+    o_chunks = 1
+    if cores > 1 and tiles < 2 * cores:
+        want = -(-2 * cores // tiles)
+        o_chunks = max(d for d in range(1, min(want, geom.out_channels) + 1) if geom.out_channels % d == 0)
+    return NeonSparksPlan(tile, chunk, block, o_chunks)
+
+
+def _u8(v):
+    return tirx.const(v, U8)
+
+
+def _bc(v, lanes):
+    return tirx.Broadcast(v, lanes)
+
+
+def _load(buf, prefix, start, lanes):
+    return tirx.BufferLoad(buf, [*prefix, tirx.Ramp(start, 1, lanes)])
+
+
+def _store(buf, prefix, start, lanes, value):
+    T.buffer_store(buf, value, [*prefix, tirx.Ramp(start, 1, lanes)])
+
+
+class _Layout:
+    """Derived sizes of one layer (kept apart from the builder functions for readability)."""
+
+    def __init__(self, geom: ConvGeometry, num_codewords: int, plan: NeonSparksPlan):
+        self.geom, self.k, self.plan = geom, num_codewords, plan
+        self.n, self.c, self.h, self.w = geom.in_shape
+        self.o = geom.out_channels
+        self.oh, self.ow = geom.out_height, geom.out_width
+        self.sh, self.sw = geom.stride
+        self.pt, self.pl, self.pb, self.pr = geom.padding
+        self.pixels = self.oh * self.ow
+        self.pp = padded(self.pixels, plan.tile)
+        self.tiles = self.pp // plan.tile
+        self.flat = self.sh == 1
+        hp = self.h + self.pt + self.pb
+        # Flat triple rows are read up to pixel PP - 1 + 2 * OW: rows past the image are padding.
+        # Flat triple rows are read up to pixel PP - 1 + 2 * OW: rows past the image are padding.
+        self.rows = max(hp, -(-self.pp // self.ow) + 2) if self.flat else hp
+        self.binrows = self.rows if self.flat else hp
+        cols = max(self.w + self.pl + self.pr, self.sw * (self.ow - 1) + 3)
+        self.cols = cols + cols % 2  # even: rows start on a 16-bit boundary (stride-2 triples)
+        nblk = -(-self.c // plan.block)
+        self.blocks = [(b * plan.block, min(self.c, (b + 1) * plan.block)) for b in range(nblk)]
+        self.acc = accumulator_dtype(self.c)
+        self.bits = index_bits(num_codewords)
+        self.per = 8 // self.bits if self.bits < 8 else 1  # index fields per packed byte
+        if plan.block % self.per:
+            raise ValueError(f"channel block {plan.block} must be a multiple of {self.per} (indices per byte)")
+
+
+def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
+    """Pass 1: gather offsets, codeword bytes, codewords ordered by bit 8 (``count0`` with 0)."""
+    k_, bits, per, tile = lay.k, lay.bits, lay.per, lay.plan.tile
+    # off[o, f, q] is channel c = q * per + f: each packed byte of a row is loaded once per
+    # field, so the loops are whole vectors (blocks start on a byte: block % per == 0).
+    with T.parallel(0, lay.o) as o:
+        for c0, c1 in lay.blocks:
+            q0, q1 = c0 // per, -(-c1 // per)
+            for f in range(per):
+                with T.vectorized(0, q1 - q0) as q:
+                    if bits >= 8:
+                        kk = tirx.Cast("int32", idx[o, q0 + q])
+                    else:
+                        field = idx[o, q0 + q] >> _u8(f * bits)
+                        kk = tirx.Cast("int32", field & _u8((1 << bits) - 1))
+                    # floormod keeps any stored value (a tuning runner's random bytes) in [0, K).
+                    value = ((q * per + f) * k_ + tirx.floormod(kk, k_)) * tile
+                    T.buffer_store(off, value, [o, f, q0 + q])
+    # Codewords sorted by bit 8 (those with it clear first, ``count0[0]`` of them): slot j
+    # holds the codeword's ``~code & 0xFF`` byte and its row offset ``k * T`` in a channel.
+    T.buffer_store(count0, tirx.const(0, "int32"), [0])
+    for bit in (0, 1):
+        if bit == 1:
+            T.buffer_store(count0, count0[0], [1])
+        slot = 0 if bit == 0 else 1
+        with T.serial(0, k_) as k:
+            with T.If(((codes[k] >> 8) & 1) == bit):
+                with T.Then():
+                    T.buffer_store(agree, tirx.Cast(U8, codes[k]) ^ _u8(0xFF), [count0[slot]])
+                    T.buffer_store(rows, k * lay.plan.tile, [count0[slot]])
+                    T.buffer_store(count0, count0[slot] + 1, [slot])
+
+
+def _binarize_rows(lay, mode, data, shift, neg, real, n, c):
+    """Pass 2a: one channel's padded 0/1 planes (zero padding after binarization)."""
+    zero = _u8(0)
+    for ylo, yhi in ((0, lay.pt), (lay.pt + lay.h, lay.binrows)):
+        if yhi > ylo:
+            with T.serial(ylo, yhi) as y:
+                with T.vectorized(0, lay.cols) as x:
+                    T.buffer_store(neg, zero, [n, c, y, x])
+                    T.buffer_store(real, zero, [n, c, y, x])
+    side = list(range(lay.pl)) + list(range(lay.pl + lay.w, lay.cols))
+    with T.serial(0, lay.h) as y:
+        for x in side:
+            T.buffer_store(neg, zero, [n, c, y + lay.pt, x])
+            T.buffer_store(real, zero, [n, c, y + lay.pt, x])
+        with T.vectorized(0, lay.w) as x:
+            v = data[n, c, y, x]
+            if shift is not None:
+                v = v + shift[c]
+            f0 = tirx.const(0.0, "float32")
+            is_neg = v <= f0 if mode == "gt" else v < f0
+            is_real = v != f0 if mode == "sign" else tirx.const(True, "bool")
+            T.buffer_store(neg, tirx.Cast(U8, is_neg), [n, c, y + lay.pt, x + lay.pl])
+            T.buffer_store(real, tirx.Cast(U8, is_real), [n, c, y + lay.pt, x + lay.pl])
+
+
+def _triples(lay, neg, real, tneg, treal, n, c):
+    """Pass 2b: horizontal tap triples, laid out so that each patch row is a flat pixel vector.
+
+    Bits 0..2 of a triple are taps dx = 0..2 of one output column in one padded input row.
+    Row stride 1: ``t[y * OW + w]`` for every padded row y, and patch row dy of pixel p is
+    triple ``p + dy * OW``. Row stride > 1: ``t[dy, p]`` holds patch row dy of pixel p
+    directly (each input row written once per patch row it serves).
+    """
+    sw, ow = lay.sw, lay.ow
+    if sw == 2:
+        # Column pairs (2w, 2w + 1) as one 16-bit lane: the three taps of column w are the
+        # low and high bytes of pair w and the low byte of pair w + 1, all contiguous loads
+        # (a vector loop over bytes at stride 2 would load lane by lane).
+        pairs = {b: T.decl_buffer([lay.n * lay.c * lay.binrows * lay.cols // 2], "uint16", data=b.data)
+                 for b in (neg, real)}
+
+        def triple(b, y, w):
+            base = ((n * lay.c + c) * lay.binrows + y) * (lay.cols // 2)
+            lo, hi = pairs[b][base + w], pairs[b][base + w + 1]
+            one = tirx.const(1, "uint16")
+            word = (lo & one) | ((lo >> tirx.const(8, "uint16")) << one) | ((hi & one) << tirx.const(2, "uint16"))
+            return tirx.Cast(U8, word)
+    else:
+        def triple(b, y, w):
+            return b[n, c, y, w * sw] | (b[n, c, y, w * sw + 1] << _u8(1)) | (b[n, c, y, w * sw + 2] << _u8(2))
+
+    # Column stride 1 or 2: vector loops of contiguous loads; larger strides stay scalar.
+    loop = T.vectorized if sw <= 2 else T.serial
+    if lay.flat:
+        with T.serial(0, lay.rows) as y:
+            with loop(0, ow) as w:
+                T.buffer_store(tneg, triple(neg, y, w), [n, c, y * ow + w])
+                T.buffer_store(treal, triple(real, y, w), [n, c, y * ow + w])
+        return
+    with T.serial(0, lay.oh) as r:
+        for dy in range(3):
+            with loop(0, ow) as w:
+                T.buffer_store(tneg, triple(neg, r * lay.sh + dy, w), [n, c, dy, r * ow + w])
+                T.buffer_store(treal, triple(real, r * lay.sh + dy, w), [n, c, dy, r * ow + w])
+    if lay.pp > lay.pixels:  # pixels past OH * OW: defined values, never stored
+        for dy in range(3):
+            with T.vectorized(0, lay.pp - lay.pixels) as p:
+                T.buffer_store(tneg, _u8(0), [n, c, dy, lay.pixels + p])
+                T.buffer_store(treal, _u8(0), [n, c, dy, lay.pixels + p])
+
+
+def _patch_rows(lay, buf, n, c, start, lanes):
+    """The three triple vectors (patch rows dy = 0, 1, 2) of pixels ``start .. start + lanes``."""
+    if lay.flat:
+        return [_load(buf, [n, c], start + dy * lay.ow, lanes) for dy in range(3)]
+    return [_load(buf, [n, c, dy], start, lanes) for dy in range(3)]
+
+
+def _block_stage1(lay, tneg, treal, agree, rows, count0, s1, rsum, n, p0, c0, c1, first, owner=None):
+    """Stage 1 of one channel block and pixel tile, with its patch planes and R.
+
+    Per channel and pixel chunk: the planes from three triple rows, R += the real taps, then
+    ``u`` rows ``s1[(c - c0) * K + k, 0:T]`` for the codewords with bit 8 clear, then set
+    (each loop keeps its ninth-tap plane in registers).
+    """
+    tile, chunk, k_ = lay.plan.tile, lay.plan.chunk, lay.k
+    L = chunk
+    three, six, two = _bc(_u8(3), L), _bc(_u8(6), L), _bc(_u8(2), L)
+    with T.serial(c0, c1) as c:
+        for sc in range(tile // chunk):
+            start = p0 + sc * chunk
+            t = _patch_rows(lay, tneg, n, c, start, L)
+            q = _patch_rows(lay, treal, n, c, start, L)
+            # Triples hold 3 bits, so no masking: taps 0..7 are rows 0, 1 and bits 0..1 of row 2.
+            nv = T.bind(t[0] | (t[1] << three) | (t[2] << six))
+            mv = T.bind(q[0] | (q[1] << three) | (q[2] << six))
+            real = tirx.Cast(f"{lay.acc}x{L}", tirx.popcount(mv) + (q[2] >> two))
+            if first:
+                # The block's first channel starts R; o-chunk tasks of one tile compute the
+                # same R, so only one of them stores it.
+                base = tirx.if_then_else(c == c0, _bc(tirx.const(0, lay.acc), L), _load(rsum, [n], start, L))
+            else:
+                base = _load(rsum, [n], start, L)
+            if owner is None:
+                _store(rsum, [n], start, L, base + real)
+            else:
+                with T.If(owner):
+                    with T.Then():
+                        _store(rsum, [n], start, L, base + real)
+            # Tap 8 agrees with a codeword whose bit 8 is b when real and (neg == b).
+            tap9 = ((q[2] & ~t[2]) >> two, (q[2] & t[2]) >> two)
+            for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
+                tv = T.bind(tap9[b])
+                with T.serial(lo, hi) as j:
+                    u = tirx.popcount((nv ^ _bc(agree[j], L)) & mv) + tv
+                    _store(s1, [], (c - c0) * k_ * tile + rows[j] + sc * chunk, L, u)
+
+
+def _stage2(lay, s1, off, acc, n, o_lo, o_count, p0, c0, c1, first):
+    """Stage 2 of one channel block: per output channel, the sum of its gathered rows."""
+    tile = lay.plan.tile
+    with T.serial(0, o_count) as ol:
+        o = o_lo + ol
+        total = None
+        for c in range(c0, c1):
+            row = _load(s1, [], off[o, c % lay.per, c // lay.per], tile)
+            total = row if total is None else total + row
+        wide = tirx.Cast(f"{lay.acc}x{tile}", total)
+        if not first:
+            wide = _load(acc, [n, o], p0, tile) + wide
+        _store(acc, [n, o], p0, tile, wide)
+
+
+def _kernel_body(lay, mode, ins, outs, with_shift):
+    data, codes, idx = ins[0], ins[1], ins[2]
+    shift = ins[3] if with_shift else None
+    acc, rsum = outs
+    n_, c_, k_, plan = lay.n, lay.c, lay.k, lay.plan
+    tshape = [n_, c_, lay.rows * lay.ow] if lay.flat else [n_, c_, 3, lay.pp]
+    with IRBuilder() as ib:
+        with T.seq_scope():
+            off = T.alloc_buffer([lay.o, lay.per, -(-c_ // lay.per)], "int32")
+            agree = T.alloc_buffer([k_], U8)
+            rows = T.alloc_buffer([k_], "int32")
+            count0 = T.alloc_buffer([2], "int32")
+            neg = T.alloc_buffer([n_, c_, lay.binrows, lay.cols], U8)
+            real = T.alloc_buffer([n_, c_, lay.binrows, lay.cols], U8)
+            tneg = T.alloc_buffer(tshape, U8)
+            treal = T.alloc_buffer(tshape, U8)
+            _prepare_codewords(lay, codes, idx, off, agree, rows, count0)
+            with T.parallel(0, n_ * c_) as nc:
+                _binarize_rows(lay, mode, data, shift, neg, real, nc // c_, nc % c_)
+                _triples(lay, neg, real, tneg, treal, nc // c_, nc % c_)
+            chunk_o = lay.o // plan.o_chunks
+            with T.parallel(0, n_ * lay.tiles * plan.o_chunks) as task:
+                n = task // (lay.tiles * plan.o_chunks)
+                p0 = (task // plan.o_chunks) % lay.tiles * plan.tile
+                oc = task % plan.o_chunks
+                s1 = T.alloc_buffer([plan.block * k_ * plan.tile], U8)
+                for i, (c0, c1) in enumerate(lay.blocks):
+                    owner = None if plan.o_chunks == 1 else oc == 0
+                    _block_stage1(lay, tneg, treal, agree, rows, count0, s1, rsum, n, p0, c0, c1, i == 0, owner)
+                    _stage2(lay, s1, off, acc, n, oc * chunk_o, chunk_o, p0, c0, c1, first=i == 0)
+    return ib.get()
+
+
+def sparks_conv2d_neon_compute(geom: ConvGeometry, num_codewords: int, mode: str, plan: NeonSparksPlan | None = None,
+                               shift: bool = False):
+    """Define the NEON Sparks convolution (same parameters and result as the generic kernel).
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+        A 3x3 binary convolution.
+    num_codewords : int
+        K.
+    mode : str
+        Binarizer rule (``sparks_tvm.reference.BINARIZE_MODES``).
+    plan : NeonSparksPlan, optional
+        Tile and blocking (:func:`default_plan` when omitted).
+    shift : bool
+        Take a per-channel float32 ``shift`` added to the activations before binarization.
+
+    Returns
+    -------
+    list of te.Tensor
+        ``[data, codes, idx, (shift,) out]``, ``out`` int32 ``(N, O, OH*OW)`` (laid out NCHW by
+        :func:`sparks_conv2d_neon_primfunc`).
+    """
+    geom.validate()
+    if tuple(geom.kernel) != (3, 3):
+        raise ValueError(f"the Sparks op needs 3x3 kernels, got {geom.kernel}")
+    plan = plan or default_plan(geom, num_codewords)
+    if plan.tile % VECTOR or plan.tile % plan.chunk or plan.chunk % VECTOR:
+        raise ValueError(f"tile and chunk must be multiples of {VECTOR}, chunk dividing tile: {plan}")
+    if not 1 <= plan.block <= MAX_BLOCK or geom.out_channels % plan.o_chunks:
+        raise ValueError(f"channel block must be in [1, {MAX_BLOCK}] and o_chunks divide O: {plan}")
+    lay = _Layout(geom, num_codewords, plan)
+    shp = int64_shape
+    data = te.placeholder(shp(*geom.in_shape), "float32", name="data")
+    codes = te.placeholder(shp(num_codewords), "int32", name="codes")
+    idx = te.placeholder(shp(*packed_index_shape(lay.o, lay.c, num_codewords)), idx_dtype(num_codewords), name="idx")
+    ins = [data, codes, idx]
+    if shift:
+        ins.append(te.placeholder(shp(lay.c), "float32", name="shift"))
+    # Plain buffers (no symbolic element offset, te.extern's default): Relax's FuseTIR maps the
+    # kernel's parameters onto the buffers of the graph and needs their types equal.
+    out_shapes = [shp(lay.n, lay.o, lay.pp), shp(lay.n, lay.pp)]
+    acc, rsum = te.extern(out_shapes, ins, lambda i, o: _kernel_body(lay, mode, i, o, shift),
+                          name="sparks_neon", dtype=[lay.acc, lay.acc],
+                          in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name, layout=None) for t in ins],
+                          out_buffers=[tirx.decl_buffer(s_, lay.acc, n_, layout=None) for s_, n_ in zip(out_shapes, ("acc", "rsum"))])
+    out = te.compute(shp(lay.n, lay.o, lay.pixels),
+                     lambda n, o, p: 2 * tirx.Cast("int32", acc[n, o, p]) - tirx.Cast("int32", rsum[n, p]),
+                     name="out")
+    return ins + [out]
+
+
+def sparks_conv2d_neon_primfunc(geom: ConvGeometry, num_codewords: int, mode: str,
+                                plan: NeonSparksPlan | None = None, shift: bool = False):
+    """Unscheduled PrimFunc (NCHW output, epilogue-fusable ``out`` block)."""
+    func = te.create_prim_func(sparks_conv2d_neon_compute(geom, num_codewords, mode, plan, shift))
+    return nchw_output(func, geom.out_width).with_attr({"tir.noalias": True})
