@@ -220,3 +220,38 @@ def test_per_epoch_accuracy_and_selection_changes_are_recorded(split):
     # noise is 0 and the selection frozen, so the training forward uses one fixed codebook.
     assert res.selection_changes[0] > 1 and res.selection_changes[1] == 0
     assert all(m.selector.logits.requires_grad for m in net.modules() if hasattr(m, "selector"))
+
+
+def test_recalibration_uses_the_inference_function_of_upstream_layers(split):
+    from sparks_tvm.torch import recalibrate_batchnorm
+
+    net = tiny_net("dense", seed=5)
+    short_run(net, split, n=256, epochs=1)
+    x = split.x_train[:300]
+    recalibrate_batchnorm(net, x, batch_size=100)
+    # Each BatchNorm's statistics are those of its input when everything before it runs in
+    # eval mode: exactly what the exported model computes.
+    seen = {}
+    bn = net.blocks[1].bn
+    hook = bn.register_forward_pre_hook(lambda m, inp: seen.setdefault("x", inp[0]))
+    with torch.no_grad():
+        net.eval()(torch.from_numpy(x))
+    hook.remove()
+    torch.testing.assert_close(bn.running_mean, seen["x"].mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert all(not m.training for m in net.modules())
+
+
+def test_frozen_batchnorm_keeps_the_statistics_it_was_frozen_with(split):
+    import copy
+
+    from sparks_tvm.torch import recalibrate_batchnorm
+
+    net = tiny_net("dense", seed=6)
+    start = copy.deepcopy(net)
+    cfg = TrainConfig(epochs=1, batch_size=64, bn_freeze=0.0, recalibrate_images=128)
+    train(net, split.x_train[:256], split.y_train[:256], cfg, split.x_test[:50], split.y_test[:50])
+    recalibrate_batchnorm(start.to(memory_format=torch.channels_last), split.x_train[:128])
+    for a, b in zip(net.modules(), start.modules()):
+        if isinstance(a, torch.nn.BatchNorm2d):
+            torch.testing.assert_close(a.running_var, b.running_var)
+    assert not torch.equal(net.fc.weight, start.fc.weight)

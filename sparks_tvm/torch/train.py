@@ -76,7 +76,7 @@ class TrainConfig:
     #: Re-estimate BatchNorm statistics before every evaluation and at the end.
     recalibrate_bn: bool = True
     #: Training images used for the recalibration (the first ones; 0 = all).
-    recalibrate_images: int = 10000
+    recalibrate_images: int = 5000
     #: Fraction of training after which the Sparks selection is frozen (no update and no
     #: Sinkhorn), so the latent weights settle on the final codebook; 1.0 never freezes it.
     selection_end: float = 1.0
@@ -84,6 +84,13 @@ class TrainConfig:
     #: the cross-entropy gets ``1 - kd_weight``. Needs a ``teacher`` in :func:`train`.
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
+    #: Fraction of training after which BatchNorm statistics are re-estimated once and then
+    #: frozen (BatchNorms in eval mode, affine parameters still learned); 1.0 never freezes.
+    #: See :func:`train` for why binary nets need it.
+    bn_freeze: float = 1.0
+    #: Train in channels-last memory layout: about 20% faster on the CPU (mkldnn convs);
+    #: parameters keep their values and shapes, only their strides change.
+    channels_last: bool = True
     schedule: TemperatureSchedule = field(default_factory=TemperatureSchedule)
 
     def __post_init__(self):
@@ -118,29 +125,49 @@ def selection_parameters(model: torch.nn.Module) -> list:
     return [m.logits for m in model.modules() if isinstance(m, CodewordSelector)]
 
 
+def _bn_order(model: torch.nn.Module, x: np.ndarray) -> list:
+    """The BatchNorms of ``model`` in the order a forward pass reaches them."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    order, hooks = [], [m.register_forward_pre_hook(lambda m, inp: order.append(m)) for m in bns]
+    try:
+        model(torch.from_numpy(x[:2]))
+    finally:
+        for h in hooks:
+            h.remove()
+    seen = set()
+    return [m for m in order if not (id(m) in seen or seen.add(id(m)))]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: torch.nn.Module, x: np.ndarray, batch_size: int = 500) -> None:
-    """Re-estimate every BatchNorm's running mean/variance on ``x`` with the final weights.
+    """Re-estimate every BatchNorm's running mean/variance on ``x``, as inference will see it.
 
     Binary weights flip sign often during training, so the running averages (momentum 0.1)
     describe weights of the last few dozen steps, not the final ones; in eval mode that gap
-    alone can cost tens of accuracy points on small binary nets. One cumulative pass over the
-    training images fixes the statistics without changing any learned parameter. The pass
-    runs in eval mode for everything but the BatchNorms, so Sparks layers use their
-    noise-free (inference) selection.
+    alone can cost tens of accuracy points on small binary nets.
+
+    The BatchNorms are estimated one at a time in forward order, each with every BatchNorm
+    before it already in eval mode with its new statistics. Estimating them all in one pass
+    (upstream BatchNorms normalising with batch statistics) is not the function inference
+    computes: a binary net learns pre-sign values that sit on the threshold (a digit's
+    constant background, about half of some channels' pixels), whose sign then flips from
+    batch to batch with the batch mean; the next BatchNorm's averaged statistics mix both
+    signs and fit neither. On MNIST that made the accuracy of one trained dense BNN depend on
+    which training images were used (88 % with 10,000, 94 % with 60,000) instead of one value.
+    Everything but the BatchNorm being estimated runs in eval mode (Sparks layers use their
+    noise-free selection); no learned parameter changes.
     """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    saved = [(m, m.momentum) for m in bns]
     model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average over the pass
-        m.train()
+    bns = _bn_order(model, x)
+    saved = [(m, m.momentum) for m in bns]
     try:
-        for i in range(0, len(x), batch_size):
-            model(torch.from_numpy(x[i:i + batch_size]))
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the pass
+            bn.train()
+            for i in range(0, len(x), batch_size):
+                model(torch.from_numpy(x[i:i + batch_size]))
+            bn.eval()
     finally:
         for m, mom in saved:
             m.momentum = mom
@@ -271,6 +298,8 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
     sparks = [m for m in model.modules() if isinstance(m, SparksConv2d)]
     if teacher is not None:
         teacher.eval()
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     total = config.epochs * steps_per_epoch
     base = [g["lr"] for g in opt.param_groups]
@@ -279,8 +308,12 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
     losses, accs, changes, step, start = [], [], [], 0, time.perf_counter()
     temp = config.kd_temperature
     try:
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        bn_frozen = False
         for epoch in range(config.epochs):
             model.train()
+            for m in bns if bn_frozen else ():
+                m.eval()
             order = torch.randperm(len(xt), generator=gen)
             run_loss, n_changed, prev = 0.0, 0, None
             for b in range(steps_per_epoch):
@@ -293,8 +326,14 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
                     # skips the soft permutation.
                     for p in sel:
                         p.requires_grad_(False)
+                if not bn_frozen and bns and step >= config.bn_freeze * total:
+                    recalibrate_batchnorm(model, recal)
+                    model.train()
+                    for m in bns:
+                        m.eval()
+                    bn_frozen = True
                 config.schedule.apply(model, step / total)
-                xb = xt[idx]
+                xb = xt[idx].contiguous(memory_format=fmt)
                 out = model(xb)
                 loss = F.cross_entropy(out, yt[idx])
                 if config.kd_weight > 0:
@@ -317,7 +356,7 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
             losses.append(run_loss / len(xt))
             changes.append(n_changed / max(1, steps_per_epoch - 1))
             if x_test is not None:
-                if config.recalibrate_bn:
+                if config.recalibrate_bn and not bn_frozen:
                     recalibrate_batchnorm(model, recal)
                 accs.append(accuracy(model, x_test, y_test))
             if log is not None:
@@ -329,7 +368,8 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
         for p in sel:
             p.requires_grad_(True)
     config.schedule.apply(model, 1.0)  # noise-free selection: training mode == inference
-    if config.recalibrate_bn:
+    model.eval()
+    if config.recalibrate_bn and not bn_frozen:
         recalibrate_batchnorm(model, recal)
         if x_test is not None:
             accs.append(accuracy(model, x_test, y_test))
