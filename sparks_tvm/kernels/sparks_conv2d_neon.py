@@ -276,7 +276,7 @@ def _patch_rows(lay, buf, n, c, start, lanes):
     return [_load(buf, [n, c, dy], start, lanes) for dy in range(3)]
 
 
-def _block_stage1(lay, tneg, treal, agree, rows, count0, s1, rsum, n, p0, c0, c1, first, owner=None):
+def _block_stage1(lay, tneg, treal, agree, rows, count0, s1, s1_base, rsum, rpre, n, p0, c0, c1, first):
     """Stage 1 of one channel block and pixel tile, with its patch planes and R.
 
     Per channel and pixel chunk: the planes from three triple rows, R += the real taps, then
@@ -295,40 +295,74 @@ def _block_stage1(lay, tneg, treal, agree, rows, count0, s1, rsum, n, p0, c0, c1
             nv = T.bind(t[0] | (t[1] << three) | (t[2] << six))
             mv = T.bind(q[0] | (q[1] << three) | (q[2] << six))
             real = tirx.Cast(f"{lay.acc}x{L}", tirx.popcount(mv) + (q[2] >> two))
-            if first:
-                # The block's first channel starts R; o-chunk tasks of one tile compute the
-                # same R, so only one of them stores it.
-                base = tirx.if_then_else(c == c0, _bc(tirx.const(0, lay.acc), L), _load(rsum, [n], start, L))
-            else:
-                base = _load(rsum, [n], start, L)
-            if owner is None:
-                _store(rsum, [n], start, L, base + real)
-            else:
-                with T.If(owner):
-                    with T.Then():
-                        _store(rsum, [n], start, L, base + real)
+            prev = _load(rsum, rpre, start, L)
+            if first:  # the block's first channel starts R
+                prev = tirx.if_then_else(c == c0, _bc(tirx.const(0, lay.acc), L), prev)
+            _store(rsum, rpre, start, L, prev + real)
             # Tap 8 agrees with a codeword whose bit 8 is b when real and (neg == b).
             tap9 = ((q[2] & ~t[2]) >> two, (q[2] & t[2]) >> two)
             for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
                 tv = T.bind(tap9[b])
                 with T.serial(lo, hi) as j:
                     u = tirx.popcount((nv ^ _bc(agree[j], L)) & mv) + tv
-                    _store(s1, [], (c - c0) * k_ * tile + rows[j] + sc * chunk, L, u)
+                    _store(s1, [], s1_base + (c - c0) * k_ * tile + rows[j] + sc * chunk, L, u)
 
 
-def _stage2(lay, s1, off, acc, n, o_lo, o_count, p0, c0, c1, first):
+def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
     """Stage 2 of one channel block: per output channel, the sum of its gathered rows."""
     tile = lay.plan.tile
     with T.serial(0, o_count) as ol:
         o = o_lo + ol
         total = None
         for c in range(c0, c1):
-            row = _load(s1, [], off[o, c % lay.per, c // lay.per], tile)
+            row = _load(s1, [], s1_base + off[o, c % lay.per, c // lay.per], tile)
             total = row if total is None else total + row
         wide = tirx.Cast(f"{lay.acc}x{tile}", total)
         if not first:
             wide = _load(acc, [n, o], p0, tile) + wide
         _store(acc, [n, o], p0, tile, wide)
+
+
+def _tasks_by_tile(lay, tneg, treal, agree, rows, count0, off, acc, rsum):
+    """Pass 4, one parallel task per (image, pixel tile): stage 1 of each block, then stage 2."""
+    plan, k_ = lay.plan, lay.k
+    with T.parallel(0, lay.n * lay.tiles) as task:
+        n, p0 = task // lay.tiles, task % lay.tiles * plan.tile
+        s1 = T.alloc_buffer([plan.block * k_ * plan.tile], U8)
+        for i, (c0, c1) in enumerate(lay.blocks):
+            _block_stage1(lay, tneg, treal, agree, rows, count0, s1, 0, rsum, [n], n, p0, c0, c1, i == 0)
+            _stage2(lay, s1, 0, off, acc, n, 0, lay.o, p0, c0, c1, first=i == 0)
+
+
+def _tasks_by_output_chunk(lay, tneg, treal, agree, rows, count0, off, acc, rsum):
+    """Pass 4 for layers of few pixel tiles (7x7): parallel over output-channel chunks.
+
+    Stage 1 of every block first (parallel over blocks, into one buffer for the whole call),
+    then stage 2 per (tile, output-channel chunk): no task recomputes another's stage 1.
+    """
+    plan, k_, n_ = lay.plan, lay.k, lay.n
+    nb, rows_b = len(lay.blocks), plan.block * k_ * plan.tile
+    s1 = T.alloc_buffer([n_ * lay.tiles * nb * rows_b], U8)
+    rpart = T.alloc_buffer([n_, nb, lay.pp], lay.acc)
+    with T.parallel(0, n_ * lay.tiles * nb) as task:
+        n, t, b = task // (lay.tiles * nb), task // nb % lay.tiles, task % nb
+        for i, (c0, c1) in enumerate(lay.blocks):
+            with T.If(b == i):
+                with T.Then():
+                    _block_stage1(lay, tneg, treal, agree, rows, count0, s1, task * rows_b, rpart, [n, i], n,
+                                  t * plan.tile, c0, c1, True)
+    chunk_o = lay.o // plan.o_chunks
+    with T.parallel(0, n_ * lay.tiles * plan.o_chunks) as task:
+        n, t, oc = task // (lay.tiles * plan.o_chunks), task // plan.o_chunks % lay.tiles, task % plan.o_chunks
+        for i, (c0, c1) in enumerate(lay.blocks):
+            base = ((n * lay.tiles + t) * nb + i) * rows_b
+            _stage2(lay, s1, base, off, acc, n, oc * chunk_o, chunk_o, t * plan.tile, c0, c1, first=i == 0)
+    with T.parallel(0, n_) as n:
+        with T.vectorized(0, lay.pp) as p:
+            total = rpart[n, 0, p]
+            for i in range(1, nb):
+                total = total + rpart[n, i, p]
+            T.buffer_store(rsum, total, [n, p])
 
 
 def _kernel_body(lay, mode, ins, outs, with_shift):
@@ -351,16 +385,10 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
             with T.parallel(0, n_ * c_) as nc:
                 _binarize_rows(lay, mode, data, shift, neg, real, nc // c_, nc % c_)
                 _triples(lay, neg, real, tneg, treal, nc // c_, nc % c_)
-            chunk_o = lay.o // plan.o_chunks
-            with T.parallel(0, n_ * lay.tiles * plan.o_chunks) as task:
-                n = task // (lay.tiles * plan.o_chunks)
-                p0 = (task // plan.o_chunks) % lay.tiles * plan.tile
-                oc = task % plan.o_chunks
-                s1 = T.alloc_buffer([plan.block * k_ * plan.tile], U8)
-                for i, (c0, c1) in enumerate(lay.blocks):
-                    owner = None if plan.o_chunks == 1 else oc == 0
-                    _block_stage1(lay, tneg, treal, agree, rows, count0, s1, rsum, n, p0, c0, c1, i == 0, owner)
-                    _stage2(lay, s1, off, acc, n, oc * chunk_o, chunk_o, p0, c0, c1, first=i == 0)
+            if plan.o_chunks == 1:
+                _tasks_by_tile(lay, tneg, treal, agree, rows, count0, off, acc, rsum)
+            else:
+                _tasks_by_output_chunk(lay, tneg, treal, agree, rows, count0, off, acc, rsum)
     return ib.get()
 
 
