@@ -1,6 +1,7 @@
 """Relax graph passes of sparks_tvm (the folder keeps its Relay-era name).
 
-One pass per file; each separates its pattern, check and rewrite.
+One pass per file; each separates its pattern, check and rewrite. :mod:`relay_passes.pipeline`
+puts them in order, with TVM's own passes, for compile, tune and inspect alike.
 """
 
 from .lower_binary_conv2d import LowerBinaryConv2d, LoweringOptions, lower_binary_conv2d

@@ -39,7 +39,7 @@ from sparks_tvm.kernels import (
     pack_binary_weights,
     sparks_conv2d_primfunc,
 )
-from sparks_tvm.reference import codes_to_bits
+from sparks_tvm.kernels.encoding import codes_to_bits
 from sparks_tvm.report import LayerRecord
 
 from .binarizer_patterns import constant_array, match_binarizer

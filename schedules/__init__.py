@@ -1,21 +1,26 @@
-"""Schedules for sparks_tvm's binary kernels, one module per target family."""
+"""Schedules for sparks_tvm's binary kernels, one module per target family.
+
+Each family's schedules object (``HostSchedules``, ``ArmSchedules``, ``CudaSchedules``) builds a
+kernel from :mod:`sparks_tvm.kernels` and applies its default schedule; the machine facts come
+from :class:`schedules.target_info.TargetInfo`, and :mod:`schedules.tuning` turns the same
+schedule functions into MetaSchedule design spaces.
+"""
 
 from .arm import ArmSchedules
 from .cuda import CudaSchedules
 from .host import HostSchedules
+from .target_info import TargetInfo
+
+#: Target family (``TargetInfo.family``) -> its schedules class.
+FAMILIES = {"host": HostSchedules, "arm": ArmSchedules, "cuda": CudaSchedules}
 
 
 def for_target(target) -> object:
     """Kernel builders for a ``tvm.target.Target``."""
-    kind = target.kind.name
-    if kind == "llvm":
-        triple = str(target.attrs.get("mtriple", ""))
-        if triple.startswith(("aarch64", "arm64", "arm", "thumb")):
-            return ArmSchedules.for_target(target)
-        return HostSchedules.for_target(target)
-    if kind == "cuda":
-        return CudaSchedules.for_target(target)
-    raise NotImplementedError(f"no binary-conv schedules for target kind {kind!r} yet")
+    family = TargetInfo.from_target(target).family
+    if family not in FAMILIES:
+        raise NotImplementedError(f"no binary-conv schedules for target kind {target.kind.name!r} yet")
+    return FAMILIES[family].for_target(target)
 
 
-__all__ = ["ArmSchedules", "CudaSchedules", "HostSchedules", "for_target"]
+__all__ = ["ArmSchedules", "CudaSchedules", "HostSchedules", "TargetInfo", "for_target"]

@@ -33,6 +33,11 @@ from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 
+from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
+
+from .cuda_binary import GpuBinaryParams, schedule_binary_conv2d_cuda
+from .target_info import CUDA_GRID_Y_LIMIT, TargetInfo
+
 #: Budget for the shared stage-1 block, in 32-bit words (32 KB, under the 48 KB static limit).
 SHARED_WORDS = 8192
 #: Grids of fewer thread blocks than this take the small-grid knobs
@@ -169,7 +174,7 @@ def _bind_elementwise(sch, block_name: str, threads: int = 256) -> None:
 #: Pixels of one (image, channel) plane per patch-packing block.
 PATCH_PIXELS = 256
 #: CUDA's limit on gridDim.y; more (image, channel) planes go on blockIdx.x with the pixels.
-GRID_Y_LIMIT = 65535
+GRID_Y_LIMIT = CUDA_GRID_Y_LIMIT
 
 
 def _schedule_patch(sch) -> None:
@@ -233,10 +238,10 @@ def _schedule_row_bits(sch, rows) -> None:
     sch.decompose_reduction(rows, sch.get_loops(rows)[-1])
 
 
-def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
-    """Schedule :func:`~sparks_tvm.kernels.sparks_conv2d_gpu.sparks_conv2d_gpu_compute` in place.
+def _gpu_stage2(sch, params: GpuSparksParams):
+    """The fused kernel's grid and threads, its register accumulators and the gathered partial sums.
 
-    ``sch`` must hold the function built with ``params.tile_words`` and ``params.group``.
+    Returns ``(stage2 block, channel-group loop, thread-x loop, write-back block or None)``.
     """
     tx, vec, ty, orr = params.threads_x, params.vec, params.out_threads, params.out_regs
     acc = sch.get_sblock("stage2")
@@ -254,6 +259,7 @@ def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
         # splits of a pixel are added by `out`, a second kernel.
         write_back = sch.cache_write(acc, 0, "local")
     else:
+        write_back = None
         sch.set_scope(acc, 0, "local")
     # Unrolled so that the per-thread accumulators are registers, not local memory.
     for loop in (oreg, h, qv):
@@ -282,8 +288,12 @@ def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
     if below:
         sch.unroll(below[0])
         sch.decompose_reduction(part, below[0])
+    return acc, g, qt, write_back
 
-    # Stage 1 of one channel group into shared memory, written by the whole thread block.
+
+def _gpu_stage1(sch, params: GpuSparksParams, g) -> None:
+    """Stage 1 of one channel group into shared memory, written by the whole thread block."""
+    tx, ty = params.threads_x, params.out_threads
     s1 = sch.get_sblock("stage1")
     sch.set_scope(s1, 0, "shared")
     sch.compute_at(s1, g)
@@ -305,7 +315,15 @@ def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
     sch.unroll(kc_o)
     sch.unroll(xo)
 
-    if split:
+
+def apply_sparks_gpu_schedule(sch, params: GpuSparksParams):
+    """Schedule :func:`~sparks_tvm.kernels.sparks_conv2d_gpu.sparks_conv2d_gpu_compute` in place.
+
+    ``sch`` must hold the function built with ``params.tile_words`` and ``params.group``.
+    """
+    acc, g, qt, write_back = _gpu_stage2(sch, params)
+    _gpu_stage1(sch, params, g)
+    if write_back is not None:  # channel splits: `out` adds them, as its own kernel
         sch.reverse_compute_at(write_back, qt)
         for loop in sch.get_loops(write_back)[3:]:  # under (block, oy, x): (oreg, h, qv)
             sch.unroll(loop)
@@ -337,6 +355,7 @@ class CudaSchedules:
 
     def __init__(self, target):
         self.target = target
+        self.info = TargetInfo.from_target(target)
 
     @classmethod
     def for_target(cls, target) -> "CudaSchedules":
@@ -352,8 +371,6 @@ class CudaSchedules:
     def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, params: GpuSparksParams | None = None,
                                shift: bool = False):
         """The fused Sparks kernel for one layer (see the module docstring)."""
-        from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
-
         params = params or self.sparks_params(geom, num_codewords)
         params.validate(num_codewords)
         func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits,
@@ -363,6 +380,8 @@ class CudaSchedules:
 
     def schedule_binary_conv2d(self, geom, mode: str, params=None, shift: bool = False) -> tirx.PrimFunc:
         """The dense binary conv: channel-packed words staged in shared memory (schedules.cuda_binary)."""
-        from .cuda_binary import schedule_binary_conv2d_cuda
+        return schedule_binary_conv2d_cuda(geom, mode, params, shift, self.info.sm_count)
 
-        return schedule_binary_conv2d_cuda(geom, mode, params, shift)
+    def binary_params(self, geom) -> GpuBinaryParams:
+        """The dense binary conv's default knobs for this GPU (its SM count)."""
+        return GpuBinaryParams.for_layer(geom, self.info.sm_count)

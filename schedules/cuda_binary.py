@@ -32,13 +32,18 @@ The popcount pipe (16/clk/SM) is the bound; see :func:`estimate_cycles`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import gcd
 
 from tvm import s_tir, tirx
 
-from .cuda import GRID_Y_LIMIT
+from sparks_tvm.kernels import binary_conv2d_primfunc
+from sparks_tvm.kernels.binary_conv2d import num_words
+
+from .target_info import CUDA_GRID_Y_LIMIT as GRID_Y_LIMIT
+from .target_info import CUDA_STATIC_SHARED_BYTES, DEFAULT_SM_COUNT
 
 #: Static shared-memory limit per block (bytes).
-SHARED_BYTES = 48 * 1024
+SHARED_BYTES = CUDA_STATIC_SHARED_BYTES
 #: Threads of the pack and valid kernels.
 PACK_THREADS = 256
 VALID_THREADS = 128
@@ -109,10 +114,8 @@ class GpuBinaryParams:
                              f"over the {SHARED_BYTES}-byte static limit")
 
     @classmethod
-    def for_layer(cls, geom) -> "GpuBinaryParams":
-        """Pick the knobs with the smallest :func:`estimate_cycles` (popcount-bound model)."""
-        from sparks_tvm.kernels.binary_conv2d import num_words
-
+    def for_layer(cls, geom, sms: int = DEFAULT_SM_COUNT) -> "GpuBinaryParams":
+        """Pick the knobs with the smallest :func:`estimate_cycles` on ``sms`` SMs (popcount-bound model)."""
         oh, ow, o = geom.out_height, geom.out_width, geom.out_channels
         words_total = num_words(geom.in_channels)
         taps = geom.kernel[0] * geom.kernel[1]
@@ -140,21 +143,17 @@ class GpuBinaryParams:
                                 params = cls(tx, cols, ty, rows, tz, out_regs, params.words - 1)
                             if params.shared_bytes(geom) > SHARED_BYTES:
                                 continue
-                            cost = (estimate_cycles(geom, params), -params.threads)
+                            cost = (estimate_cycles(geom, params, sms), -params.threads)
                             if best is None or cost < best[0]:
                                 best = (cost, params)
         return best[1]
 
 
-def estimate_cycles(geom, p: GpuBinaryParams, sms: int = 132) -> float:
+def estimate_cycles(geom, p: GpuBinaryParams, sms: int = DEFAULT_SM_COUNT) -> float:
     """Rough SM cycles of the main kernel: per warp and stage, the larger of the popcount pipe
     (16/clk/SM), the shared-load pipe (one 32-bit warp load per clock, times bank conflicts)
     and instruction issue (4/clk/SM), plus the cooperative copy and two barriers; summed over
     all warps and spread over the SMs (at least 8 warps per SM to hide latency)."""
-    from math import gcd
-
-    from sparks_tvm.kernels.binary_conv2d import num_words
-
     kh, kw = geom.kernel
     sh, sw = geom.stride
     taps = kh * kw
@@ -263,12 +262,10 @@ def apply_binary_gpu_schedule(sch, params: GpuBinaryParams):
 
 
 def schedule_binary_conv2d_cuda(geom, mode: str, params: GpuBinaryParams | None = None,
-                                shift: bool = False) -> tirx.PrimFunc:
+                                shift: bool = False, sms: int = DEFAULT_SM_COUNT) -> tirx.PrimFunc:
     """The scheduled dense binary conv for one layer (see the module docstring); ``shift`` as in
-    :func:`sparks_tvm.kernels.binary_conv2d_compute`."""
-    from sparks_tvm.kernels import binary_conv2d_primfunc
-
-    params = params or GpuBinaryParams.for_layer(geom)
+    :func:`sparks_tvm.kernels.binary_conv2d_compute`; ``sms``: the GPU's SM count (knob choice)."""
+    params = params or GpuBinaryParams.for_layer(geom, sms)
     params.validate(geom)
     sch = apply_binary_gpu_schedule(s_tir.Schedule(binary_conv2d_primfunc(geom, mode, shift)), params)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -7,25 +7,16 @@ per block of input channels so that the rows stage 2 gathers stay in L1.
 
 from __future__ import annotations
 
+import json
 import math
 
+import tvm
 from tvm import s_tir, tirx
 
+from sparks_tvm.kernels import binary_conv2d_primfunc, float_conv2d_primfunc, sparks_conv2d_primfunc
+from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
 
-def vector_bytes_of(target) -> int:
-    """Width of the target's widest integer vector register, in bytes."""
-    from tvm.target import codegen
-
-    if target is None:
-        return 16
-    try:
-        if codegen.target_has_features("avx512bw", target):
-            return 64
-        if codegen.target_has_features("avx2", target):
-            return 32
-    except Exception:  # non-x86 LLVM targets have no such features
-        pass
-    return 16
+from .target_info import TargetInfo, vector_bytes_of  # noqa: F401 - vector_bytes_of: re-exported
 
 
 def pixel_tile(vector_bytes: int) -> int:
@@ -68,28 +59,36 @@ def deferred(func: tirx.PrimFunc, spec: dict) -> tirx.PrimFunc:
     :class:`relay_passes.ScheduleFusedKernels` inlines the fused epilogue into that block and
     then applies :func:`apply_deferred`, so the epilogue runs inside the kernel's tiles.
     """
-    import json
-
     sch = s_tir.Schedule(func)
     sch.annotate(sch.get_sblock("out"), DEFERRED_SCHEDULE, json.dumps(spec, sort_keys=True))
     return sch.mod["main"].with_attr("op_pattern", 4)
 
 
+#: Deferred-schedule kinds: ``spec["kind"]`` -> ``fn(sch, spec) -> sch`` (see :func:`register_deferred_kind`).
+_DEFERRED_KINDS: dict = {}
+
+
+def register_deferred_kind(name: str, fn) -> None:
+    """Let :func:`apply_deferred` apply specs of kind ``name`` with ``fn(sch, spec)`` (returns ``sch``).
+
+    A target module registers its own kernels' schedules here (at import), so a new kind needs
+    no edit of this file. Registering a name twice replaces the earlier function.
+    """
+    _DEFERRED_KINDS[name] = fn
+
+
 def apply_deferred(sch, spec: dict):
     """Apply the schedule a :func:`deferred` kernel carries (``spec["kind"]`` picks it)."""
-    kind = spec["kind"]
-    if kind == "sparks":
-        return apply_sparks_schedule(sch, int(spec["tile"]), int(spec["block"]), int(spec["o_chunks"]))
-    if kind == "binary":
-        return apply_binary_schedule(sch)
-    if kind == "float":
-        return apply_float_schedule(sch, int(spec["columns"]), bool(spec["padded"]))
-    if kind == "trace":  # a tuning record's schedule (schedules.tuning.TunedSchedules)
-        import tvm
+    fn = _DEFERRED_KINDS.get(spec["kind"])
+    if fn is None:
+        raise ValueError(f"unknown deferred kernel kind {spec['kind']!r}")
+    return fn(sch, spec)
 
-        s_tir.Trace.apply_json_to_schedule(tvm.ir.load_json(spec["trace"]), sch)
-        return sch
-    raise ValueError(f"unknown deferred kernel kind {kind!r}")
+
+def _apply_trace(sch, spec: dict):
+    """A tuning record's schedule (:class:`schedules.tuning.TunedSchedules`), replayed."""
+    s_tir.Trace.apply_json_to_schedule(tvm.ir.load_json(spec["trace"]), sch)
+    return sch
 
 
 def _extent(sch, loop) -> int:
@@ -165,6 +164,17 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
                             acc[o, 0:T] += widen(part)
             out[:, tile] = acc
     """
+    s2, gb, task = _schedule_stages(sch, tile, block, o_chunks, unroll, o_block, stage1_at)
+    _schedule_output(sch, tile, task)
+    sch.decompose_reduction(s2, gb)
+    _schedule_patch_planes(sch)
+    _schedule_binarize(sch, split_padding)
+    schedule_index_unpack(sch)  # tau-bit indices unpacked per call (absent at tau = 8)
+    return sch
+
+
+def _schedule_stages(sch, tile, block, o_chunks, unroll, o_block, stage1_at):
+    """Stage 2's loop nest (tasks, channel blocks, register block), its partial sums, stage 1."""
     s2 = sch.get_sblock("stage2")
     n, o, p, g = sch.get_loops(s2)
     pt, pi = sch.split(p, [None, tile])
@@ -199,6 +209,11 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
     sch.compute_at(s1, gb if stage1_at == "block" else task)
     sch.vectorize(sch.get_loops(s1)[-1])
 
+    return s2, gb, task
+
+
+def _schedule_output(sch, tile, task) -> None:
+    """``out`` (and the epilogue fused into it) per pixel tile, or after the tiles when the last is partial."""
     out = sch.get_sblock("out")
     pixels = _extent(sch, sch.get_loops(out)[-1])
     if pixels % _value(sch, tile) == 0:
@@ -214,8 +229,10 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         sch.parallel(sch.fuse(on, oo))
         lanes = max(d for d in range(1, min(pixels, 64) + 1) if pixels % d == 0)
         sch.vectorize(sch.split(op, [None, lanes])[1])
-    sch.decompose_reduction(s2, gb)
 
+
+def _schedule_patch_planes(sch) -> None:
+    """The row triples and patch planes: parallel over (image, channel), vectorized."""
     # Row stride 1: the patch planes are flat, (n, c, padded pixel), not (n, c, row, column).
     flat = len(sch.get_loops(sch.get_sblock("patch_neg"))) == 3
     for name in ("row_triple", "patch_neg", "patch_mask", "patch_bias"):
@@ -230,6 +247,9 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         else:
             sch.vectorize(loops[-1])
 
+
+def _schedule_binarize(sch, split_padding: bool) -> None:
+    """The binarization into padded 2-bit codes (and the phase split of strided convs)."""
     try:
         codes = sch.get_sblock("bin_codes")  # strided convs: natural-layout binarization first
     except Exception:  # noqa: BLE001 - stride 1: bin_pad binarizes directly
@@ -254,8 +274,6 @@ def apply_sparks_schedule(sch, tile, block, o_chunks, unroll: bool = False, o_bl
         # ResNet-18 layers, 1 thread, znver4).
         sch.reorder(loops[-1], loops[-2])
         sch.unroll(loops[-2])
-    schedule_index_unpack(sch)  # tau-bit indices unpacked per call (absent at tau = 8)
-    return sch
 
 
 
@@ -393,13 +411,11 @@ class HostSchedules:
 
     @classmethod
     def for_target(cls, target) -> "HostSchedules":
-        cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else 1
-        return cls(cores=max(1, cores), vector_bytes=vector_bytes_of(target))
+        info = TargetInfo.from_target(target)
+        return cls(cores=max(1, info.cores or 1), vector_bytes=info.vector_bytes)
 
     def sparks_params(self, geom, num_codewords: int) -> dict:
         """The default schedule's knobs for one layer: pixel tile, channel block, chunks."""
-        from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
-
         tile = pixel_tile(self.vector_bytes)
         tiles = geom.batch * padded_pixels(geom, tile) // tile
         return {
@@ -412,8 +428,6 @@ class HostSchedules:
     folds_shift = True
 
     def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, shift: bool = False) -> tirx.PrimFunc:
-        from sparks_tvm.kernels import sparks_conv2d_primfunc
-
         knobs = self.sparks_params(geom, num_codewords)
         func = sparks_conv2d_primfunc(geom, num_codewords, mode, knobs["tile"], shift=shift)
         return self._finish(func, {"kind": "sparks", **knobs})
@@ -425,13 +439,16 @@ class HostSchedules:
 
     def schedule_float_conv2d(self, geom) -> tirx.PrimFunc:
         """The packed float conv (weights from ``pack_float_weights(w, self.float_lanes)``)."""
-        from sparks_tvm.kernels.float_conv2d import float_conv2d_primfunc
-
         func = float_conv2d_primfunc(geom, self.float_lanes)
         return self._finish(func, {"kind": "float", "columns": register_tile(geom.out_width),
                                    "padded": bool(any(geom.padding))})
 
     def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False) -> tirx.PrimFunc:
-        from sparks_tvm.kernels import binary_conv2d_primfunc
-
         return self._finish(binary_conv2d_primfunc(geom, mode, shift), {"kind": "binary"})
+
+
+register_deferred_kind("sparks", lambda sch, spec: apply_sparks_schedule(
+    sch, int(spec["tile"]), int(spec["block"]), int(spec["o_chunks"])))
+register_deferred_kind("binary", lambda sch, spec: apply_binary_schedule(sch))
+register_deferred_kind("float", lambda sch, spec: apply_float_schedule(sch, int(spec["columns"]), bool(spec["padded"])))
+register_deferred_kind("trace", _apply_trace)

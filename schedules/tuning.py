@@ -32,11 +32,23 @@ channels) and a split of the output columns.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
+import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
+from tvm.ir.utils import derived_object
+from tvm.s_tir.meta_schedule.mutator import PyMutator
+from tvm.s_tir.schedule import Trace
+
+from sparks_tvm.kernels import binary_conv2d_primfunc, sparks_conv2d_primfunc
+from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
+from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
 
 from . import host
+from .cuda import apply_sparks_gpu_schedule
+from .cuda_binary import apply_binary_gpu_schedule
 
 #: Name of the workload function in a tuning task (MetaSchedule's convention).
 WORKLOAD_NAME = "main"
@@ -74,8 +86,6 @@ def sparks_knob_candidates(geom, num_codewords: int, default: dict, cores: int) 
     cores : int
         Threads of the target (bounds the output-channel chunks worth trying).
     """
-    from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
-
     t0 = int(default["tile"])
     ppad = padded_pixels(geom, t0)
     # Sub-tiles of whole vectors (>= 16 int8 lanes, one 128-bit NEON/SSE register).
@@ -233,10 +243,6 @@ def cuda_sparks_space(params):
     Knob sets over the block's thread or shared-memory limits are dropped by MetaSchedule's
     ``VerifyGPUCode`` post-processor when the candidate is built.
     """
-    import dataclasses
-
-    from .cuda import apply_sparks_gpu_schedule
-
     vecs = [params.vec] + [v for v in (1, 2, 4) if v != params.vec and params.tile_words % v == 0]
 
     def space(sch: s_tir.Schedule):
@@ -259,8 +265,6 @@ def cuda_sparks_space(params):
 
 def cuda_binary_space(params):
     """The tiled CUDA dense binary conv: its per-layer default (a fixed point, no knobs sampled)."""
-    from .cuda_binary import apply_binary_gpu_schedule
-
     def space(sch: s_tir.Schedule):
         s = sch.copy()
         apply_binary_gpu_schedule(s, params)
@@ -276,8 +280,6 @@ def space_point(mod, space, structure: int = 0):
     candidates is the default's point of the space: unlike a schedule built from plain ints,
     its trace keeps the ``SampleCategorical`` decisions, so the search can mutate it.
     """
-    from tvm.s_tir.schedule import Trace
-
     sampled = space(s_tir.Schedule(mod))[structure].trace
     decisions = {inst: (0 if inst.kind.name == "SampleCategorical" else d) for inst, d in sampled.decisions.items()}
     point = s_tir.Schedule(mod)
@@ -288,41 +290,41 @@ def space_point(mod, space, structure: int = 0):
 # ----------------------------------------------------------------------------- mutator
 
 
-def mutate_categorical():
+@derived_object
+class MutateCategorical(PyMutator):
     """A MetaSchedule mutator that re-draws one ``SampleCategorical`` decision of a trace.
 
     MetaSchedule's own mutators only touch tile sizes, unroll annotations, parallel extents
     and compute locations; without this one, evolutionary search could not move between
     neighbouring points of these spaces (it would only re-sample them at random).
     """
-    from tvm.s_tir.meta_schedule.mutator import PyMutator
-    from tvm.ir.utils import derived_object
 
-    @derived_object
-    class MutateCategorical(PyMutator):
-        def __init__(self, seed: int = 0):
-            self._rng = random.Random(seed)
+    def __init__(self, seed: int = 0):
+        self._rng = random.Random(seed)
 
-        def _initialize_with_tune_context(self, context) -> None:
-            pass
+    def _initialize_with_tune_context(self, context) -> None:
+        pass
 
-        def apply(self, trace, _rand_state=None):
-            choices = []
-            for inst in trace.insts:
-                if inst.kind.name == "SampleCategorical":
-                    cands = inst.attrs[0]
-                    if len(cands) > 1:
-                        choices.append((inst, len(cands)))
-            if not choices:
-                return None
-            inst, count = self._rng.choice(choices)
-            current = int(trace.decisions[inst])
-            new = self._rng.choice([i for i in range(count) if i != current])
-            return trace.with_decision(inst, new, remove_postproc=True)
+    def apply(self, trace, _rand_state=None):
+        choices = []
+        for inst in trace.insts:
+            if inst.kind.name == "SampleCategorical":
+                cands = inst.attrs[0]
+                if len(cands) > 1:
+                    choices.append((inst, len(cands)))
+        if not choices:
+            return None
+        inst, count = self._rng.choice(choices)
+        current = int(trace.decisions[inst])
+        new = self._rng.choice([i for i in range(count) if i != current])
+        return trace.with_decision(inst, new, remove_postproc=True)
 
-        def clone(self):
-            return MutateCategorical(self._rng.randrange(1 << 30))
+    def clone(self):
+        return MutateCategorical(self._rng.randrange(1 << 30))
 
+
+def mutate_categorical():
+    """A fresh :class:`MutateCategorical` (one per tuning task)."""
     return MutateCategorical()
 
 
@@ -356,18 +358,12 @@ class RecordingSchedules:
 def _kernel_with_shift(base, kind, geom, num_codewords, mode):
     """The task's kernel with a folded input shift (same shape knobs, so the same loops for a trace)."""
     if kind == "sparks" and getattr(base, "name", None) == "cuda":
-        from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
-
         params = base.sparks_params(geom, num_codewords)
         return sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits,
                                           shift=True)
     if kind == "sparks":
-        from sparks_tvm.kernels import sparks_conv2d_primfunc
-
         tile = base.sparks_params(geom, num_codewords)["tile"]
         return sparks_conv2d_primfunc(geom, num_codewords, mode, tile, shift=True)
-    from sparks_tvm.kernels import binary_conv2d_primfunc
-
     return binary_conv2d_primfunc(geom, mode, shift=True)
 
 
@@ -396,9 +392,6 @@ class TunedSchedules(RecordingSchedules):
         self.kept_default = []
 
     def _lookup(self, kind, geom, num_codewords, mode, default, shift: bool = False):
-        import tvm
-        import tvm_ffi
-
         task = make_task(self.base, kind, geom, num_codewords, mode)
         sch = self.database.query_schedule(task.mod, self.target, WORKLOAD_NAME)
         if sch is None:
@@ -472,13 +465,9 @@ def _geom_name(geom) -> str:
 
 def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
     """The tuning task of one binary kernel for a schedules object (host or ARM choices)."""
-    import tvm
-
     if getattr(base, "name", None) == "cuda":
         return _make_cuda_task(base, kind, geom, num_codewords, mode)
     if kind == "sparks":
-        from sparks_tvm.kernels import sparks_conv2d_primfunc
-
         default = base.sparks_params(geom, num_codewords)
         func = sparks_conv2d_primfunc(geom, num_codewords, mode, default["tile"])
         mod = tvm.IRModule({WORKLOAD_NAME: func.with_attr("global_symbol", WORKLOAD_NAME)})
@@ -491,8 +480,6 @@ def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
         return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}", mod, space, default_schedule,
                           lambda: space_point(mod, space))
     if kind == "binary":
-        from sparks_tvm.kernels import binary_conv2d_primfunc
-
         func = binary_conv2d_primfunc(geom, mode)
         mod = tvm.IRModule({WORKLOAD_NAME: func.with_attr("global_symbol", WORKLOAD_NAME)})
 
@@ -506,13 +493,7 @@ def make_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
 
 
 def _make_cuda_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTask:
-    import tvm
-
     if kind == "sparks":
-        from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
-
-        from .cuda import apply_sparks_gpu_schedule
-
         params = base.sparks_params(geom, num_codewords)
         func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits)
         mod = tvm.IRModule({WORKLOAD_NAME: func.with_attr("global_symbol", WORKLOAD_NAME)})
@@ -524,11 +505,7 @@ def _make_cuda_task(base, kind: str, geom, num_codewords, mode: str) -> KernelTa
         return KernelTask(f"sparks_{_geom_name(geom)}_K{num_codewords}_{mode}_cuda", mod, space, default_schedule,
                           lambda: space_point(mod, space))
     if kind == "binary":
-        from sparks_tvm.kernels import binary_conv2d_primfunc
-
-        from .cuda_binary import GpuBinaryParams, apply_binary_gpu_schedule
-
-        params = GpuBinaryParams.for_layer(geom)
+        params = base.binary_params(geom)
         mod = tvm.IRModule({WORKLOAD_NAME: binary_conv2d_primfunc(geom, mode).with_attr("global_symbol", WORKLOAD_NAME)})
 
         def default_schedule():

@@ -9,6 +9,10 @@ import collections
 import time
 
 import numpy as np
+import tvm
+import tvm_ffi
+
+from . import frontend
 
 
 def latency_stats(times_ms, batch: int = 1) -> dict:
@@ -43,10 +47,6 @@ def time_calls(fn, warmup: int, repeat: int) -> list:
 
 def benchmark_model(model, arrays, warmup: int = 5, repeat: int = 50) -> dict:
     """Latency statistics of ``model.run`` on fixed inputs (a CompiledModel or RemoteModel)."""
-    import tvm
-
-    from . import frontend
-
     arrays = frontend.as_input_arrays(model._specs(), arrays)
     dev = tvm.cpu()
     tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
@@ -62,11 +62,6 @@ def layer_times(model, arrays, repeat: int = 10) -> list:
     Returns one dict per kernel symbol, slowest first: calls per run, median ms per run,
     share of the total. Instrumentation adds a few microseconds per call.
     """
-    import tvm
-    import tvm_ffi
-
-    from . import frontend
-
     arrays = frontend.as_input_arrays(model._specs(), arrays)
     dev = tvm.cpu()
     tensors = [tvm.runtime.tensor(a, dev) for a in arrays]

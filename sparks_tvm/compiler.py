@@ -3,35 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import platform
+import shutil
 
 import numpy as np
+import tvm
+from tvm import relax
+from tvm.support import cc, nvcc
+
+import schedules
+from relay_passes import pipeline
+from relay_passes.pipeline import relax_pipeline
 
 from . import frontend
-from .errors import CompileError, SparksError
+from .errors import CompileError, SparksError, TuningError
 from .report import Report
-from .target import resolve_target, target_json
+from .target import is_aarch64, resolve_target, target_json
+from .tune.database import tuned_schedules
+
+logger = logging.getLogger("sparks_tvm")
 
 SIDECAR_SUFFIX = ".sparks.json"
 
 
-def import_graph(proto, specs):
-    """ONNX -> Relax with constants folded: the graph the lowering passes match on."""
-    from tvm import relax
-
-    try:
-        mod = frontend.import_onnx(proto, specs)
-    except SparksError:
-        raise
-    except Exception as err:
-        raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
-    # In-graph weight computation (scales, codebook gathers) must be constant before matching.
-    return relax.transform.FoldConstant()(mod)
-
-
 def build_relax(proto, specs, target, strict: bool = True, force_kind: str | None = None, kernel_schedules=None,
-                fuse_epilogues: bool = False):
-    """Import, fold constants and lower binary convs. Returns ``(IRModule, Report)``.
+                fuse_epilogues: bool = False, dump_dir: str | None = None):
+    """Import and lower (:func:`relay_passes.pipeline.lower`). Returns ``(IRModule, Report)``.
 
     ``kernel_schedules`` replaces ``schedules.for_target(target)`` as the source of the binary
     kernels' schedules (:mod:`schedules.tuning`: records the kernels, or applies tuning records).
@@ -40,108 +39,28 @@ def build_relax(proto, specs, target, strict: bool = True, force_kind: str | Non
     and folds a per-channel shift of each binarizer's input into its kernel (a tuned kernel's
     record is replayed on that kernel, after the fusion).
     """
-    from tvm import relax
-
-    import schedules
-    from relay_passes import LowerFloatConv2d, LoweringOptions, lower_binary_conv2d
-
-    mod = import_graph(proto, specs)
     sched = kernel_schedules if kernel_schedules is not None else schedules.for_target(target)
-    base = getattr(sched, "base", sched)  # tuning's schedules wrap the target's
-    if fuse_epilogues and hasattr(base, "defer"):
-        base.defer = True
-    mod, report = lower_binary_conv2d(
-        mod,
-        LoweringOptions(
-            schedules=sched,
-            # CUDA kernels take the shift too: no fusion there, so each add was its own launch.
-            fold_shift=fuse_epilogues or getattr(base, "name", None) == "cuda",
-            strict=strict,
-            force_kind=force_kind,
-            conv_names=frontend.conv_names(proto),
-        ),
+    mod, records = pipeline.lower(
+        frontend.import_graph(proto, specs),
+        pipeline.PipelineOptions(schedules=sched, strict=strict, force_kind=force_kind,
+                                 conv_names=frontend.conv_names(proto), fuse_epilogues=fuse_epilogues,
+                                 dump_dir=dump_dir),
     )
-    # The float convs left (stem, shortcuts) get a real schedule too: stock TVM has none on CPUs.
-    mod = LowerFloatConv2d(sched)(mod)
-    mod = relax.transform.DeadCodeElimination(["main"])(mod)
-    return mod, Report(report)
+    return mod, Report(records)
 
 
-def relax_pipeline(target):
-    """TVM's CPU pipeline plus a default schedule for the ops it leaves unscheduled.
-
-    Stock ``tvm.compile`` runs no schedule rule on LLVM targets, so the fused elementwise
-    functions between the binary convs are serial scalar loops. After fusion, our conv
-    kernels take in the elementwise epilogue FuseOps fused into them and get their schedules
-    (:class:`relay_passes.ScheduleFusedKernels`), and
-    :class:`schedules.cpu_fallback.InjectiveFallback` (a dlight rule) schedules what is left;
-    our own kernels carry ``tirx.is_scheduled`` and are left alone. CUDA targets get
-    :func:`cuda_pipeline`, others TVM's default pipeline.
-    """
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-    from tvm.s_tir import dlight
-
-    from relay_passes.schedule_fused_kernels import ScheduleFusedKernels
-    from schedules.cpu_fallback import InjectiveFallback
-    from schedules.host import vector_bytes_of
-
-    if target.kind.name == "cuda":
-        return cuda_pipeline(target)
-    if target.kind.name != "llvm":
-        return "default"
-
-    @tvm.transform.module_pass(opt_level=0, name="SparksHostPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [
-                    # FuseTIR leaves the unfused originals behind: drop them before scheduling.
-                    relax.transform.DeadCodeElimination(["main"]),
-                    ScheduleFusedKernels(),
-                    dlight.ApplyDefaultSchedule(InjectiveFallback(vector_bytes_of(target))),
-                ]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline
-
-
-def cuda_pipeline(target):
-    """TVM's CUDA pipeline with :class:`schedules.cuda_window_reduction.WindowReduction` first.
-
-    Stock dlight maps pooling windows to one thread block per output (a 2x2 pool: 4 threads a
-    block); the rule gives them one thread per output instead. It runs as its own
-    ``ApplyDefaultSchedule`` just before TVM's: the functions it schedules are marked
-    scheduled, so TVM's rules skip them. Everything else is TVM's default CUDA pipeline
-    (``tvm.relax.backend.cuda.pipeline``), unchanged.
-    """
-    import tvm
-    from tvm.relax.backend.cuda import pipeline as cuda
-    from tvm.s_tir import dlight
-
-    from schedules.cuda_window_reduction import WindowReduction
-
-    @tvm.transform.module_pass(opt_level=0, name="SparksCudaPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            legalize = cuda.legalize_passes(target)
-            at = next(i for i, p in enumerate(legalize) if isinstance(p, dlight.ApplyDefaultSchedule))
-            legalize.insert(at, dlight.ApplyDefaultSchedule(WindowReduction()))
-            seq = tvm.transform.Sequential(
-                cuda.library_dispatch_passes(target)
-                + legalize
-                + cuda.dataflow_lower_passes(target)
-                + cuda.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline
+def _tuned_schedules(tuning_db, tgt):
+    try:
+        return tuned_schedules(tuning_db, tgt)
+    except SparksError:
+        raise
+    except Exception as err:
+        # MetaSchedule's JSONDatabase reports corrupt records as bare RuntimeErrors (or
+        # bad_alloc, UnicodeDecodeError): name the work dir instead.
+        raise TuningError(
+            f"tuning_db {os.fspath(tuning_db)}: the tuning database is corrupt or was not written by "
+            f"sparks_tvm.tune ({err.__class__.__name__}: {str(err).strip().splitlines()[0][:300]}); "
+            "re-tune into a fresh work dir") from None
 
 
 def compile(model, target="llvm", shapes: dict | None = None, strict: bool = True, force_kind: str | None = None,  # noqa: A001
@@ -170,40 +89,24 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
     -------
     CompiledModel
     """
-    import tvm
-
     proto = frontend.load_onnx(model)
     frontend.check_supported_ops(proto)
     specs = frontend.input_specs(proto, shapes)
     tgt = resolve_target(target)
-    kernel_schedules = None
-    if tuning_db is not None:
-        from .tune import TuningError, tuned_schedules
-
-        try:
-            kernel_schedules = tuned_schedules(tuning_db, tgt)
-        except SparksError:
-            raise
-        except Exception as err:
-            # MetaSchedule's JSONDatabase reports corrupt records as bare RuntimeErrors (or
-            # bad_alloc, UnicodeDecodeError): name the work dir instead.
-            raise TuningError(
-                f"tuning_db {os.fspath(tuning_db)}: the tuning database is corrupt or was not written by "
-                f"sparks_tvm.tune ({err.__class__.__name__}: {str(err).strip().splitlines()[0][:300]}); "
-                "re-tune into a fresh work dir") from None
+    kernel_schedules = None if tuning_db is None else _tuned_schedules(tuning_db, tgt)
+    dump_dir = os.environ.get(pipeline.DUMP_ENV) or None
     mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind,
-                              kernel_schedules=kernel_schedules, fuse_epilogues=tgt.kind.name == "llvm")
+                              kernel_schedules=kernel_schedules, fuse_epilogues=tgt.kind.name == "llvm",
+                              dump_dir=dump_dir)
     if kernel_schedules is not None and getattr(kernel_schedules, "missed", None):
         # A work dir tuned for another model (or other layer shapes) is legal but useless:
         # say so rather than silently compiling with default schedules.
-        import logging
-
-        logging.getLogger("sparks_tvm").warning(
+        logger.warning(
             "tuning_db %s has no record for %d of the model's %d binary kernel(s) (%s): they keep the "
             "default schedule", os.fspath(tuning_db), len(kernel_schedules.missed),
             len(kernel_schedules.missed) + len(kernel_schedules.applied), ", ".join(kernel_schedules.missed[:3]))
     try:
-        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt))
+        ex = tvm.compile(mod, target=tgt, relax_pipeline=relax_pipeline(tgt, dump_dir))
     except Exception as err:
         raise CompileError(f"TVM failed to build the module for {target_json(tgt)}: {str(err).splitlines()[0]}") from err
     meta = {
@@ -244,8 +147,6 @@ class CompiledModel:
     @property
     def vm(self):
         if self._vm is None:
-            from tvm import relax
-
             if _default_cross_compiler(self.target):
                 # Running foreign machine code in-process would crash, not raise.
                 raise SparksError(
@@ -259,7 +160,6 @@ class CompiledModel:
     @property
     def device(self):
         """The device the model runs on here: the GPU for CUDA targets, else the CPU."""
-        import tvm
 
         if self.target is not None and self.target.kind.name == "cuda":
             dev = tvm.cuda(0)
@@ -278,9 +178,7 @@ class CompiledModel:
 
     def cuda_ptx(self, arch: str | None = None) -> bytes:
         """Build :meth:`cuda_source` to PTX with the machine's ``nvcc`` (no GPU needed)."""
-        import shutil
 
-        from tvm.support import nvcc
 
         if shutil.which("nvcc") is None:
             raise SparksError("nvcc not found on PATH: install the CUDA toolkit to build PTX")
@@ -293,7 +191,6 @@ class CompiledModel:
 
     def run(self, *arrays) -> list:
         """Run on numpy inputs (positional, in model order); returns a list of numpy arrays."""
-        import tvm
 
         arrays = frontend.as_input_arrays(self._specs(), arrays)
         dev = self.device
@@ -302,7 +199,6 @@ class CompiledModel:
 
     def benchmark(self, *arrays, repeat: int = 20, number: int = 1) -> dict:
         """Median/mean latency in ms with TVM's time evaluator (after a warm-up run)."""
-        import tvm
 
         arrays = frontend.as_input_arrays(self._specs(), arrays)
         dev = self.device
@@ -336,9 +232,7 @@ class CompiledModel:
         kwargs = {}
         linker = cross_compiler or _default_cross_compiler(self.target)
         if linker and not path.endswith(".tar"):
-            import shutil
 
-            from tvm.support import cc
 
             if shutil.which(linker) is None:
                 raise CompileError(
@@ -358,10 +252,6 @@ class CompiledModel:
 
 def _default_cross_compiler(target) -> str | None:
     """The cross linker for a target this machine cannot link natively (None: host gcc)."""
-    import platform
-
-    from .target import is_aarch64
-
     if target is not None and target.kind.name == "cuda":
         target = target.host  # the host code decides the linker (a Jetson's is aarch64)
     if target is None or not is_aarch64(target) or platform.machine() in ("aarch64", "arm64"):
@@ -371,8 +261,6 @@ def _default_cross_compiler(target) -> str | None:
 
 def load(path) -> CompiledModel:
     """Load a library written by :meth:`CompiledModel.export_library`."""
-    import tvm
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise SparksError(f"{path}: no such file")
@@ -396,8 +284,6 @@ def _walk_modules(mod):
 
 
 def _flatten(value) -> list:
-    import tvm
-
     if isinstance(value, tvm.runtime.Tensor):
         return [value.numpy()]
     out = []

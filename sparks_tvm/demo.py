@@ -14,6 +14,9 @@ import time
 
 import numpy as np
 
+import sparks_tvm
+from sparks_tvm import models
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,10 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for model.onnx and model.so (default: a temp dir)")
     args = ap.parse_args(argv)
 
-    import onnxruntime as ort
-
-    import sparks_tvm
-    from sparks_tvm import models
+    import onnxruntime as ort  # optional heavy package: only the demo's float reference needs it
 
     out_dir = args.out or tempfile.mkdtemp(prefix="sparks_demo_")
     os.makedirs(out_dir, exist_ok=True)

@@ -41,3 +41,7 @@ class QONNXError(SparksError):
 class InputValueError(SparksError):
     """A run-time input holds NaN or infinity: the binary kernels cannot reproduce the float
     reference's NaN propagation, so such inputs are refused rather than answered wrongly."""
+
+
+class TuningError(SparksError):
+    """Tuning could not be done or its records cannot be used (wrong target, nothing measured...)."""

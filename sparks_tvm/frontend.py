@@ -11,7 +11,13 @@ import onnx.numpy_helper
 import onnx.shape_inference
 from onnx import helper
 
-from .errors import InputValueError, ModelLoadError, ShapeError, UnsupportedOpsError
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+from . import qonnx
+from .errors import CompileError, InputValueError, ModelLoadError, ShapeError, SparksError, UnsupportedOpsError
 
 
 @dataclass
@@ -54,9 +60,7 @@ def load_onnx(model, rewrite_qonnx: bool = True) -> onnx.ModelProto:
     except Exception as err:
         raise ModelLoadError(f"{origin}: invalid ONNX model: {str(err).splitlines()[0]}") from None
     if rewrite_qonnx:
-        from .qonnx import rewrite_qonnx as _rewrite
-
-        proto = _rewrite(proto).model
+        proto = qonnx.rewrite_qonnx(proto).model
     check_weights_finite(proto, origin)
     try:
         # The checker does not run the ops' shape inference; onnxruntime does, and TVM's
@@ -109,8 +113,6 @@ def default_opset(proto: onnx.ModelProto) -> int:
 
 def check_supported_ops(proto: onnx.ModelProto) -> None:
     """Raise :class:`UnsupportedOpsError` listing *every* unsupported op and its nodes."""
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
-
     known = set(_get_convert_map()) | {"If"}
     missing: dict[str, list] = {}
     for i, node in enumerate(proto.graph.node):
@@ -118,10 +120,8 @@ def check_supported_ops(proto: onnx.ModelProto) -> None:
         if node.domain not in ("", "ai.onnx") or node.op_type not in known:
             missing.setdefault(op, []).append(node.name or f"#{i}")
     if missing:
-        from .qonnx import QONNX_DOMAINS
-
         hint = ""
-        if any(op.split("::")[0] in QONNX_DOMAINS for op in missing):
+        if any(op.split("::")[0] in qonnx.QONNX_DOMAINS for op in missing):
             hint = ("QONNX: BipolarQuant (binary) and Quant/IntQuant (integer, compiled in float) are "
                     "rewritten; the other QONNX operators listed are not supported.")
         raise UnsupportedOpsError(missing, hint)
@@ -173,8 +173,6 @@ def output_names(proto: onnx.ModelProto) -> list:
 
 def import_onnx(proto: onnx.ModelProto, specs: list):
     """Relax IRModule of the model with constant weights (no params kept as inputs)."""
-    from tvm.relax.frontend.onnx import from_onnx
-
     mod = from_onnx(
         proto,
         shape_dict={s.name: list(s.shape) for s in specs},
@@ -186,11 +184,21 @@ def import_onnx(proto: onnx.ModelProto, specs: list):
     return mod
 
 
+def import_graph(proto: onnx.ModelProto, specs: list):
+    """ONNX -> Relax (:func:`import_onnx`), TVM's importer failures reported as :class:`CompileError`.
+
+    The first phase of :mod:`relay_passes.pipeline` then folds the constants.
+    """
+    try:
+        return import_onnx(proto, specs)
+    except SparksError:
+        raise
+    except Exception as err:
+        raise CompileError(f"TVM's ONNX importer failed: {err.__class__.__name__}: {str(err).splitlines()[0]}") from err
+
+
 def _static_dims(expr):
     """Static shape of a Relax tensor expression as a tuple of ints, else None."""
-    import tvm
-    from tvm import relax
-
     ty = getattr(expr, "ty", None)
     if not isinstance(ty, relax.TensorType) or ty.shape is None or not hasattr(ty.shape, "values"):
         return None
@@ -205,8 +213,6 @@ def check_no_empty_activations(mod, convs: list = ()) -> None:
     The importer accepts e.g. a 3x3 conv on a 2x2 input without padding (output 0x0); TVM's
     passes then fail with a bare ValueError. Caught here with the op and the shapes.
     """
-    from tvm import relax
-
     conv_i = 0
     for func in mod.functions.values():
         if not isinstance(func, relax.Function):

@@ -15,7 +15,9 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from . import frontend
+from relay_passes import pipeline
+
+from . import frontend, qonnx
 from .report import Report, _fmt_bops
 
 #: What each kind is lowered to, in words.
@@ -152,25 +154,21 @@ def inspect_model(model, shapes: dict | None = None) -> Inspection:
     SparksError
         The same load / QONNX / unsupported-op / shape errors ``compile`` raises.
     """
-    from relay_passes import LoweringOptions, lower_binary_conv2d
-
-    from .compiler import import_graph
-    from .qonnx import rewrite_qonnx
-
     if isinstance(model, (str, os.PathLike)):
         origin = os.fspath(model)
     else:
         origin = "<bytes>" if isinstance(model, (bytes, bytearray)) else "<ModelProto>"
     proto = frontend.load_onnx(model, rewrite_qonnx=False)
-    rewritten = rewrite_qonnx(proto)
+    rewritten = qonnx.rewrite_qonnx(proto)
     proto = rewritten.model
     frontend.check_supported_ops(proto)
     specs = frontend.input_specs(proto, shapes)
-    # The graph compile would give the pass.
-    mod = import_graph(proto, specs)
+    # The phases compile runs, up to the binary lowering, with no schedules: nothing is built.
     details: list = []
-    _, records = lower_binary_conv2d(mod, LoweringOptions(schedules=None, strict=False,
-                                                          conv_names=frontend.conv_names(proto), details=details))
+    _, records = pipeline.lower(frontend.import_graph(proto, specs),
+                                pipeline.PipelineOptions(schedules=None, strict=False,
+                                                         conv_names=frontend.conv_names(proto), details=details),
+                                until="lower_binary")
     report = Report(records)
     convs = []
     for rec, det in zip(report, details):

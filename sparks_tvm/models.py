@@ -43,6 +43,14 @@ def _dyadic(rng, shape, lo, hi, step=0.25):
 def make_modules():
     """Build the torch module classes lazily (torch is imported only when used)."""
     torch = _torch()
+    activation, conv = _layer_classes(torch)
+    block = _block_class(torch, activation, conv)
+    return {"BinaryActivation": activation, "SparksConv2d": conv,
+            "BasicBinaryBlock": block, "SparksResNet": _resnet_class(torch, block)}
+
+
+def _layer_classes(torch):
+    """``(BinaryActivation, SparksConv2d)``."""
     nn = torch.nn
 
     class BinaryActivation(nn.Module):
@@ -86,6 +94,13 @@ def make_modules():
         def forward(self, x):
             return torch.nn.functional.conv2d(x, self.weight, stride=self.stride, padding=1)
 
+    return BinaryActivation, SparksConv2d
+
+
+def _block_class(torch, BinaryActivation, SparksConv2d):  # noqa: N803 - classes
+    """``BasicBinaryBlock`` over the given activation and conv classes."""
+    nn = torch.nn
+
     class BasicBinaryBlock(nn.Module):
         """Bi-Real/ReActNet block: RSign -> Sparks conv -> BN -> + shortcut -> RPReLU."""
 
@@ -98,14 +113,14 @@ def make_modules():
             idx[: min(cout, k), 0] = np.arange(min(cout, k))  # every codeword used
             alpha = rng.choice([0.25, 0.5, 1.0], size=cout).astype(np.float32)
             self.conv = SparksConv2d(codebook, idx, alpha, stride)
-            self.bn = _dyadic_bn(rng, cout)
+            self.bn = _dyadic_bn(torch, rng, cout)
             self.shortcut = None
             if stride != 1 or cin != cout:
                 # Float downsample shortcut (kept full precision, as in Bi-Real/ReActNet).
                 self.shortcut = nn.Sequential(
                     nn.AvgPool2d(2, stride=2, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity(),
-                    _dyadic_conv(rng, cin, cout, 1),
-                    _dyadic_bn(rng, cout),
+                    _dyadic_conv(torch, rng, cin, cout, 1),
+                    _dyadic_bn(torch, rng, cout),
                 )
             self.move1 = nn.Parameter(torch.from_numpy(_dyadic(rng, (1, cout, 1, 1), -0.5, 0.5)))
             self.prelu = nn.PReLU(cout, init=0.5)
@@ -116,21 +131,29 @@ def make_modules():
             out = out + (x if self.shortcut is None else self.shortcut(x))
             return self.prelu(out + self.move1) + self.move2
 
-    def _dyadic_conv(rng, cin, cout, ksize, stride=1, padding=0):
-        conv = nn.Conv2d(cin, cout, ksize, stride=stride, padding=padding, bias=False)
-        with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(_dyadic(rng, conv.weight.shape, -0.5, 0.5)))
-        return conv
+    return BasicBinaryBlock
 
-    def _dyadic_bn(rng, c):
-        bn = nn.BatchNorm2d(c, eps=0.0)
-        with torch.no_grad():
-            bn.weight.copy_(torch.from_numpy(rng.choice([0.25, 0.5, 1.0], size=c).astype(np.float32)))
-            bn.weight.mul_(torch.from_numpy(rng.choice([-1.0, 1.0], size=c, p=[0.25, 0.75]).astype(np.float32)))
-            bn.bias.copy_(torch.from_numpy(_dyadic(rng, c, -1.0, 1.0)))
-            bn.running_mean.copy_(torch.from_numpy(_dyadic(rng, c, -2.0, 2.0)))
-            bn.running_var.copy_(torch.from_numpy(rng.choice([1.0, 4.0, 16.0], size=c).astype(np.float32)))
-        return bn
+
+def _dyadic_conv(torch, rng, cin, cout, ksize, stride=1, padding=0):
+    conv = torch.nn.Conv2d(cin, cout, ksize, stride=stride, padding=padding, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(_dyadic(rng, conv.weight.shape, -0.5, 0.5)))
+    return conv
+
+def _dyadic_bn(torch, rng, c):
+    bn = torch.nn.BatchNorm2d(c, eps=0.0)
+    with torch.no_grad():
+        bn.weight.copy_(torch.from_numpy(rng.choice([0.25, 0.5, 1.0], size=c).astype(np.float32)))
+        bn.weight.mul_(torch.from_numpy(rng.choice([-1.0, 1.0], size=c, p=[0.25, 0.75]).astype(np.float32)))
+        bn.bias.copy_(torch.from_numpy(_dyadic(rng, c, -1.0, 1.0)))
+        bn.running_mean.copy_(torch.from_numpy(_dyadic(rng, c, -2.0, 2.0)))
+        bn.running_var.copy_(torch.from_numpy(rng.choice([1.0, 4.0, 16.0], size=c).astype(np.float32)))
+    return bn
+
+
+def _resnet_class(torch, BasicBinaryBlock):  # noqa: N803 - a class
+    """``SparksResNet`` of the given blocks."""
+    nn = torch.nn
 
     class SparksResNet(nn.Module):
         """Bi-Real-style ResNet: float stem, 2 Sparks convs per basic block, float head."""
@@ -142,11 +165,11 @@ def make_modules():
             ks = k if isinstance(k, (list, tuple)) else [k] * (2 * sum(blocks))
             if stem == "imagenet":
                 self.stem = nn.Sequential(
-                    _dyadic_conv(rng, 3, widths[0], 7, stride=2, padding=3), _dyadic_bn(rng, widths[0]),
+                    _dyadic_conv(torch, rng, 3, widths[0], 7, stride=2, padding=3), _dyadic_bn(torch, rng, widths[0]),
                     nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1),
                 )
             else:
-                self.stem = nn.Sequential(_dyadic_conv(rng, 3, widths[0], 3, padding=1), _dyadic_bn(rng, widths[0]))
+                self.stem = nn.Sequential(_dyadic_conv(torch, rng, 3, widths[0], 3, padding=1), _dyadic_bn(torch, rng, widths[0]))
             layers, cin, li = [], widths[0], 0
             for stage, (width, nblk) in enumerate(zip(widths, blocks)):
                 for b in range(nblk):
@@ -166,8 +189,7 @@ def make_modules():
             x = self.blocks(self.stem(x))
             return self.fc(torch.flatten(self.pool(x), 1))
 
-    return {"BinaryActivation": BinaryActivation, "SparksConv2d": SparksConv2d,
-            "BasicBinaryBlock": BasicBinaryBlock, "SparksResNet": SparksResNet}
+    return SparksResNet
 
 
 def sparks_resnet18(k=16, seed=0, **kw):

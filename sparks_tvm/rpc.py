@@ -12,6 +12,7 @@ or, as a ``.tar`` of object files, on the device by its own ``gcc``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -19,7 +20,11 @@ import tempfile
 import threading
 
 import numpy as np
+import tvm
+from tvm import relax, rpc
 
+from . import frontend
+from .compiler import SIDECAR_SUFFIX, CompiledModel, _flatten
 from .errors import SparksError
 
 
@@ -94,8 +99,6 @@ def connect(address: str | None = None, *, tracker: str | None = None, key: str 
     -------
     tvm.rpc.RPCSession
     """
-    from tvm import rpc
-
     if (address is None) == (tracker is None):
         raise RemoteError("give either address='host:port' of an RPC server or tracker='host:port' with key=")
     if tracker is not None:
@@ -126,8 +129,6 @@ class RemoteModel:
     """
 
     def __init__(self, session, library_path, meta: dict, timeout: float = 600.0):
-        from tvm import relax
-
         self.session = session
         self.timeout = timeout
         self._meta = meta
@@ -147,8 +148,6 @@ class RemoteModel:
         VM, the module and the session; the server ends the session when the last goes.
         """
         self._vm = self._rlib = self.device = self.session = None
-        import gc
-
         gc.collect()
 
     def __enter__(self) -> "RemoteModel":
@@ -171,18 +170,12 @@ class RemoteModel:
         return list(self._meta["outputs"])
 
     def _tensors(self, arrays):
-        import tvm
-
-        from . import frontend
-
         specs = [frontend.InputSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in self._meta["inputs"]]
         arrays = frontend.as_input_arrays(specs, arrays)
         return [tvm.runtime.tensor(a, self.device) for a in arrays]
 
     def run(self, *arrays) -> list:
         """Run on the device; numpy inputs (model order) in, list of numpy outputs back."""
-        from .compiler import _flatten
-
         vm = self._live_vm()
 
         def call():
@@ -233,8 +226,6 @@ def deploy(model, address: str | None = None, *, tracker: str | None = None, key
     -------
     RemoteModel
     """
-    from .compiler import SIDECAR_SUFFIX, CompiledModel
-
     if session is None:
         session = connect(address, tracker=tracker, key=key, timeout=timeout, session_timeout=session_timeout)
     if isinstance(model, CompiledModel):

@@ -12,28 +12,10 @@ The first sum does not depend on the output channel and is computed once per pix
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import te, tirx
 
-from .common import ConvGeometry, int64_shape, activation_bits, as_u32
-
-WORD_BITS = 32
-
-
-def num_words(channels: int) -> int:
-    return (channels + WORD_BITS - 1) // WORD_BITS
-
-
-def pack_binary_weights(signs: np.ndarray) -> np.ndarray:
-    """Pack (O, C, KH, KW) weights in {-1, +1} to uint32 words (O, CW, KH, KW), bit = -1."""
-    o, c, kh, kw = signs.shape
-    cw = num_words(c)
-    neg = np.zeros((o, cw * WORD_BITS, kh, kw), np.uint64)
-    neg[:, :c] = signs < 0
-    neg = neg.reshape(o, cw, WORD_BITS, kh, kw)
-    weights = (np.uint64(1) << np.arange(WORD_BITS, dtype=np.uint64)).reshape(1, 1, WORD_BITS, 1, 1)
-    return (neg * weights).sum(axis=2).astype(np.uint32)
-
+from .common import ConvGeometry, int64_shape
+from .encoding import WORD_BITS, activation_bits, as_u32, num_words, pack_binary_weights  # noqa: F401
 
 def binary_conv2d_compute(geom: ConvGeometry, mode: str, shift: bool = False):
     """Define the dense binary convolution.

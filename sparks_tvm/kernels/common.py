@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from tvm import tirx
 
-from ..reference import BINARIZE_MODES, out_size
+from .encoding import BINARIZE_MODES, activation_bits, activation_code, as_u32  # noqa: F401 - re-exported
+from .reference import out_size
 
 
 @dataclass(frozen=True)
@@ -59,44 +60,6 @@ class ConvGeometry:
             raise ValueError(f"bad stride/padding: {self}")
         if self.out_height < 1 or self.out_width < 1:
             raise ValueError(f"convolution has an empty output: {self}")
-
-
-def activation_bits(x: tirx.PrimExpr, mode: str):
-    """Return ``(neg, nonzero)`` as uint32 0/1 expressions for one activation.
-
-    ``neg`` marks a -1, ``nonzero`` marks a tap that holds a real +-1 value.  Only ONNX
-    ``Sign`` produces zeros; the ``x >= 0`` / ``x > 0`` forms never do.
-    """
-    zero = tirx.const(0, "float32")  # activations are float32 (checked by the lowering)
-    if mode == "sign":
-        return x < zero, x != zero
-    if mode == "ge":
-        return x < zero, tirx.const(True, "bool")
-    if mode == "gt":
-        return x <= zero, tirx.const(True, "bool")
-    raise ValueError(f"unknown binarize mode {mode!r}; expected one of {BINARIZE_MODES}")
-
-
-def activation_code(data, mode: str, n, c, y, x, shift=None) -> tirx.PrimExpr:
-    """2-bit uint8 code of activation ``data[n, c, y, x]``, 0 outside the image (zero padding).
-
-    Bit 0: the tap holds -1; bit 1: the tap holds a real +-1 (inside the image, and non-zero
-    for ONNX ``Sign``). ``y``, ``x`` may be out of range: the load is clamped, the code masked.
-    With ``shift`` (a per-channel float32 tensor), the value binarized is
-    ``data[n, c, y, x] + shift[c]``: the same float add the graph would do, so the same bits.
-    """
-    h, w = int(data.shape[2]), int(data.shape[3])
-    inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
-    val = data[n, c, tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(x, w - 1), 0)]
-    if shift is not None:
-        val = val + shift[c]
-    neg, nz = activation_bits(val, mode)
-    code = tirx.Cast("uint8", as_u32(neg) | (as_u32(nz) << 1))
-    return tirx.if_then_else(inside, code, tirx.const(0, "uint8"))
-
-
-def as_u32(cond: tirx.PrimExpr) -> tirx.PrimExpr:
-    return tirx.Cast("uint32", cond)
 
 
 def int64_shape(*dims) -> tuple:

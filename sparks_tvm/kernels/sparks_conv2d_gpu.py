@@ -59,7 +59,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
     num_codewords : int
         K.
     mode : str
-        Binarizer rule (see :data:`sparks_tvm.reference.BINARIZE_MODES`).
+        Binarizer rule (see :data:`sparks_tvm.kernels.reference.BINARIZE_MODES`).
     tile_words : int
         Stage-1 words (``4 * tile_words`` pixels) per pixel tile; the pixel axis is padded
         to whole tiles so that a schedule needs no bounds checks inside a tile.
@@ -81,6 +81,28 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         ``[data, codes, idx, out]`` (``[data, codes, idx, shift, out]`` with ``shift``) with
         the same meaning, types and shapes as :func:`sparks_tvm.kernels.sparks_conv2d_compute`.
     """
+    groups = _check_args(geom, tile_words, group, splits)
+    n_, c_, h_, w_ = geom.in_shape
+    o_, k_ = geom.out_channels, num_codewords
+    words = padded_words(geom, tile_words)
+    shp = int64_shape
+    data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
+    codes = te.placeholder(shp(k_), "int32", name="codes")
+    idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
+    offset = te.placeholder(shp(c_), "float32", name="shift") if shift else None
+    kernel_index = _kernel_indices(idx, geom, k_, groups * group)
+    patch = _patch_words(data, mode, offset, geom, words)
+    s1 = _stage1(patch, codes, geom, k_, words)
+    out = _stage2(s1, kernel_index, geom, group, groups, splits, words)
+    return [data, codes, idx, out] if offset is None else [data, codes, idx, offset, out]
+
+
+def _u32(v):
+    return tirx.const(v, "uint32")
+
+
+def _check_args(geom: ConvGeometry, tile_words: int, group: int, splits: int) -> int:
+    """Validate the arguments; return the number of channel groups."""
     geom.validate()
     if tuple(geom.kernel) != (3, 3):
         raise ValueError(f"the Sparks op needs 3x3 kernels, got {geom.kernel}")
@@ -88,28 +110,21 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         raise ValueError(f"byte-lane channel group must be in [1, {MAX_GROUP}], got {group}")
     if tile_words < 1:
         raise ValueError(f"tile_words must be positive, got {tile_words}")
-    n_, c_, h_, w_ = geom.in_shape
-    o_, k_ = geom.out_channels, num_codewords
-    groups = -(-c_ // group)
+    groups = -(-geom.in_channels // group)
     if splits < 1 or groups % splits:
         raise ValueError(f"channel splits must divide the {groups} channel groups of {group}, got {splits}")
-    oh_, ow_ = geom.out_height, geom.out_width
-    pixels = oh_ * ow_
-    words = padded_words(geom, tile_words)
-    sh, sw = geom.stride
-    top, left = geom.padding[0], geom.padding[1]
-    shp = int64_shape
-    u32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+    return groups
 
-    data = te.placeholder(shp(n_, c_, h_, w_), "float32", name="data")
-    codes = te.placeholder(shp(k_), "int32", name="codes")
-    idx = te.placeholder(shp(*packed_index_shape(o_, c_, k_)), idx_dtype(k_), name="idx")
-    offset = te.placeholder(shp(c_), "float32", name="shift") if shift else None
-    field_bits = index_bits(k_)
-    # Indices unpacked per call to one byte (two past K = 256) per kernel, rows padded to whole
-    # channel groups: a thread then loads a group's indices of one output channel as a single
-    # aligned vector. Padding entries are 0 and their channels are masked out below.
-    cpad = groups * group
+
+def _kernel_indices(idx, geom: ConvGeometry, num_codewords: int, cpad: int):
+    """``kernel_index(o, c)`` read from ``idx_unpack`` (O, cpad): one byte (two past K = 256) per kernel.
+
+    Rows are padded to whole channel groups (``cpad``): a thread then loads a group's indices
+    of one output channel as a single aligned vector. Padding entries are 0 and their channels
+    are masked out in stage 2.
+    """
+    o_, c_ = geom.out_channels, geom.in_channels
+    field_bits = index_bits(num_codewords)
 
     def unpack(o, c):
         cc = tirx.min(c, c_ - 1)
@@ -121,17 +136,25 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
                 (1 << field_bits) - 1, idx.dtype)
         return tirx.if_then_else(c < c_, value, tirx.const(0, idx.dtype))
 
-    unpacked = te.compute(shp(o_, cpad), unpack, name="idx_unpack")
+    unpacked = te.compute(int64_shape(o_, cpad), unpack, name="idx_unpack")
+    return lambda o, c: codeword_index(unpacked[o, c], num_codewords)
 
-    def kernel_index(o, c):
-        return codeword_index(unpacked[o, c], k_)
 
-    # Binarized, zero-padded input: bit 0 = -1, bit 1 = holds a real +-1 (inside, non-zero),
-    # one float compare per activation. Patch words are then assembled from these codes with
-    # no bounds checks: built straight from the floats (18 guarded loads per pixel) they took
-    # 5x longer than the fused kernel on an H200; from byte codes, 0.7x; from row words, less.
-    hp = h_ + geom.padding[0] + geom.padding[2]
-    wp = w_ + geom.padding[1] + geom.padding[3]
+def _patch_words(data, mode: str, offset, geom: ConvGeometry, words: int):
+    """``patch`` (N, C, 4 * words) uint32: neg bits 0-8, mask bits 9-17, popcount(mask) + 9 at 18-22.
+
+    Built from the binarized, zero-padded input (bit 0 = -1, bit 1 = holds a real +-1), one
+    float compare per activation, so the words need no bounds checks: built straight from the
+    floats (18 guarded loads per pixel) they took 5x longer than the fused kernel on an H200;
+    from byte codes (``bin_pad``), 0.7x; from row words (``row_bits``), less.
+    """
+    n_, c_ = geom.batch, geom.in_channels
+    oh_, ow_ = geom.out_height, geom.out_width
+    sh, sw = geom.stride
+    top, left = geom.padding[0], geom.padding[1]
+    hp = geom.height + geom.padding[0] + geom.padding[2]
+    wp = geom.width + geom.padding[1] + geom.padding[3]
+    u32 = _u32
 
     def pad_code(n, c, y, x):  # (y, x) in the padded frame
         return activation_code(data, mode, n, c, y - top, x - left, offset)
@@ -146,7 +169,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         # pixel's three taps of a row are then one shift and mask of a word, whatever the stride.
         rx = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", wp)), name="rx")
         rows = te.compute(
-            shp(n_, c_, hp, 2),
+            int64_shape(n_, c_, hp, 2),
             lambda n, c, y, plane: te.sum(
                 tirx.Cast("uint64", (pad_code(n, c, y, rx) >> tirx.Cast("uint8", plane)) & tirx.const(1, "uint8"))
                 << tirx.Cast("uint64", rx), axis=rx),
@@ -163,7 +186,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
                     word = word | (taps << u32(9 * plane + 3 * dy))
             return finish(word)
     else:
-        bits = te.compute(shp(n_, c_, hp, wp), pad_code, name="bin_pad")
+        bits = te.compute(int64_shape(n_, c_, hp, wp), pad_code, name="bin_pad")
 
         def patch_word(n, c, p):
             # Pixels past OH*OW (tile padding) read a clamped row and are never written out.
@@ -175,7 +198,12 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
                 word = word | ((b & u32(1)) << u32(t)) | ((b >> u32(1)) << u32(9 + t))
             return finish(word)
 
-    patch = te.compute(shp(n_, c_, words * LANES), patch_word, name="patch")
+    return te.compute(int64_shape(n_, c_, words * LANES), patch_word, name="patch")
+
+
+def _stage1(patch, codes, geom: ConvGeometry, num_codewords: int, words: int):
+    """``stage1`` (N, C, K, words) uint32: biased responses S + 9 of four pixels, one per byte."""
+    u32 = _u32
 
     def stage1(n, c, k, q):
         code = tirx.Cast("uint32", codes[k])
@@ -190,8 +218,13 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         # word subtraction does all four (and ``biased`` does not depend on the codeword).
         return biased - mismatches * u32(2)
 
-    s1 = te.compute(shp(n_, c_, k_, words), stage1, name="stage1")
+    return te.compute(int64_shape(geom.batch, geom.in_channels, num_codewords, words), stage1, name="stage1")
 
+
+def _stage2(s1, kernel_index, geom: ConvGeometry, group: int, groups: int, splits: int, words: int):
+    """``stage2_part`` (byte-lane sums of G channels), ``stage2`` (16- or 32-bit lanes, per split), ``out``."""
+    n_, c_, o_ = geom.batch, geom.in_channels, geom.out_channels
+    u32 = _u32
     j = te.reduce_axis((tirx.IntImm("int64", 0), tirx.IntImm("int64", group)), name="j")
 
     def part(n, o, g, q):
@@ -201,7 +234,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         cc = tirx.min(c, c_ - 1)
         return te.sum(tirx.if_then_else(c < c_, s1[n, cc, kernel_index(o, c), q], u32(0)), axis=j)
 
-    parts = te.compute(shp(n_, o_, groups, words), part, name="stage2_part")
+    parts = te.compute(int64_shape(n_, o_, groups, words), part, name="stage2_part")
     halves = 2 if c_ <= MAX_C_16BIT else LANES
     lane_mask = u32(0x00FF00FF if halves == 2 else 0xFF)
     per_split = groups // splits
@@ -211,10 +244,10 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
         return (parts[n, o, group_index, q] >> tirx.Cast("uint32", h * 8)) & lane_mask
 
     if splits == 1:
-        acc = te.compute(shp(n_, o_, halves, words), lambda n, o, h, q: te.sum(widen(n, o, g, h, q), axis=g),
-                         name="stage2")
+        acc = te.compute(int64_shape(n_, o_, halves, words),
+                         lambda n, o, h, q: te.sum(widen(n, o, g, h, q), axis=g), name="stage2")
     else:
-        acc = te.compute(shp(n_, o_, splits, halves, words),
+        acc = te.compute(int64_shape(n_, o_, splits, halves, words),
                          lambda n, o, s, h, q: te.sum(widen(n, o, s * per_split + g, h, q), axis=g), name="stage2")
 
     def extract(n, o, p):
@@ -230,8 +263,7 @@ def sparks_conv2d_gpu_compute(geom: ConvGeometry, num_codewords: int, mode: str,
             total = field if total is None else total + field
         return total - tirx.const(9 * c_, "int32")
 
-    out = te.compute(shp(n_, o_, pixels), extract, name="out")
-    return [data, codes, idx, out] if offset is None else [data, codes, idx, offset, out]
+    return te.compute(int64_shape(n_, o_, geom.out_height * geom.out_width), extract, name="out")
 
 
 def sparks_conv2d_gpu_primfunc(geom: ConvGeometry, num_codewords: int, mode: str, tile_words: int = 32, group: int = 8,
