@@ -2,20 +2,22 @@
 
 Each family's schedules object (``HostSchedules``, ``ArmSchedules``, ``CudaSchedules``) builds a
 kernel from :mod:`sparks_tvm.kernels` and applies its default schedule; the machine facts come
-from :class:`schedules.target_info.TargetInfo`, and :mod:`schedules.tuning` turns the same
+from :class:`schedules.target_info.TargetInfo`, the interface is
+:class:`schedules.interface.KernelSchedules`, and :mod:`schedules.tuning` turns the same
 schedule functions into MetaSchedule design spaces.
 """
 
 from .arm import ArmSchedules
 from .cuda import CudaSchedules
 from .host import HostSchedules
+from .interface import KernelSchedules
 from .target_info import TargetInfo
 
 #: Target family (``TargetInfo.family``) -> its schedules class.
 FAMILIES = {"host": HostSchedules, "arm": ArmSchedules, "cuda": CudaSchedules}
 
 
-def for_target(target) -> object:
+def for_target(target) -> KernelSchedules:
     """Kernel builders for a ``tvm.target.Target``."""
     family = TargetInfo.from_target(target).family
     if family not in FAMILIES:
@@ -23,4 +25,4 @@ def for_target(target) -> object:
     return FAMILIES[family].for_target(target)
 
 
-__all__ = ["ArmSchedules", "CudaSchedules", "HostSchedules", "TargetInfo", "for_target"]
+__all__ = ["ArmSchedules", "CudaSchedules", "HostSchedules", "KernelSchedules", "TargetInfo", "for_target"]

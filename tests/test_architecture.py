@@ -87,6 +87,8 @@ def test_target_info():
     cuda = TargetInfo.from_target(resolve_target("cuda"))
     assert cuda.family == "cuda" and cuda.sm_count > 0 and cuda.shared_bytes == 48 * 1024
     assert isinstance(schedules.for_target(resolve_target("arm_cpu")), schedules.ArmSchedules)
+    for name in ("llvm", "arm_cpu", "cuda"):
+        assert isinstance(schedules.for_target(resolve_target(name)), schedules.KernelSchedules)
     assert type(schedules.for_target(resolve_target("llvm"))) is schedules.HostSchedules
 
 
