@@ -1,25 +1,26 @@
-"""aarch64 instruction counts of the binary kernels on an emulated Raspberry Pi 4 (qemu + TCG plugin).
+"""aarch64 instruction counts of whole compiled layers and models on an emulated Raspberry Pi 4.
 
-Timings under emulation mean nothing; the number of aarch64 instructions a kernel executes
-does, and it is exact and repeatable. For each ResNet-18 binary layer shape (the same seven
-shapes as ``bench.py``) and K in {16, 32, 64}, this counts, for one batch-1 call:
+Timings under emulation mean nothing; the number of aarch64 instructions executed does, and
+it is exact and repeatable. For each ResNet-18 binary layer shape (``sparks_tvm.cost``) this
+compiles, with ``sparks_tvm.compile(..., target="arm_cpu")``, the ONNX graph a user exports
+for one layer (``benchmarks/arm_layers.py``): ``Sign -> Conv 3x3 -> BatchNormalization`` as a
+Sparks layer (K in ``--k``) and as a dense binary layer, and ``Conv -> BatchNormalization`` in
+float; then the whole example Sparks ResNet-18 (K=16, 224x224). Each runs on the emulated Pi
+(``scripts/emulated_pi``) through a Relax VirtualMachine, one call, batch 1, one thread; the
+TCG plugin counts every instruction executed inside the compiled library (all the layer's
+kernels: binarization, conv, epilogue; not the VM interpreter, libc or TVM's runtime), with a
+per-kernel breakdown. Outputs are checked against onnxruntime.
 
-- the Sparks op (our kernel, ARM schedule, cross-compiled for ``arm_cpu``),
-- the dense binary conv (our XOR-popcount kernel, same schedule family),
-- TVM's float32 conv (``topi.nn.conv2d_nchw`` as ``tvm.compile`` builds it for the same target,
-  untuned: what a float layer of a Relax model becomes without tuning records): the goal's
-  float baseline,
-- and, as an extra column, the project's own scheduled float conv (what the float parts of a
-  compiled model use), a much stronger float baseline.
+The Larq Compute Engine column is derived, not measured here: LCE 0.16 built for aarch64
+(-O3 -mcpu=cortex-a72, ruy), its optimized BGEMM layer at 56x56 64->64 (binarize and output
+transform included) executes 4.51 M instructions counted the same way (../shared/STACK.md);
+its cost follows the binary MACs, equal for every stride-1 ResNet-18 layer and half at
+stride 2: 4.51 M (stride 1) and 2.26 M (stride 2) per layer.
 
-Each kernel is a separate cross-linked ``.so``; on the device (``scripts/emulated_pi/icount_guest.py``,
-one thread) the plugin counts only instructions executed inside that library's code segment,
-between a reset and a dump around the call (libc/TVM runtime code outside the library is not
-counted; the kernels call none in their loops). Outputs of the binary kernels are checked
-against the numpy references.
+    python benchmarks/bench_arm_icount.py --out benchmarks/results              # all, ~10 min
+    python benchmarks/bench_arm_icount.py --shapes 0 --k 16 --no-model          # one layer, quick
 
-    python benchmarks/bench_arm_icount.py --out benchmarks/results          # all shapes, K=16,32,64
-    python benchmarks/bench_arm_icount.py --shapes 0 6 --k 16 --repeat 2    # quick, checks determinism
+The kernel-level helpers (:class:`Kernel`, :func:`count`) count single PrimFuncs; the tests use them.
 """
 
 from __future__ import annotations
@@ -217,121 +218,178 @@ def qemu_version() -> str:
         return "unknown"
 
 
+#: LCE's per-layer reference (derived, see the module docstring), by stride.
+LCE_REFERENCE = {1: 4.51e6, 2: 2.255e6}
+
+
+def _layer_models(shape_ids, ks, target_alias="arm_cpu"):
+    import onnxruntime as ort
+
+    import sparks_tvm
+    from arm_layers import Model, layer_onnx
+
+    models, layout = [], []
+    rng = np.random.default_rng(1)
+    for si in shape_ids:
+        cin, cout, side, stride = SHAPES[si]
+        x = rng.standard_normal((1, cin, side, side)).astype(np.float32)
+        entry = {"shape": si, "cin": cin, "cout": cout, "in_side": side, "stride": stride, "sparks": {}}
+        for kind, k in [("sparks", k) for k in ks] + [("binary", 16), ("float", None)]:
+            data = layer_onnx(cin, cout, side, stride, kind, k or 16, seed=si)
+            compiled = sparks_tvm.compile(data, target=target_alias, force_kind=None if kind == "float" else kind)
+            if kind != "float":
+                assert [r.kind for r in compiled.report] == [kind], compiled.report
+            want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+            tag = len(models)
+            models.append(Model(tag, f"{kind} K={k}" if k else kind, compiled, [x], want, atol=1e-4))
+            if kind == "sparks":
+                entry["sparks"][k] = tag
+            else:
+                entry[kind] = tag
+        layout.append(entry)
+    return models, layout
+
+
+def _resnet_model(tag):
+    import onnxruntime as ort
+
+    import sparks_tvm
+    from arm_layers import Model
+    from sparks_tvm import models as zoo
+
+    shape = (1, 3, 224, 224)
+    data = zoo.export_onnx(zoo.sparks_resnet18(k=16), shape)
+    x = zoo.example_input(shape, seed=0)
+    want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    compiled = sparks_tvm.compile(data, target="arm_cpu")
+    return Model(tag, "ResNet-18 K=16", compiled, [x], want, atol=1e-4)
+
+
+def _md_table(rows, summary, model_row, meta) -> str:
+    lines = ["# aarch64 instructions of whole compiled layers (emulated Raspberry Pi 4)", ""]
+    lines += [f"- {k}: `{v}`" for k, v in meta.items()] + [""]
+    lines += ["Millions of aarch64 instructions per call (exact; identical across runs). LCE: derived "
+              "reference (4.51 M at stride 1, 2.26 M at stride 2; see the command's docstring).", "",
+              "| K | cin->cout | in | stride | Sparks layer M | its conv kernel M | vs LCE | dense binary M | "
+              "dense vs LCE | float M | dense/Sparks | float/Sparks |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['cin']}->{r['cout']} | {r['in_side']} | {r['stride']} | "
+                     f"{r['sparks'] / 1e6:.2f} | {r['sparks_conv'] / 1e6:.2f} | {r['sparks_over_lce']:.2f}x | "
+                     f"{r['dense'] / 1e6:.2f} | {r['dense_over_lce']:.2f}x | {r['float'] / 1e6:.2f} | "
+                     f"{r['dense'] / r['sparks']:.2f}x | {r['float'] / r['sparks']:.1f}x |")
+    lines += ["", "| K | all layers: Sparks M | LCE M | Sparks vs LCE | worst layer vs LCE | best layer vs LCE | "
+              "dense M | dense vs LCE |", "|---|---|---|---|---|---|---|---|"]
+    for k, sm in summary.items():
+        lines.append(f"| {k} | {sm['sparks'] / 1e6:.1f} | {sm['lce'] / 1e6:.1f} | {sm['sparks_over_lce']:.2f}x | "
+                     f"{sm['worst_over_lce']:.2f}x | {sm['best_over_lce']:.2f}x | {sm['dense'] / 1e6:.1f} | "
+                     f"{sm['dense_over_lce']:.2f}x |")
+    if model_row:
+        lines += ["", f"## Whole example ResNet-18 (K=16, 224x224): {model_row['total'] / 1e6:.1f} M instructions",
+                  "", "| kernel | M | share |", "|---|---|---|"]
+        for name, c in model_row["kernels"][:25]:
+            lines.append(f"| `{name}` | {c / 1e6:.2f} | {100 * c / model_row['total']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def _chart(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k16 = [r for r in rows if r["k"] == 16] or rows
+    labels = [f"{r['cin']}->{r['cout']}\n{r['in_side']} s{r['stride']}" for r in k16]
+    xs = np.arange(len(k16))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (key, name) in enumerate([("sparks", f"sparks_tvm Sparks K={k16[0]['k']}"), ("lce", "LCE (derived)"),
+                                     ("dense", "sparks_tvm dense binary")]):
+        ax.bar(xs + (i - 1) * 0.27, [r[key] / 1e6 for r in k16], 0.27, label=name)
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_ylabel("M aarch64 instructions per layer")
+    ax.set_title("Whole binary layers on an emulated Raspberry Pi 4 (one call, batch 1, 1 thread)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, nargs="+", default=[16, 32, 64])
     ap.add_argument("--shapes", type=int, nargs="+", default=None, help="indices into SHAPES (default all)")
     ap.add_argument("--repeat", type=int, default=1, help="count N times; fail unless all runs agree")
-    ap.add_argument("--out", default=None, help="directory for arm_icount.json/.md")
+    ap.add_argument("--no-model", action="store_true", help="skip the whole ResNet-18")
+    ap.add_argument("--out", default=None, help="directory for arm_icount.json/.md/.png")
     args = ap.parse_args(argv)
 
     import tvm
 
-    from sparks_tvm.kernels import ConvGeometry
+    from arm_layers import count_models
     from sparks_tvm.target import target_json
 
-    target = arm_target()
-    rng = np.random.default_rng(0)
     shape_ids = args.shapes if args.shapes is not None else list(range(len(SHAPES)))
-    kernels, layout = [], []
     t0 = time.time()
-    for si in shape_ids:
-        cin, cout, side, stride = SHAPES[si]
-        geom = ConvGeometry(1, cin, side, side, cout, stride=(stride, stride))
-        entry = {"shape": si, "cin": cin, "cout": cout, "in_side": side, "stride": stride,
-                 "out_side": geom.out_height, "dense": len(kernels), "float": len(kernels) + 1, "sparks": {}}
-        kernels.append(dense_kernel(len(kernels), geom, rng, target))
-        kernels.append(float_kernel(len(kernels), geom, rng))
-        packed = packed_float_kernel(len(kernels), geom, rng, target)
-        if packed is not None:
-            entry["packed_float"] = packed.tag
-            kernels.append(packed)
-        for k in args.k:
-            entry["sparks"][k] = len(kernels)
-            kernels.append(sparks_kernel(len(kernels), geom, k, rng, target))
-        layout.append(entry)
+    models, layout = _layer_models(shape_ids, args.k)
+    if not args.no_model:
+        models.append(_resnet_model(len(models)))
     runs = []
     for r in range(args.repeat):
-        runs.append(count(kernels, target))
-        print(f"run {r + 1}/{args.repeat}: counted {len(kernels)} kernels ({time.time() - t0:.0f} s)", flush=True)
-    deterministic = all(run == runs[0] for run in runs)
-    if not deterministic:
+        runs.append(count_models(models))
+        print(f"run {r + 1}/{args.repeat}: counted {len(models)} models ({time.time() - t0:.0f} s)", flush=True)
+    if any(run != runs[0] for run in runs):
         print("counts differ between runs:", runs, file=sys.stderr)
         return 1
     counts = runs[0]
 
+    def conv_part(tag):
+        per = counts[tag][1]
+        return max(v for name, v in per.items() if "conv2d" in name) if per else 0
+
     rows = []
-    for entry in layout:
-        dense, flt = counts[entry["dense"]], counts[entry["float"]]
-        for k, tag in entry["sparks"].items():
-            sp = counts[tag]
-            rows.append({"k": k, "cin": entry["cin"], "cout": entry["cout"], "in_side": entry["in_side"],
-                         "stride": entry["stride"], "out_side": entry["out_side"], "sparks_insns": sp,
-                         "dense_binary_insns": dense, "tvm_float_insns": flt, "dense_over_sparks": dense / sp,
-                         "float_over_sparks": flt / sp})
-            if "packed_float" in entry:
-                pf = counts[entry["packed_float"]]
-                rows[-1].update({"packed_float_insns": pf, "packed_float_over_sparks": pf / sp})
-            print(f"K={k:3d} {entry['cin']:4d}->{entry['cout']:4d} {entry['in_side']:3d} s{entry['stride']}: "
-                  f"sparks {sp / 1e6:9.2f} M  dense {dense / 1e6:9.2f} M  float {flt / 1e6:10.2f} M  "
-                  f"dense/sparks {dense / sp:5.2f}x  float/sparks {flt / sp:6.1f}x", flush=True)
-
-    def total(key, k):
-        return sum(r[key] for r in rows if r["k"] == k)
-
+    for e in layout:
+        lce = LCE_REFERENCE[e["stride"]]
+        dense, flt = counts[e["binary"]][0], counts[e["float"]][0]
+        for k, tag in e["sparks"].items():
+            sp = counts[tag][0]
+            rows.append({"k": k, "cin": e["cin"], "cout": e["cout"], "in_side": e["in_side"], "stride": e["stride"],
+                         "sparks": sp, "sparks_conv": conv_part(tag), "sparks_kernels": counts[tag][1],
+                         "dense": dense, "dense_kernels": counts[e["binary"]][1], "float": flt, "lce": lce,
+                         "sparks_over_lce": sp / lce, "dense_over_lce": dense / lce})
+            print(f"K={k:3d} {e['cin']:4d}->{e['cout']:4d} {e['in_side']:3d} s{e['stride']}: sparks {sp / 1e6:6.2f} M "
+                  f"({sp / lce:.2f}x LCE)  dense {dense / 1e6:6.2f} M ({dense / lce:.2f}x)  float {flt / 1e6:7.2f} M",
+                  flush=True)
     summary = {}
     for k in args.k:
-        sp, dn, fl = total("sparks_insns", k), total("dense_binary_insns", k), total("tvm_float_insns", k)
         ks = [r for r in rows if r["k"] == k]
-        summary[str(k)] = {"sparks_insns": sp, "dense_binary_insns": dn, "tvm_float_insns": fl,
-                           "dense_over_sparks_total": dn / sp, "float_over_sparks_total": fl / sp,
-                           "dense_over_sparks_min": min(r["dense_over_sparks"] for r in ks),
-                           "float_over_sparks_min": min(r["float_over_sparks"] for r in ks)}
-    goal = summary.get("16")
-    goal_met = None if goal is None else {
-        "sparks_2x_fewer_than_dense_every_shape": goal["dense_over_sparks_min"] >= 2.0,
-        "sparks_10x_fewer_than_float_every_shape": goal["float_over_sparks_min"] >= 10.0}
+        sp, lce, dn = (sum(r[key] for r in ks) for key in ("sparks", "lce", "dense"))
+        summary[str(k)] = {"sparks": sp, "lce": lce, "dense": dn, "sparks_over_lce": sp / lce,
+                           "dense_over_lce": dn / lce,
+                           "worst_over_lce": max(r["sparks_over_lce"] for r in ks),
+                           "best_over_lce": min(r["sparks_over_lce"] for r in ks),
+                           "sparks_below_dense_every_shape": all(r["sparks"] < r["dense"] for r in ks)}
+    model_row = None
+    if not args.no_model:
+        total, per = counts[models[-1].tag]
+        model_row = {"total": total, "kernels": sorted(per.items(), key=lambda kv: -kv[1])}
+        print(f"ResNet-18 K=16: {total / 1e6:.1f} M instructions", flush=True)
     cmd = "python benchmarks/bench_arm_icount.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": cmd.strip(), "target": target_json(target), "device": "qemu-user aarch64 -cpu cortex-a72",
-            "qemu": qemu_version(), "counter": "scripts/emulated_pi/icount.c (TCG plugin, instructions executed "
-            "inside the kernel library's code segment, one call, batch 1, TVM_NUM_THREADS=1)",
-            "repeat_runs_identical": args.repeat if deterministic else 0, "tvm": tvm.__version__,
-            "code": code_version(),
-            "host": platform.machine(), "schedules": "schedules/arm.py over schedules/host.py (default, untuned)",
-            "float_baseline": "topi.nn.conv2d_nchw compiled by tvm.compile for the same target, untuned",
-            "sparks_tvm_float": "the project's packed float conv (schedule_float_conv2d: the model's float "
-            "parts), an extra column, not the goal's baseline"}
-    print(json.dumps({"summary": summary, "goal_k16": goal_met}, indent=1))
+    meta = {"command": cmd.strip(), "target": target_json(arm_target()), "device": "qemu-user aarch64 -cpu cortex-a72",
+            "qemu": qemu_version(), "counter": "scripts/emulated_pi/icount.c: instructions executed inside the "
+            "compiled library's code, one call after one warm-up, batch 1, TVM_NUM_THREADS=1",
+            "repeat_runs_identical": args.repeat, "tvm": tvm.__version__, "code": code_version(),
+            "layer": "ONNX Sign -> Conv 3x3 pad 1 -> BatchNormalization (float: Conv -> BatchNormalization), "
+            "compiled by sparks_tvm.compile(target='arm_cpu'), outputs checked against onnxruntime"}
+    print(json.dumps({"summary": summary}, indent=1))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         base = os.path.join(args.out, "arm_icount")
         with open(base + ".json", "w") as fh:
-            json.dump({"meta": meta, "summary": summary, "goal_k16": goal_met, "rows": rows}, fh, indent=1)
+            json.dump({"meta": meta, "summary": summary, "rows": rows, "resnet18": model_row}, fh, indent=1)
         with open(base + ".md", "w") as fh:
-            fh.write("# aarch64 instruction counts, ResNet-18 binary layers (emulated Raspberry Pi 4)\n\n")
-            fh.write("".join(f"- {k}: `{v}`\n" for k, v in meta.items()) + "\n")
-            fh.write("Counts are millions of aarch64 instructions per call (exact; identical across runs).\n\n")
-            fh.write("| K | cin->cout | in | stride | Sparks M | dense binary M | TVM float M | dense/Sparks | "
-                     "float/Sparks | sparks_tvm float M | its float/Sparks |\n")
-            fh.write("|---|---|---|---|---|---|---|---|---|---|---|\n")
-            for r in rows:
-                pf = (f"{r['packed_float_insns'] / 1e6:.2f} | {r['packed_float_over_sparks']:.1f}x"
-                      if "packed_float_insns" in r else "- | -")
-                fh.write(f"| {r['k']} | {r['cin']}->{r['cout']} | {r['in_side']} | {r['stride']} | "
-                         f"{r['sparks_insns'] / 1e6:.2f} | {r['dense_binary_insns'] / 1e6:.2f} | "
-                         f"{r['tvm_float_insns'] / 1e6:.2f} | {r['dense_over_sparks']:.2f}x | "
-                         f"{r['float_over_sparks']:.1f}x | {pf} |\n")
-            fh.write("\n| K | all 7 layers: Sparks M | dense M | float M | dense/Sparks | float/Sparks | "
-                     "worst layer dense/Sparks | worst layer float/Sparks |\n|---|---|---|---|---|---|---|---|\n")
-            for k, s in summary.items():
-                fh.write(f"| {k} | {s['sparks_insns'] / 1e6:.1f} | {s['dense_binary_insns'] / 1e6:.1f} | "
-                         f"{s['tvm_float_insns'] / 1e6:.1f} | {s['dense_over_sparks_total']:.2f}x | "
-                         f"{s['float_over_sparks_total']:.1f}x | {s['dense_over_sparks_min']:.2f}x | "
-                         f"{s['float_over_sparks_min']:.1f}x |\n")
-            if goal_met is not None:
-                fh.write(f"\nGoal at K=16 (>= 2x fewer than dense binary, >= 10x fewer than float, every shape): "
-                         f"{goal_met}\n")
-        print(f"wrote {base}.json and {base}.md")
+            fh.write(_md_table(rows, summary, model_row, meta))
+        _chart(rows, base + ".png")
+        print(f"wrote {base}.json, .md and .png")
     return 0
 
 

@@ -1,26 +1,53 @@
-"""ARM (aarch64 NEON) schedules: a thin layer of target choices over the host scheduling core.
+"""ARM (aarch64 NEON) schedules: the NEON Sparks kernel, and target choices over the host core.
 
-The scheduling logic (tiling, stage-1 placement, parallel/vector loops) lives in
-:mod:`schedules.host` and is shared, so the ARM path picks up every kernel and schedule
-improvement made there. This file only fixes what differs on an ARM board:
+The Sparks op on ARM is :mod:`sparks_tvm.kernels.sparks_conv2d_neon`, a kernel whose loop
+nest is written out (only its ``out`` block, with the epilogue Relax fused into it, is
+scheduled here: :func:`apply_neon_out_schedule`). The dense binary and float convs use the
+host scheduling core (:mod:`schedules.host`). This file fixes what differs on an ARM board:
 
 - the core count: a Raspberry Pi has 4 cores (the host default reads ``num-cores``, which
   an ARM target string often leaves out, and would fall back to 1 thread);
 - the vector width: NEON registers are 128 bits (16 bytes). ``tirx.popcount`` on a vector of
   bytes (the Sparks op's stage 1 works on byte lanes) lowers through LLVM to ``cnt v.16b``,
   which the tests check in the cross-compiled ELF's disassembly;
-- the Sparks op's pixel tile (see :meth:`ArmSchedules.sparks_tile`), picked by counting
-  instructions on the emulated Pi.
+- the generic Sparks kernel's pixel tile (see :meth:`ArmSchedules.sparks_tile`), picked by
+  counting instructions on the emulated Pi; only tuning tasks build that kernel on ARM.
+
+The NEON Sparks kernel has no tuning space yet: ``tuned_kinds`` leaves it out, so tuning an
+ARM target tunes the dense binary kernels and compile keeps the NEON kernel.
 """
 
 from __future__ import annotations
 
-from .host import HostSchedules
+from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
+from sparks_tvm.kernels.sparks_conv2d_neon import default_plan, sparks_conv2d_neon_primfunc
+
+from .host import HostSchedules, groups_per_block, output_chunks, register_deferred_kind
 
 #: NEON vector register width in bytes (128 bits) on every aarch64 core.
 NEON_BYTES = 16
 #: Cores of a Raspberry Pi 3/4/5, used when the target does not say.
 DEFAULT_ARM_CORES = 4
+#: Output pixels per vector step of the NEON kernel's ``out`` block (4 float32 registers).
+OUT_LANES = 16
+
+
+def apply_neon_out_schedule(sch, lanes: int = OUT_LANES):
+    """Schedule the ``out`` block of the NEON Sparks kernel (its loop nest is written out).
+
+    ``out`` (with any epilogue inlined into it) runs over (n, o) in parallel, pixels in
+    vectors of ``lanes`` (a divisor of the pixel count, so no predicated tail).
+    """
+    out = sch.get_sblock("out")
+    n, o, p = sch.get_loops(out)
+    sch.parallel(sch.fuse(n, o))
+    pixels = int(sch.get(p).extent)
+    step = max(d for d in range(1, min(lanes, pixels) + 1) if pixels % d == 0)
+    sch.vectorize(sch.split(p, [None, step])[1])
+    return sch
+
+
+register_deferred_kind("sparks_neon", lambda sch, spec: apply_neon_out_schedule(sch, int(spec["lanes"])))
 
 
 class ArmSchedules(HostSchedules):
@@ -35,6 +62,8 @@ class ArmSchedules(HostSchedules):
     """
 
     name = "arm"
+    #: Kernel kinds tuning may replace (the NEON Sparks kernel is not one of them).
+    tuned_kinds = ("binary",)
 
     def __init__(self, cores: int = DEFAULT_ARM_CORES, vector_bytes: int = NEON_BYTES):
         super().__init__(cores)
@@ -65,17 +94,23 @@ class ArmSchedules(HostSchedules):
 
     def sparks_params(self, geom, num_codewords: int) -> dict:
         """The host core's knobs, with the NEON pixel tile (channel block and chunks follow it)."""
-        from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
-
-        from . import host
-
         knobs = super().sparks_params(geom, num_codewords)
         tile = self.sparks_tile(geom)
         if knobs.get("tile") != tile:
             tiles = geom.batch * padded_pixels(geom, tile) // tile
-            knobs.update(tile=tile, block=host.groups_per_block(geom.in_channels, num_codewords, tile, DEFAULT_GROUP),
-                         o_chunks=host.output_chunks(tiles, geom.out_channels, self.cores))
+            knobs.update(tile=tile, block=groups_per_block(geom.in_channels, num_codewords, tile, DEFAULT_GROUP),
+                         o_chunks=output_chunks(tiles, geom.out_channels, self.cores))
         return knobs
+
+    def neon_plan(self, geom, num_codewords: int):
+        """The NEON Sparks kernel's plan for one layer (tile, chunk, channel block, o-chunks)."""
+        return default_plan(geom, num_codewords, self.cores)
+
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, shift: bool = False):
+        """The NEON Sparks kernel (same parameters and output as the host kernel)."""
+        plan = self.neon_plan(geom, num_codewords)
+        func = sparks_conv2d_neon_primfunc(geom, num_codewords, mode, plan, shift=shift)
+        return self._finish(func, {"kind": "sparks_neon", "lanes": OUT_LANES})
 
     @property
     def int8_lanes(self) -> int:

@@ -331,6 +331,11 @@ def mutate_categorical():
 # ----------------------------------------------------------------------------- schedules objects
 
 
+def tuned_kinds(base) -> tuple:
+    """Kernel kinds whose tuning records a schedules object uses (all by default)."""
+    return getattr(base, "tuned_kinds", ("sparks", "binary"))
+
+
 class RecordingSchedules:
     """Wraps a target's schedules object and records every binary kernel the lowering emits.
 
@@ -416,8 +421,10 @@ class TunedSchedules(RecordingSchedules):
 
     def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, shift: bool = False):
         self.calls.append(("sparks", geom, num_codewords, mode))
-        return self._lookup("sparks", geom, num_codewords, mode,
-                            lambda: self.base.schedule_sparks_conv2d(geom, num_codewords, mode, shift=shift), shift)
+        default = lambda: self.base.schedule_sparks_conv2d(geom, num_codewords, mode, shift=shift)  # noqa: E731
+        if "sparks" not in tuned_kinds(self.base):
+            return default()  # the target's Sparks kernel is not the tuned one (ARM: NEON kernel)
+        return self._lookup("sparks", geom, num_codewords, mode, default, shift)
 
     def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False):
         self.calls.append(("binary", geom, None, mode))

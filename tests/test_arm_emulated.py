@@ -281,3 +281,25 @@ def test_pi_script_python_and_serve(device):
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--port {port} " not in ps, "the emulated Pi's server outlived `pi.py serve`"
 
+
+
+def test_whole_layer_counts_exact_with_breakdown(device):
+    """bench_arm_icount's whole-layer path: an ONNX Sign -> Conv -> BatchNormalization layer
+    compiled for arm_cpu, run through the VM on the device; the count repeats exactly, the
+    output matches onnxruntime, and the per-kernel breakdown covers the whole count."""
+    import arm_layers
+
+    data = arm_layers.layer_onnx(24, 20, 9, 1, "sparks", 16, seed=3)
+    x = np.random.default_rng(5).standard_normal((1, 24, 9, 9)).astype(np.float32)
+    compiled = sparks_tvm.compile(data, target="arm_cpu")
+    assert [r.kind for r in compiled.report] == ["sparks"]
+    model = arm_layers.Model(0, "layer", compiled, [x], ort_run(data, x), atol=1e-4)
+    first = arm_layers.count_models([model])
+    again = arm_layers.count_models([model])
+    assert first == again
+    total, per = first[0]
+    assert total > 10_000
+    # Every instruction of the library is in some symbol's range; the fused conv kernel dominates.
+    assert sum(per.values()) == total
+    conv = [v for name, v in per.items() if "sparks_conv2d" in name]
+    assert conv and max(conv) > total // 2

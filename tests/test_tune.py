@@ -477,15 +477,32 @@ def test_tune_on_the_emulated_pi_over_rpc(tmp_path):
     addr = f"127.0.0.1:{tracker.port}"
     try:
         with pi.EmulatedPi(startup_timeout=180, tracker=addr, key="sparks-tune"):
+            # On ARM the dense binary kernel is tuned; the NEON Sparks kernel has no space yet.
             res = sparks_tvm.tune(model, "rpi4", work, trials=2, batch=2, runner=rpc_runner(addr, "sparks-tune"),
-                                  force_kind="sparks", progress=False, plot=False)
+                                  force_kind="binary", progress=False, plot=False)
             (task,) = res.tasks
+            assert task.name.startswith("binary_")
             assert res.measured == 2 and task.trials == 2 and task.default_ms > 0
-            compiled = sparks_tvm.compile(model, "rpi4", tuning_db=work, force_kind="sparks")
+            compiled = sparks_tvm.compile(model, "rpi4", tuning_db=work, force_kind="binary")
             x = random_activations(np.random.default_rng(8), (1, 16, 6, 6))
             with rpc.deploy(compiled, tracker=addr, key="sparks-tune", timeout=60, session_timeout=300) as remote:
                 assert np.array_equal(remote.run(x)[0], onnx_reference(model, x))
     finally:
         tracker.terminate()
     with pytest.raises(TuningError, match="does not run on this machine"):
-        sparks_tvm.tune(model, "rpi4", str(tmp_path / "other"), trials=1, force_kind="sparks", progress=False)
+        sparks_tvm.tune(model, "rpi4", str(tmp_path / "other"), trials=1, force_kind="binary", progress=False)
+
+
+def test_arm_targets_keep_the_neon_sparks_kernel():
+    """Tuning extracts no Sparks task for ARM (the NEON kernel is not the tuned kernel), and a
+    work dir's records never replace it."""
+    from sparks_tvm.tune.space import extract_tasks
+    from sparks_tvm.target import resolve_target
+    from sparks_tvm import frontend
+
+    model = layer_model(n=1, c=16, h=6, w=6, o=16, k=4, stride=1)
+    proto = frontend.load_onnx(model)
+    specs = frontend.input_specs(proto)
+    assert extract_tasks(proto, specs, resolve_target("rpi4"), force_kind="sparks") == []
+    names = [t.name for t, _ in extract_tasks(proto, specs, resolve_target("rpi4"), force_kind="binary")]
+    assert names and all(n.startswith("binary_") for n in names)

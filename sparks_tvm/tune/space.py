@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import schedules
 from relay_passes import pipeline
-from schedules.tuning import RecordingSchedules, make_task
+from schedules.tuning import RecordingSchedules, make_task, tuned_kinds
 
 from .. import frontend
 
@@ -23,6 +23,8 @@ def extract_tasks(proto, specs, target, strict: bool = True, force_kind: str | N
                                             conv_names=frontend.conv_names(proto)))
     tasks, counts = {}, {}
     for kind, geom, k, mode in rec.calls:
+        if kind not in tuned_kinds(rec.base):
+            continue  # the target keeps its own kernel for this kind (ARM: the NEON Sparks kernel)
         task = make_task(rec.base, kind, geom, k, mode)
         tasks.setdefault(task.name, task)
         counts[task.name] = counts.get(task.name, 0) + 1

@@ -1,0 +1,110 @@
+"""The NEON Sparks kernel (sparks_tvm.kernels.sparks_conv2d_neon) against the numpy reference.
+
+The kernel is plain vector TIR, so it also builds for the x86 host: these run here, bit for
+bit, on shapes that break naive code. tests/test_arm_emulated.py runs the same kernel
+cross-compiled on the emulated Pi, through the ARM schedules.
+"""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir
+
+from schedules.arm import ArmSchedules, apply_neon_out_schedule
+from sparks_tvm import reference as ref
+from sparks_tvm.kernels import ConvGeometry, pack_indices
+from sparks_tvm.kernels.sparks_conv2d_neon import (NeonSparksPlan, accumulator_dtype, default_plan,
+                                                   sparks_conv2d_neon_primfunc)
+from sparks_tvm.models import random_codebook
+from sparks_tvm.target import resolve_target
+
+HOST = resolve_target("llvm")
+
+
+def run(geom, k, mode, plan=None, zeros=0.2, shift=False, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(geom.in_shape).astype(np.float32)
+    x[rng.random(x.shape) < zeros] = 0.0  # exact zeros: Sign(0) = 0
+    codebook = random_codebook(rng, k).astype(np.int8)
+    idx = rng.integers(0, k, size=(geom.out_channels, geom.in_channels))
+    args = [x, ref.codes_to_bits(codebook), pack_indices(idx, k)]
+    binarized = x
+    if shift:
+        b = rng.standard_normal(geom.in_channels).astype(np.float32)
+        binarized = x + b[None, :, None, None]  # the same float add as the kernel
+        args.append(b)
+    want = ref.sparks_conv2d_ref(ref.binarize(binarized, mode), codebook, idx, geom.stride, geom.padding)
+    func = sparks_conv2d_neon_primfunc(geom, k, mode, plan, shift=shift)
+    func = apply_neon_out_schedule(s_tir.Schedule(func)).mod["main"]
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=HOST)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy(), want
+
+
+CASES = [
+    # odd sizes, padded borders, zeros (Sign), a partial last tile
+    (ConvGeometry(1, 8, 6, 7, 5), 16, "sign", None),
+    # stride 2 (the paired-column triples), batch 2, channels not a multiple of 16
+    (ConvGeometry(2, 30, 9, 11, 7, stride=(2, 2)), 16, "sign", None),
+    (ConvGeometry(1, 57, 14, 14, 33, stride=(2, 2)), 32, "ge", None),
+    # odd width at stride 2 (last column pair half padding), asymmetric padding
+    (ConvGeometry(1, 5, 9, 13, 6, stride=(2, 2), padding=(0, 1, 2, 0)), 3, "gt", None),
+    # no padding, K = 2 (1-bit indices, 8 per byte, blocks of 24 channels)
+    (ConvGeometry(3, 29, 5, 5, 3, padding=(0, 0, 0, 0)), 2, "sign", None),
+    # K = 64 (a byte per index), several channel blocks, tile 128 with two 64-pixel chunks
+    (ConvGeometry(1, 70, 12, 12, 9), 64, "sign", NeonSparksPlan(128, 64, 28)),
+    # K not a power of two, blocks that do not divide C, output-channel chunks as tasks
+    (ConvGeometry(1, 45, 7, 7, 12), 5, "ge", NeonSparksPlan(16, 16, 12, o_chunks=3)),
+    # all-zero input: every tap masked
+    (ConvGeometry(1, 4, 4, 4, 4), 16, "sign", NeonSparksPlan(32, 32, 4)),
+]
+
+
+@pytest.mark.parametrize("geom,k,mode,plan", CASES)
+def test_neon_kernel_exact(geom, k, mode, plan):
+    zeros = 1.0 if geom.in_channels == 4 else 0.2
+    got, want = run(geom, k, mode, plan, zeros=zeros)
+    assert np.array_equal(got, want), int((got != want).sum())
+
+
+def test_neon_kernel_with_folded_shift_exact():
+    got, want = run(ConvGeometry(2, 19, 11, 13, 21), 16, "sign", shift=True, zeros=0.0)
+    assert np.array_equal(got, want)
+
+
+def test_default_plan_choices():
+    # 56x56 = 3136 pixels: tile 128 (3200 padded) beats 64 (exact) on per-row overheads.
+    plan = default_plan(ConvGeometry(1, 64, 56, 56, 64), 16)
+    assert (plan.tile, plan.chunk, plan.block, plan.o_chunks) == (128, 64, 22, 1)
+    # 7x7: one tile of 64; on 4 cores the output channels split into tasks.
+    plan = default_plan(ConvGeometry(1, 512, 7, 7, 512), 16, cores=4)
+    assert plan.tile == 64 and plan.o_chunks == 8 and plan.block % 2 == 0 and plan.block <= 28
+    # 1-bit indices: blocks start on an index byte (multiples of 8).
+    assert default_plan(ConvGeometry(1, 100, 8, 8, 8), 2).block % 8 == 0
+
+
+def test_bad_plans_are_refused():
+    geom = ConvGeometry(1, 8, 6, 6, 4)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sparks_conv2d_neon_primfunc(geom, 16, "sign", NeonSparksPlan(40, 40, 8))
+    with pytest.raises(ValueError, match="channel block"):
+        sparks_conv2d_neon_primfunc(geom, 16, "sign", NeonSparksPlan(32, 32, 29))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        sparks_conv2d_neon_primfunc(geom, 16, "sign", NeonSparksPlan(32, 32, 7))
+    with pytest.raises(ValueError, match="3x3"):
+        sparks_conv2d_neon_primfunc(ConvGeometry(1, 8, 6, 6, 4, kernel=(1, 1), padding=(0, 0, 0, 0)), 16, "sign")
+
+
+def test_accumulator_width():
+    # u <= 9 per channel: uint16 holds 7281 channels, int32 past that.
+    assert accumulator_dtype(7281) == "uint16" and accumulator_dtype(7282) == "int32"
+
+
+def test_arm_schedules_use_the_neon_kernel():
+    sched = ArmSchedules.for_target(resolve_target("arm_cpu"))
+    func = sched.schedule_sparks_conv2d(ConvGeometry(1, 16, 8, 8, 16), 16, "sign")
+    sch = s_tir.Schedule(func)
+    sch.get_sblock("sparks_neon")  # raises if the lowering built another kernel
+    assert func.attrs["tirx.is_scheduled"]
