@@ -38,7 +38,7 @@ def _cmd_compile(args) -> int:
 
     model = sparks_tvm.compile(args.model, target=args.target, shapes=parse_shapes(args.shapes),
                                strict=not args.allow_float, tuning_db=args.tuning_db)
-    model.export_library(args.output)
+    model.export_library(args.output, cross_compiler=args.cross_compiler)
     from .target import target_json
 
     print(f"target: {target_json(model.target)}")
@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-float", action="store_true",
                    help="compile binarized convs with non-binary weights in float instead of failing")
     c.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records of 'sparks-tvm tune' in DIR")
+    c.add_argument("--cross-compiler", metavar="CC",
+                   help="linker for the library (default for ARM targets: aarch64-linux-gnu-gcc if on PATH, "
+                        "else zig from pip install 'sparks-tvm[arm]')")
     c.set_defaults(func=_cmd_compile)
     t = sub.add_parser("tune", help="autotune the binary kernels with MetaSchedule (XGBoost); resumable records")
     t.add_argument("model", help="ONNX file")

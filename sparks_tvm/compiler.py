@@ -17,7 +17,7 @@ import schedules
 from relay_passes import pipeline
 from relay_passes.pipeline import relax_pipeline
 
-from . import frontend
+from . import frontend, toolchain
 from .errors import CompileError, SparksError, TuningError
 from .report import Report
 from .target import is_aarch64, resolve_target, target_json
@@ -220,8 +220,9 @@ class CompiledModel:
             linked on the device itself (``tvm.runtime.load_module`` of the tar links it there
             with the device's ``gcc``).
         cross_compiler : str, optional
-            Linker to use instead of the default for the target (``aarch64-linux-gnu-gcc`` for
-            aarch64 targets, the host ``gcc`` otherwise).
+            Linker to use instead of the default for the target: for aarch64 targets
+            ``aarch64-linux-gnu-gcc`` when on PATH, else zig from pip (the ``[arm]`` extra,
+            :mod:`sparks_tvm.toolchain`); the host ``gcc`` otherwise.
 
         Returns
         -------
@@ -230,15 +231,17 @@ class CompiledModel:
         """
         path = os.fspath(path)
         kwargs = {}
-        linker = cross_compiler or _default_cross_compiler(self.target)
+        mtriple = self.target.attrs.get("mtriple", self.target) if self.target is not None else "this machine"
+        linker = cross_compiler
+        if linker is None and _default_cross_compiler(self.target):
+            linker = toolchain.aarch64_linker()
+            if linker is None:
+                raise CompileError(toolchain.missing_linker_message(path, mtriple))
         if linker and not path.endswith(".tar"):
-
-
             if shutil.which(linker) is None:
                 raise CompileError(
-                    f"exporting {path} for {self.target.attrs.get('mtriple', self.target)} needs the cross linker "
-                    f"{linker!r}, which is not on PATH: install it (Debian: apt-get install gcc-aarch64-linux-gnu, "
-                    "or scripts/emulated_pi/setup.sh), or export a .tar and link it on the device"
+                    f"exporting {path} for {mtriple} needs the cross linker {linker!r}, which is not on PATH "
+                    f"(or not executable): {toolchain.missing_linker_message(path, mtriple).split(': ', 1)[1]}"
                 )
             kwargs["fcompile"] = cc.cross_compiler(linker)
         try:

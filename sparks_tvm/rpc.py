@@ -209,7 +209,7 @@ class RemoteModel:
 
 def deploy(model, address: str | None = None, *, tracker: str | None = None, key: str | None = None,
            session=None, timeout: float = 60.0, session_timeout: float = 600.0,
-           link_on_device: bool = False) -> RemoteModel:
+           link_on_device: bool = False, cross_compiler: str | None = None) -> RemoteModel:
     """Upload a compiled model to a device and load it there.
 
     Parameters
@@ -221,6 +221,9 @@ def deploy(model, address: str | None = None, *, tracker: str | None = None, key
         Where the device is; see :func:`connect`. Or pass an open ``session``.
     link_on_device : bool
         Ship a ``.tar`` of object files and let the device link it (needs ``gcc`` there).
+    cross_compiler : str, optional
+        Linker for the library exported here (default: Debian's ``aarch64-linux-gnu-gcc`` when
+        on PATH, else zig from the ``[arm]`` extra; see :mod:`sparks_tvm.toolchain`).
 
     Returns
     -------
@@ -230,7 +233,8 @@ def deploy(model, address: str | None = None, *, tracker: str | None = None, key
         session = connect(address, tracker=tracker, key=key, timeout=timeout, session_timeout=session_timeout)
     if isinstance(model, CompiledModel):
         with tempfile.TemporaryDirectory(prefix="sparks_rpc_") as tmp:
-            path = model.export_library(os.path.join(tmp, "model.tar" if link_on_device else "model.so"))
+            path = model.export_library(os.path.join(tmp, "model.tar" if link_on_device else "model.so"),
+                                        cross_compiler=cross_compiler)
             return RemoteModel(session, path, model._meta, timeout=max(timeout, session_timeout or timeout))
     path = os.fspath(model)
     if not os.path.exists(path):

@@ -254,3 +254,26 @@ def test_deploy_missing_library_is_a_clear_error(tmp_path):
     (tmp_path / "lib.so").write_bytes(b"\x7fELF")
     with pytest.raises(rpc.RemoteError, match="sparks.json is missing"):
         rpc.deploy(str(tmp_path / "lib.so"), session=object())
+
+
+def test_no_aarch64_linker_at_all_is_a_clear_error(tiny_onnx, tmp_path, monkeypatch):
+    from sparks_tvm import toolchain
+
+    model = sparks_tvm.compile(tiny_onnx, target="arm_cpu")
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)
+    monkeypatch.setattr(toolchain, "zig_available", lambda: False)
+    with pytest.raises(CompileError, match=r"none was found: pip install 'sparks-tvm\[arm\]'"):
+        model.export_library(tmp_path / "m.so")
+
+
+def test_zig_is_the_default_linker_without_debian_gcc(monkeypatch, tmp_path):
+    from sparks_tvm import toolchain
+
+    real_which = toolchain.shutil.which
+    monkeypatch.setattr(toolchain.shutil, "which",
+                        lambda name: None if name == toolchain.AARCH64_GCC else real_which(name))
+    monkeypatch.setenv("SPARKS_TVM_CACHE", str(tmp_path))
+    linker = toolchain.aarch64_linker()
+    assert linker == str(tmp_path / "toolchain" / "zig-aarch64-linux-gnu-cc")
+    text = open(linker).read()
+    assert "-m ziglang cc -target aarch64-linux-gnu.2.36" in text and os.access(linker, os.X_OK)

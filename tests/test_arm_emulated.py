@@ -303,3 +303,22 @@ def test_whole_layer_counts_exact_with_breakdown(device):
     assert sum(per.values()) == total
     conv = [v for name, v in per.items() if "sparks_conv2d" in name]
     assert conv and max(conv) > total // 2
+
+
+def test_zig_linked_library_runs_on_device(device, tmp_path, capsys):
+    """The pip-only toolchain: `sparks-tvm compile --cross-compiler <zig cc>` links the aarch64
+    library with zig; on the Pi it gives the host's outputs exactly."""
+    from sparks_tvm import toolchain
+
+    net = models.sparks_resnet_tiny(k=8, seed=3, widths=(9, 24), ste="detach")
+    onnx_path = tmp_path / "tiny.onnx"
+    models.export_onnx(net, (1, 3, 9, 9), onnx_path)
+    so = tmp_path / "tiny_zig.so"
+    assert cli.main(["compile", str(onnx_path), "--target", "arm_cpu", "-o", str(so),
+                     "--cross-compiler", toolchain.zig_linker(tmp_path)]) == 0
+    capsys.readouterr()
+    x = models.example_input((1, 3, 9, 9), seed=2)
+    with rpc.deploy(str(so), device.address) as remote:
+        got = remote.run(x)[0]
+    host = sparks_tvm.compile(str(onnx_path), target="llvm").run(x)[0]
+    assert_close(got, host)
