@@ -24,19 +24,36 @@ kernels over global memory.
 
 The dense binary conv (the comparison baseline) has its own tiled schedule in
 :mod:`schedules.cuda_binary`.
+
+Binary tensor cores (sm_80+, issue 24): :mod:`sparks_tvm.kernels.sparks_conv2d_mma_gpu`
+(stage 1 as ``mma.sync.m16n8k128.b1.xor.popc``, stage 2 in byte lanes, pixel tiles across
+the batch) and :mod:`sparks_tvm.kernels.binary_conv2d_mma_gpu` (the dense conv as an implicit
+GEMM on ``mma.sync.m16n8k256.b1.xor.popc``). :class:`CudaSchedules` picks them on sm_80+
+targets when asked (``binary_mma=True`` or ``SPARKS_CUDA_BINARY_MMA=1``); older targets, and
+layers they cannot take, keep the kernels above. They are not the default yet: they are exact
+on the CPU with the tensor core emulated, and have not run on a GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 
+from sparks_tvm.kernels.binary_conv2d_mma_gpu import MmaBinaryParams, binary_conv2d_mma_primfunc
 from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
+from sparks_tvm.kernels.sparks_conv2d_mma_gpu import MmaSparksParams, sparks_conv2d_mma_primfunc
 
 from .cuda_binary import GpuBinaryParams, schedule_binary_conv2d_cuda
 from .target_info import CUDA_GRID_Y_LIMIT, TargetInfo
+
+#: Environment switch for the binary tensor-core kernels ("1": use them on sm_80+ targets).
+MMA_ENV = "SPARKS_CUDA_BINARY_MMA"
+#: Whether sm_80+ targets get the tensor-core kernels when nothing asks. Off until they have
+#: been run exactly on a GPU (issue 24): so far only their CPU emulation has.
+MMA_BY_DEFAULT = False
 
 #: Budget for the shared stage-1 block, in 32-bit words (32 KB, under the 48 KB static limit).
 SHARED_WORDS = 8192
@@ -348,14 +365,22 @@ class CudaSchedules:
     Parameters
     ----------
     target : tvm.target.Target
-        The CUDA target (thread limits come from it).
+        The CUDA target (thread limits, architecture; SM count and shared memory from the
+        device when it is the target's, see :class:`~schedules.target_info.TargetInfo`).
+    binary_mma : bool, optional
+        Use the binary tensor-core kernels where the target has them (sm_80+). Default: the
+        ``SPARKS_CUDA_BINARY_MMA`` environment variable, else :data:`MMA_BY_DEFAULT`.
     """
 
     name = "cuda"
 
-    def __init__(self, target):
+    def __init__(self, target, binary_mma: bool | None = None):
         self.target = target
         self.info = TargetInfo.from_target(target)
+        if binary_mma is None:
+            binary_mma = os.environ.get(MMA_ENV, "1" if MMA_BY_DEFAULT else "0").lower() in ("1", "true", "on", "yes")
+        #: The tensor-core kernels are used: asked for, and the target has binary tensor cores.
+        self.binary_mma = bool(binary_mma) and self.info.binary_mma
 
     @classmethod
     def for_target(cls, target) -> "CudaSchedules":
@@ -368,9 +393,29 @@ class CudaSchedules:
     def sparks_params(self, geom, num_codewords: int) -> GpuSparksParams:
         return GpuSparksParams.for_layer(geom, num_codewords)
 
-    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, params: GpuSparksParams | None = None,
-                               shift: bool = False):
-        """The fused Sparks kernel for one layer (see the module docstring)."""
+    def mma_sparks_params(self, geom, num_codewords: int) -> MmaSparksParams | None:
+        """Knobs of the tensor-core Sparks kernel for this layer, or None where it is not used."""
+        if not self.binary_mma or tuple(geom.kernel) != (3, 3):
+            return None
+        params = MmaSparksParams.for_layer(geom, num_codewords, self.info.sm_count, self.info.shared_bytes)
+        try:
+            params.validate(geom, num_codewords, self.info.shared_bytes)
+        except ValueError:  # e.g. 3641+ channels (16-bit lanes) or a codebook too large to share
+            return None
+        return params
+
+    def mma_binary_params(self, geom) -> MmaBinaryParams | None:
+        """Knobs of the tensor-core dense binary kernel, or None where it is not used."""
+        return MmaBinaryParams.for_layer(geom, self.info.sm_count) if self.binary_mma else None
+
+    def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, params=None, shift: bool = False):
+        """The Sparks kernel for one layer: tensor-core stage 1 where selected, else the fused kernel."""
+        mma = params if isinstance(params, MmaSparksParams) else None
+        if params is None:
+            mma = self.mma_sparks_params(geom, num_codewords)
+        if mma is not None:
+            func = sparks_conv2d_mma_primfunc(geom, num_codewords, mode, mma, shift)
+            return func.with_attr("op_pattern", 8)
         params = params or self.sparks_params(geom, num_codewords)
         params.validate(num_codewords)
         func = sparks_conv2d_gpu_primfunc(geom, num_codewords, mode, params.tile_words, params.group, params.splits,
@@ -379,7 +424,13 @@ class CudaSchedules:
         return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
     def schedule_binary_conv2d(self, geom, mode: str, params=None, shift: bool = False) -> tirx.PrimFunc:
-        """The dense binary conv: channel-packed words staged in shared memory (schedules.cuda_binary)."""
+        """The dense binary conv: the tensor-core GEMM where selected, else channel-packed words
+        staged in shared memory (schedules.cuda_binary)."""
+        mma = params if isinstance(params, MmaBinaryParams) else None
+        if params is None:
+            mma = self.mma_binary_params(geom)
+        if mma is not None:
+            return binary_conv2d_mma_primfunc(geom, mode, mma, shift).with_attr("op_pattern", 8)
         return schedule_binary_conv2d_cuda(geom, mode, params, shift, self.info.sm_count)
 
     def binary_params(self, geom) -> GpuBinaryParams:

@@ -71,7 +71,16 @@ class TargetInfo:
     max_threads : int
         Threads per block (CUDA; 1 on CPUs).
     sm_count : int
-        Streaming multiprocessors: the visible GPU's, else :data:`DEFAULT_SM_COUNT` (0 on CPUs).
+        Streaming multiprocessors: the visible GPU's when it is the target's architecture, else
+        :data:`DEFAULT_SM_COUNT` (TVM's CUDA targets have no SM-count attribute; 0 on CPUs).
+    arch : int
+        CUDA compute capability from the target's ``arch`` (``sm_90a`` -> 90; 0 elsewhere).
+    binary_mma : bool
+        The target has binary tensor cores with ``mma.sync ... .b1 ... .xor.popc`` at the
+        m16n8k128/k256 shapes the MMA kernels use (sm_80 and later).
+    sm_source, shared_source : str
+        Where ``sm_count`` / ``shared_bytes`` came from: ``"device"``, ``"target"`` or
+        ``"default"`` (reports and tests say which).
     """
 
     kind: str
@@ -83,6 +92,10 @@ class TargetInfo:
     shared_bytes: int = 0
     max_threads: int = 1
     sm_count: int = 0
+    arch: int = 0
+    binary_mma: bool = False
+    sm_source: str = "default"
+    shared_source: str = "default"
 
     @classmethod
     def from_target(cls, target) -> "TargetInfo":
@@ -107,9 +120,29 @@ class TargetInfo:
     @classmethod
     def _cuda(cls, target) -> "TargetInfo":
         threads = int(target.attrs.get("max_num_threads", 1024))
-        shared, sms = CUDA_STATIC_SHARED_BYTES, DEFAULT_SM_COUNT
+        arch = arch_number(target)
+        shared, shared_source = CUDA_STATIC_SHARED_BYTES, "default"
+        if "max_shared_memory_per_block" in target.attrs:
+            shared, shared_source = int(target.attrs["max_shared_memory_per_block"]), "target"
+        sms, sm_source = DEFAULT_SM_COUNT, "default"
         dev = tvm.cuda(0)
-        if dev.exist:  # the GPU this process will run on (or measure on, when tuning)
-            sms = int(dev.multi_processor_count)
+        # The GPU this process will run on (or measure on, when tuning) -- unless it is another
+        # architecture than the target's, as when compiling for a board on a workstation.
+        if dev.exist and (not arch or _device_arch(dev) == arch):
+            sms, sm_source = int(dev.multi_processor_count), "device"
+            shared, shared_source = int(dev.max_shared_memory_per_block), "device"
         return cls(kind="cuda", family="cuda", vector_bytes=4, popcount="__popc", table_lookup=False,
-                   shared_bytes=shared, max_threads=threads, sm_count=sms)
+                   shared_bytes=shared, max_threads=threads, sm_count=sms, arch=arch, binary_mma=arch >= 80,
+                   sm_source=sm_source, shared_source=shared_source)
+
+
+def arch_number(target) -> int:
+    """Compute capability of a CUDA target's ``arch`` attribute (``"sm_90a"`` -> 90), 0 if absent."""
+    digits = "".join(ch for ch in str(target.attrs.get("arch", "")).removeprefix("sm_") if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def _device_arch(dev) -> int:
+    """Compute capability of a visible GPU (``"8.0"`` -> 80)."""
+    major, _, minor = str(dev.compute_version).partition(".")
+    return int(major) * 10 + int(minor or 0)

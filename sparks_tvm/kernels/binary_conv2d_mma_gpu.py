@@ -24,6 +24,7 @@ emulated (:func:`~.mma_b1_gpu.emulate_mma_b1`); it runs on a CPU.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,20 @@ class MmaBinaryParams:
     @property
     def block_n(self) -> int:
         return MMA_N * self.tiles_n * self.warps_n
+
+    def blocks(self, geom: ConvGeometry) -> int:
+        """Thread blocks of the GEMM kernel."""
+        return -(-gemm_sizes(geom)[0] // self.block_m) * -(-geom.out_channels // self.block_n)
+
+    @classmethod
+    def for_layer(cls, geom: ConvGeometry, sms: int | None = None) -> "MmaBinaryParams":
+        """64 x 32 block tiles; with ``sms`` given, grids under two blocks per SM take one MMA tile
+        per warp along channels, then along pixels (a rule, not a measurement)."""
+        params = cls()
+        for field in ("tiles_n", "tiles_m"):
+            if sms is not None and params.blocks(geom) < 2 * sms:
+                params = dataclasses.replace(params, **{field: 1})
+        return params
 
 
 def gemm_sizes(geom: ConvGeometry) -> tuple:
