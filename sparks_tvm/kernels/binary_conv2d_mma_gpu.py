@@ -33,8 +33,8 @@ from tvm.tirx.script.builder import ir as T
 
 from .common import ConvGeometry
 from .encoding import activation_code, num_words
-from .mma_b1_gpu import D_REGS, MMA_M, MMA_N, SHAPES, WARP, a_fragment, b_fragment, d_fragment, emulate_mma_b1, local
-from .mma_b1_gpu import mma_b1, pair_word, store, thread_grid, when
+from .mma_b1_gpu import D_REGS, MMA_M, MMA_N, SHAPES, WARP, KernelIR, a_fragment, b_fragment, d_fragment
+from .mma_b1_gpu import emulate_mma_b1, pair_word, store, when
 from .reference import binarize
 
 #: Input channels per 32-bit slot: 16 (neg, pos) pairs.
@@ -96,46 +96,50 @@ def _padded(geom: ConvGeometry) -> tuple:
     return geom.height + top + bottom, geom.width + left + right
 
 
-def _pack_act_kernel(data, shift, act, geom: ConvGeometry, mode: str) -> None:
+def _pack_act_kernel(ir: KernelIR, data, shift, act, geom: ConvGeometry, mode: str) -> None:
     """``act[n, cg, y, x]``: 16 channels' (neg, pos) pairs at padded pixel (y, x); padding is 0."""
     cg_, (hp, wp) = gemm_sizes(geom)[1], _padded(geom)
     total = geom.batch * cg_ * hp * wp
     c_, top, left = geom.in_channels, geom.padding[0], geom.padding[1]
-    with thread_grid(blockIdx_x=-(-total // 256), threadIdx_x=256) as (bx, tx):
-        i = bx * 256 + tx
-        with when(i < total):
-            x, y = i % wp, i // wp % hp
-            cg, n = i // (wp * hp) % cg_, i // (wp * hp * cg_)
-            # The code and the word in registers: an expression reused inline would be copied.
-            code, word = local("code", (1,), "uint8"), local("word", (1,), "uint32")
-            store(word, T.uint32(0), 0)
-            with T.unroll(0, SLOT_CHANNELS) as j:
-                ch = cg * SLOT_CHANNELS + j
-                store(code, activation_code(data, mode, n, T.min(ch, c_ - 1), y - top, x - left, shift), 0)
-                # Channels of the tail slot past C stay (0, 0), as in the weights.
-                real = T.Cast("uint32", ch < c_) * T.Cast("uint32", code[0] >> T.uint8(1))
-                neg = T.Cast("uint32", code[0] & T.uint8(1)) * real
-                store(word, word[0] | (neg << T.Cast("uint32", j)) | ((real - neg) << T.Cast("uint32", SLOT_CHANNELS + j)), 0)
-            store(act, word[0], n, cg, y, x)
+    with ir.grid({"blockIdx.x": -(-total // 256)}, {"threadIdx.x": 256}) as (bx,):
+        # The code and the word in registers: an expression reused inline would be copied.
+        code, word = ir.local("code", 1, "uint8"), ir.local("word", 1, "uint32")
+        with ir.phase("threadIdx.x") as (tx,):
+            i = bx * 256 + tx
+            with when(i < total):
+                x, y = i % wp, i // wp % hp
+                cg, n = i // (wp * hp) % cg_, i // (wp * hp * cg_)
+                word.set(0, T.uint32(0))
+                with T.unroll(0, SLOT_CHANNELS) as j:
+                    ch = cg * SLOT_CHANNELS + j
+                    code.set(0, activation_code(data, mode, n, T.min(ch, c_ - 1), y - top, x - left, shift))
+                    # Channels of the tail slot past C stay (0, 0), as in the weights.
+                    real = T.Cast("uint32", ch < c_) * T.Cast("uint32", code[0] >> T.uint8(1))
+                    neg = T.Cast("uint32", code[0] & T.uint8(1)) * real
+                    pos_shift = T.Cast("uint32", SLOT_CHANNELS + j)
+                    word.set(0, word[0] | (neg << T.Cast("uint32", j)) | ((real - neg) << pos_shift))
+                store(act, word[0], n, cg, y, x)
 
 
-def _pack_weight_kernel(wbits, wslot, geom: ConvGeometry, rows: int, kpad: int) -> None:
+def _pack_weight_kernel(ir: KernelIR, wbits, wslot, geom: ConvGeometry, rows: int, kpad: int) -> None:
     """``wslot[o, s]``: weights of slot s = (tap, 16 channels) as (neg, pos) pairs; 0 past O and the slots."""
     _, cg_, slots, _ = gemm_sizes(geom)
     kw, c_, o_ = geom.kernel[1], geom.in_channels, geom.out_channels
     total = rows * kpad
-    with thread_grid(blockIdx_x=-(-total // 256), threadIdx_x=256) as (bx, tx):
-        i = bx * 256 + tx
-        with when(i < total):
-            s, o = i % kpad, i // kpad
-            cg = s % cg_
-            t = T.min(s // cg_, geom.kernel[0] * kw - 1)
-            # The real channels of this slot as a 16-bit mask (all 16 but in the tail slot).
-            real = T.shift_right(T.uint32(0xFFFF), T.Cast("uint32", T.max(SLOT_CHANNELS - (c_ - cg * SLOT_CHANNELS), 0)))
-            w = wbits[T.min(o, o_ - 1), cg // 2, t // kw, t % kw]
-            neg = T.shift_right(w, T.Cast("uint32", (cg % 2) * SLOT_CHANNELS)) & real
-            word = neg | ((~neg & real) << T.uint32(SLOT_CHANNELS))
-            store(wslot, T.if_then_else(T.And(o < o_, s < slots), word, T.uint32(0)), o, s)
+    with ir.grid({"blockIdx.x": -(-total // 256)}, {"threadIdx.x": 256}) as (bx,):
+        with ir.phase("threadIdx.x") as (tx,):
+            i = bx * 256 + tx
+            with when(i < total):
+                s, o = i % kpad, i // kpad
+                cg = s % cg_
+                t = T.min(s // cg_, geom.kernel[0] * kw - 1)
+                # The real channels of this slot as a 16-bit mask (all 16 but in the tail slot).
+                unused = T.Cast("uint32", T.max(SLOT_CHANNELS - (c_ - cg * SLOT_CHANNELS), 0))
+                real = T.shift_right(T.uint32(0xFFFF), unused)
+                w = wbits[T.min(o, o_ - 1), cg // 2, t // kw, t % kw]
+                neg = T.shift_right(w, T.Cast("uint32", (cg % 2) * SLOT_CHANNELS)) & real
+                word = neg | ((~neg & real) << T.uint32(SLOT_CHANNELS))
+                store(wslot, T.if_then_else(T.And(o < o_, s < slots), word, T.uint32(0)), o, s)
 
 
 def _a_word(act, geom: ConvGeometry, m, s):
@@ -149,45 +153,54 @@ def _a_word(act, geom: ConvGeometry, m, s):
     return T.if_then_else(s < slots, word, T.uint32(0))
 
 
-def _gemm_kernel(act, wslot, out, geom: ConvGeometry, params: MmaBinaryParams) -> None:
+def _gemm_kernel(ir: KernelIR, act, wslot, out, geom: ConvGeometry, params: MmaBinaryParams) -> None:
     """The warp-tiled GEMM: fragments from global memory, ``mma.m16n8k256.xor.popc``, epilogue."""
     total, _, _, kpad = gemm_sizes(geom)
     tm, tn, wn = params.tiles_m, params.tiles_n, params.warps_n
     p_, o_, bias = geom.out_height * geom.out_width, geom.out_channels, 9 * geom.in_channels
-    grid = dict(blockIdx_x=-(-total // params.block_m), blockIdx_y=-(-o_ // params.block_n), threadIdx_x=WARP,
-                threadIdx_y=params.warps_m * wn)
-    with thread_grid(**grid) as (bx, by, lane, warp):
-        a = local("frag_a", (tm * A_REGS,), "uint32")
-        b = local("frag_b", (tn * B_REGS,), "uint32")
-        acc = local("acc", (tm * tn * D_REGS,), "int32")
-        m0 = bx * params.block_m + warp // wn * (MMA_M * tm)
-        n0 = by * params.block_n + warp % wn * (MMA_N * tn)
-        for r in range(tm * tn * D_REGS):
-            store(acc, T.int32(0), r)
-        with T.serial(0, kpad // SLOTS) as kc:
-            for i in range(tm):
-                for r in range(A_REGS):
-                    row, slot = a_fragment(lane, r)
-                    store(a, _a_word(act, geom, m0 + i * MMA_M + row, kc * SLOTS + slot), i * A_REGS + r)
-            for j in range(tn):
-                for r in range(B_REGS):
-                    col, slot = b_fragment(lane, r)
-                    store(b, wslot[n0 + j * MMA_N + col, kc * SLOTS + slot], j * B_REGS + r)
-            for i in range(tm):
-                for j in range(tn):
-                    T.evaluate(mma_b1(SHAPE, a, i * A_REGS, b, j * B_REGS, acc, (i * tn + j) * D_REGS))
-        for i in range(tm):
-            for j in range(tn):
-                for r in range(D_REGS):
-                    row, col = d_fragment(lane, r)
-                    m, o = m0 + i * MMA_M + row, n0 + j * MMA_N + col
-                    with when(T.And(m < total, o < o_)):
-                        value = bias - acc[(i * tn + j) * D_REGS + r]
-                        store(out, value, m // p_, o, m % p_ // geom.out_width, m % geom.out_width)
+    blocks = {"blockIdx.x": -(-total // params.block_m), "blockIdx.y": -(-o_ // params.block_n)}
+    with ir.grid(blocks, {"threadIdx.x": WARP, "threadIdx.y": params.warps_m * wn}) as (bx, by):
+        a, b = ir.local("frag_a", tm * A_REGS, "uint32"), ir.local("frag_b", tn * B_REGS, "uint32")
+        acc = ir.local("acc", tm * tn * D_REGS, "int32")
+        with ir.phase("threadIdx.y") as (warp,):
+            m0 = bx * params.block_m + warp // wn * (MMA_M * tm)
+            n0 = by * params.block_n + warp % wn * (MMA_N * tn)
+            with ir.phase("threadIdx.x"):
+                for r in range(tm * tn * D_REGS):
+                    acc.set(r, T.int32(0))
+            with T.serial(0, kpad // SLOTS) as kc:
+                with ir.phase("threadIdx.x") as (lane,):
+                    for i in range(tm):
+                        for r in range(A_REGS):
+                            row, slot = a_fragment(lane, r)
+                            a.set(i * A_REGS + r, _a_word(act, geom, m0 + i * MMA_M + row, kc * SLOTS + slot))
+                    for j in range(tn):
+                        for r in range(B_REGS):
+                            col, slot = b_fragment(lane, r)
+                            b.set(j * B_REGS + r, wslot[n0 + j * MMA_N + col, kc * SLOTS + slot])
+                    if not ir.cpu:  # on CUDA the MMA is part of the lane's code
+                        _mmas(ir, a, b, acc, tm, tn)
+                if ir.cpu:  # on a CPU it reads every lane's fragments
+                    _mmas(ir, a, b, acc, tm, tn)
+            with ir.phase("threadIdx.x") as (lane,):
+                for i in range(tm):
+                    for j in range(tn):
+                        for r in range(D_REGS):
+                            row, col = d_fragment(lane, r)
+                            m, o = m0 + i * MMA_M + row, n0 + j * MMA_N + col
+                            with when(T.And(m < total, o < o_)):
+                                value = bias - acc[(i * tn + j) * D_REGS + r]
+                                store(out, value, m // p_, o, m % p_ // geom.out_width, m % geom.out_width)
+
+
+def _mmas(ir: KernelIR, a, b, acc, tm: int, tn: int) -> None:
+    for i in range(tm):
+        for j in range(tn):
+            ir.mma(SHAPE, a, i * A_REGS, b, j * B_REGS, acc, (i * tn + j) * D_REGS)
 
 
 def binary_conv2d_mma_primfunc(geom: ConvGeometry, mode: str, params: MmaBinaryParams | None = None,
-                               shift: bool = False):
+                               shift: bool = False, emulate_on_cpu: bool = False):
     """The scheduled dense binary conv on binary tensor cores (see the module docstring).
 
     Parameters
@@ -198,11 +211,14 @@ def binary_conv2d_mma_primfunc(geom: ConvGeometry, mode: str, params: MmaBinaryP
     params : MmaBinaryParams, optional
     shift : bool
         Take a per-channel float32 ``shift`` added before binarizing (as the other kernels).
+    emulate_on_cpu : bool
+        Build the same kernels for an LLVM target instead: threads one after another, the
+        MMA a loop nest (:class:`~.mma_b1_gpu.KernelIR`). For tests.
 
     Returns
     -------
     tvm.tirx.PrimFunc
-        ``(data, wbits[, shift], out)``, marked scheduled; for CUDA sm_80+ only.
+        ``(data, wbits[, shift], out)``, marked scheduled; for CUDA sm_80+ (or, emulated, a CPU).
     """
     geom.validate()
     params = params or MmaBinaryParams()
@@ -218,9 +234,9 @@ def binary_conv2d_mma_primfunc(geom: ConvGeometry, mode: str, params: MmaBinaryP
             out = T.arg("out", T.buffer(geom.out_shape, "int32"))
             act = IRBuilder.name("act", T.alloc_buffer((geom.batch, cg_, *_padded(geom)), "uint32"))
             wslot = IRBuilder.name("wslot", T.alloc_buffer((rows, kpad), "uint32"))
-            _pack_act_kernel(data, offset, act, geom, mode)
-            _pack_weight_kernel(wbits, wslot, geom, rows, kpad)
-            _gemm_kernel(act, wslot, out, geom, params)
+            _pack_act_kernel(KernelIR(emulate_on_cpu), data, offset, act, geom, mode)
+            _pack_weight_kernel(KernelIR(emulate_on_cpu), wbits, wslot, geom, rows, kpad)
+            _gemm_kernel(KernelIR(emulate_on_cpu), act, wslot, out, geom, params)
     return ib.get().with_attr({"tir.noalias": True, "tirx.is_scheduled": True})
 
 

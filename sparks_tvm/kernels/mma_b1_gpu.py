@@ -89,21 +89,119 @@ def when(cond):
             yield
 
 
-@contextlib.contextmanager
-def thread_grid(**extents):
-    """IR builder: launch the named thread axes (``blockIdx_x=...``), yield their variables in order."""
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(T.launch_thread(name.replace("_", "."), ext)) for name, ext in extents.items()]
-
-
-def local(name: str, shape, dtype: str, scope: str = "local"):
-    """IR builder: a named buffer allocated in ``scope`` (names show in the CUDA source)."""
-    return IRBuilder.name(name, T.alloc_buffer(shape, dtype, scope=scope))
-
-
 def store(buf, value, *indices) -> None:
     """IR builder: ``buf[indices] = value``."""
     T.buffer_store(buf, value, list(indices))
+
+
+class PerThread:
+    """A thread's registers (``regs`` values): a local buffer on CUDA, one row per thread on a CPU."""
+
+    def __init__(self, ir: "KernelIR", buf):
+        self.ir, self.buf = ir, buf
+
+    def _at(self, reg):
+        return (*self.ir.thread_index(), reg)
+
+    def __getitem__(self, reg):
+        return self.buf[self._at(reg)]
+
+    def set(self, reg, value) -> None:
+        store(self.buf, value, *self._at(reg))
+
+
+class KernelIR:
+    """Builds one kernel's statements for CUDA, or the same statements for a CPU.
+
+    On CUDA the block and thread axes are launched once and every ``phase`` is straight code
+    of one thread. On a CPU (``cpu=True``) the block axes are serial loops and each ``phase``
+    loops over the block's threads, one after another: a phase ends where the CUDA kernel
+    has a barrier (or a warp-wide MMA), so running the phases in order keeps the meaning.
+    Per-thread registers (:meth:`local`) get one row per thread, shared memory is a plain
+    buffer of the block, and :meth:`mma` is a TIR loop nest that computes the instruction
+    from the lanes' fragments (the ISA's layout). The CPU build then runs the kernel's own
+    index arithmetic, only the tensor core replaced.
+    """
+
+    def __init__(self, cpu: bool = False):
+        self.cpu = cpu
+        self._extent: dict = {}
+        self._var: dict = {}
+
+    @contextlib.contextmanager
+    def grid(self, blocks: dict, threads: dict):
+        """Launch (CUDA) or loop over (CPU) ``blocks`` ({"blockIdx.x": n, ...}); declare ``threads``
+        ({"threadIdx.x": 32, "threadIdx.y": warps}). Yields the block variables."""
+        self._extent = dict(threads)
+        with contextlib.ExitStack() as stack:
+            if self.cpu:
+                yield [stack.enter_context(T.serial(0, ext)) for ext in blocks.values()]
+                return
+            block_vars = [stack.enter_context(T.launch_thread(ax, ext)) for ax, ext in blocks.items()]
+            self._var = {ax: stack.enter_context(T.launch_thread(ax, ext)) for ax, ext in threads.items()}
+            yield block_vars
+
+    @contextlib.contextmanager
+    def phase(self, *axes):
+        """The code of one thread along ``axes``; yields their variables (in the order given)."""
+        if not self.cpu:
+            yield [self._var[ax] for ax in axes]
+            return
+        with contextlib.ExitStack() as stack:
+            for ax in axes:
+                self._var[ax] = stack.enter_context(T.serial(0, self._extent[ax]))
+            yield [self._var[ax] for ax in axes]
+        for ax in axes:
+            del self._var[ax]
+
+    def _axes(self) -> list:
+        """Thread axes outermost first (threadIdx.z, .y, .x): a lane's row is the last index."""
+        return sorted(self._extent, reverse=True)
+
+    def thread_index(self) -> tuple:
+        """Indices of the current thread's row in a :meth:`local` buffer (none on CUDA)."""
+        if not self.cpu:
+            return ()
+        return tuple(self._var[ax] for ax in self._axes())
+
+    def local(self, name: str, regs: int, dtype: str) -> PerThread:
+        """Per-thread registers, allocated where the block starts."""
+        rows = tuple(self._extent[ax] for ax in self._axes()) if self.cpu else ()
+        return PerThread(self, IRBuilder.name(name, T.alloc_buffer((*rows, regs), dtype, scope="local")))
+
+    def shared(self, name: str, size: int, dtype: str):
+        """A block's shared memory (a plain buffer per block on a CPU)."""
+        scope = "global" if self.cpu else "shared"
+        return IRBuilder.name(name, T.alloc_buffer((size,), dtype, scope=scope))
+
+    def view(self, name: str, buf, size: int, dtype: str):
+        """The same memory as ``buf`` read as ``size`` elements of ``dtype``."""
+        scope = "global" if self.cpu else "shared"
+        return IRBuilder.name(name, T.decl_buffer((size,), dtype, data=buf.data, scope=scope))
+
+    def barrier(self) -> None:
+        """``__syncthreads()`` on CUDA; on a CPU the phases already run in order."""
+        if not self.cpu:
+            T.evaluate(T.tvm_storage_sync("shared"))
+
+    def mma(self, shape: str, a: PerThread, a_off: int, b: PerThread, b_off: int, acc: PerThread, acc_off: int) -> None:
+        """One warp's ``D += popc(A xor B)``: the instruction on CUDA (inside a lane's code), a loop
+        nest over the warp's lanes on a CPU (outside any lane phase)."""
+        if not self.cpu:
+            T.evaluate(mma_b1(shape, a.buf, a_off, b.buf, b_off, acc.buf, acc_off))
+            return
+        slots = slots_of(shape)
+        warp_at = tuple(self._var[ax] for ax in self._axes() if ax != "threadIdx.x")
+        with T.serial(0, WARP) as lane:
+            for reg in range(D_REGS):
+                row, col = d_fragment(lane, reg)
+                total = acc.buf[(*warp_at, lane, acc_off + reg)]
+                for slot in range(slots):
+                    # Which lane and register hold A[row, slot] and B[slot, col] (the ISA's layout).
+                    a_word = a.buf[(*warp_at, (row % 8) * 4 + slot % 4, a_off + row // 8 + 2 * (slot // 4))]
+                    b_word = b.buf[(*warp_at, col * 4 + slot % 4, b_off + slot // 4)]
+                    total = total + T.Cast("int32", T.popcount(a_word ^ b_word))
+                store(acc.buf, total, *warp_at, lane, acc_off + reg)
 
 
 def pair_word(neg: np.ndarray, real: np.ndarray, half: int) -> np.ndarray:

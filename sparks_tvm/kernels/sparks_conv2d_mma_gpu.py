@@ -42,8 +42,8 @@ from tvm.tirx.script.builder import ir as T
 from .common import ConvGeometry
 from .encoding import activation_code, codeword_index, codes_to_bits, index_bits, packed_index_shape
 from .encoding import idx_dtype, pack_indices, unpack_indices
-from .mma_b1_gpu import D_REGS, MMA_M, MMA_N, SHAPES, WARP, a_fragment, b_fragment, d_fragment, emulate_mma_b1, local
-from .mma_b1_gpu import mma_b1, store, thread_grid, when
+from .mma_b1_gpu import D_REGS, MMA_M, MMA_N, SHAPES, WARP, KernelIR, a_fragment, b_fragment, d_fragment
+from .mma_b1_gpu import emulate_mma_b1, store, when
 from .reference import binarize
 
 SHAPE = "m16n8k128"
@@ -137,25 +137,26 @@ def padded_codewords(num_codewords: int) -> int:
     return -(-num_codewords // MMA_N) * MMA_N
 
 
-def _patch_kernel(data, shift, patch, geom: ConvGeometry, mode: str) -> None:
+def _patch_kernel(ir: KernelIR, data, shift, patch, geom: ConvGeometry, mode: str) -> None:
     """``patch[n, c, p]``: nine (neg, pos) pairs of the pixel's 3x3 patch (neg bits 0-8, pos 9-17)."""
     p_ = geom.out_height * geom.out_width
     total = geom.batch * geom.in_channels * p_
     top, left = geom.padding[0], geom.padding[1]
-    with thread_grid(blockIdx_x=-(-total // 256), threadIdx_x=256) as (bx, tx):
-        i = bx * 256 + tx
-        with when(i < total):
-            p, c, n = i % p_, i // p_ % geom.in_channels, i // (p_ * geom.in_channels)
-            oh, ow = p // geom.out_width, p % geom.out_width
-            code, word = local("code", (1,), "uint8"), local("word", (1,), "uint32")
-            store(word, T.uint32(0), 0)
-            for t in range(9):
-                y, x = oh * geom.stride[0] + t // 3 - top, ow * geom.stride[1] + t % 3 - left
-                store(code, activation_code(data, mode, n, c, y, x, shift), 0)
-                neg = T.Cast("uint32", code[0] & T.uint8(1))
-                pos = T.Cast("uint32", code[0] >> T.uint8(1)) - neg  # a -1 is also "nonzero"
-                store(word, word[0] | (neg << T.uint32(t)) | (pos << T.uint32(9 + t)), 0)
-            store(patch, word[0], n, c, p)
+    with ir.grid({"blockIdx.x": -(-total // 256)}, {"threadIdx.x": 256}) as (bx,):
+        code, word = ir.local("code", 1, "uint8"), ir.local("word", 1, "uint32")
+        with ir.phase("threadIdx.x") as (tx,):
+            i = bx * 256 + tx
+            with when(i < total):
+                p, c, n = i % p_, i // p_ % geom.in_channels, i // (p_ * geom.in_channels)
+                oh, ow = p // geom.out_width, p % geom.out_width
+                word.set(0, T.uint32(0))
+                for t in range(9):
+                    y, x = oh * geom.stride[0] + t // 3 - top, ow * geom.stride[1] + t % 3 - left
+                    code.set(0, activation_code(data, mode, n, c, y, x, shift))
+                    neg = T.Cast("uint32", code[0] & T.uint8(1))
+                    pos = T.Cast("uint32", code[0] >> T.uint8(1)) - neg  # a -1 is also "nonzero"
+                    word.set(0, word[0] | (neg << T.uint32(t)) | (pos << T.uint32(9 + t)))
+                store(patch, word[0], n, c, p)
 
 
 def _kernel_index(idx, geom: ConvGeometry, num_codewords: int, o, c):
@@ -170,86 +171,108 @@ def _kernel_index(idx, geom: ConvGeometry, num_codewords: int, o, c):
     return codeword_index(value, num_codewords)
 
 
-def _stage1(patch, codes, s1, geom: ConvGeometry, num_codewords: int, params: MmaSparksParams, m0, g0, lane,
-            warp) -> None:
+def _stage1(ir: KernelIR, patch, codes, s1, geom: ConvGeometry, num_codewords: int, params: MmaSparksParams, m0,
+            g0, regs) -> None:
     """Stage 1 of one channel group into shared memory: one MMA per (channel, 16 pixels, 8 codewords)."""
+    kp, tm = padded_codewords(num_codewords), params.tiles_m
+    tasks = params.group * tm * kp // MMA_N
+    with ir.phase("threadIdx.y") as (warp,):
+        with T.serial(0, -(-tasks // params.warps)) as it:
+            task = it * params.warps + warp  # the warps take turns over (channel, pixel tile, codeword tile)
+            with when(task < tasks):
+                with ir.phase("threadIdx.x") as (lane,):
+                    _stage1_fragments(patch, codes, geom, num_codewords, params, m0, g0, task, lane, regs)
+                    if not ir.cpu:  # on CUDA the MMA is part of the lane's code
+                        ir.mma(SHAPE, regs["a"], 0, regs["b"], 0, regs["d"], 0)
+                if ir.cpu:  # on a CPU it reads every lane's fragments
+                    ir.mma(SHAPE, regs["a"], 0, regs["b"], 0, regs["d"], 0)
+                with ir.phase("threadIdx.x") as (lane,):
+                    j, mt, kt = task // (tm * kp // MMA_N), task // (kp // MMA_N) % tm, task % (kp // MMA_N)
+                    for r in range(D_REGS):
+                        row, col = d_fragment(lane, r)
+                        # S + 9 = 18 - popc: 0..18, a byte.
+                        store(s1, T.Cast("uint8", 18 - regs["d"][r]),
+                              (j * kp + kt * MMA_N + col) * params.tile + mt * MMA_M + row)
+
+
+def _stage1_fragments(patch, codes, geom: ConvGeometry, num_codewords: int, params: MmaSparksParams, m0, g0, task,
+                      lane, regs) -> None:
+    """A lane's fragments of one stage-1 MMA: lanes 0-3 of each group hold the 18 bits, the rest 0."""
     total, p_ = geom.batch * geom.out_height * geom.out_width, geom.out_height * geom.out_width
     kp, tm = padded_codewords(num_codewords), params.tiles_m
-    nk, tasks = kp // MMA_N, params.group * tm * kp // MMA_N
-    a, b = local("frag_a", (A_REGS,), "uint32"), local("frag_b", (B_REGS,), "uint32")
-    acc = local("acc_s1", (D_REGS,), "int32")
-    with T.serial(0, -(-tasks // params.warps)) as it:
-        task = it * params.warps + warp
-        with when(task < tasks):
-            j, mt, kt = task // (tm * nk), task // nk % tm, task % nk
-            c = T.min(g0 * params.group + j, geom.in_channels - 1)  # tail channels: computed, never summed
-            for r in range(A_REGS):
-                row, slot = a_fragment(lane, r)
-                m = T.min(m0 + mt * MMA_M + row, total - 1)
-                store(a, T.if_then_else(slot == 0, patch[m // p_, c, m % p_], T.uint32(0)), r)
-            col, slot = b_fragment(lane, 0)
-            k = kt * MMA_N + col
-            neg = T.Cast("uint32", codes[T.min(k, num_codewords - 1)]) & T.uint32(0x1FF)
-            word = neg | ((~neg & T.uint32(0x1FF)) << T.uint32(9))
-            store(b, T.if_then_else(T.And(slot == 0, k < num_codewords), word, T.uint32(0)), 0)
-            for r in range(D_REGS):
-                store(acc, T.int32(0), r)
-            T.evaluate(mma_b1(SHAPE, a, 0, b, 0, acc, 0))
-            for r in range(D_REGS):
-                row, col = d_fragment(lane, r)
-                # S + 9 = 18 - popc: 0..18, a byte.
-                store(s1, T.Cast("uint8", 18 - acc[r]), (j * kp + kt * MMA_N + col) * params.tile + mt * MMA_M + row)
+    j, mt, kt = task // (tm * kp // MMA_N), task // (kp // MMA_N) % tm, task % (kp // MMA_N)
+    c = T.min(g0 * params.group + j, geom.in_channels - 1)  # tail channels: computed, never summed
+    for r in range(A_REGS):
+        row, slot = a_fragment(lane, r)
+        m = T.min(m0 + mt * MMA_M + row, total - 1)  # pixels past M: computed, never stored
+        regs["a"].set(r, T.if_then_else(slot == 0, patch[m // p_, c, m % p_], T.uint32(0)))
+    col, slot = b_fragment(lane, 0)
+    k = kt * MMA_N + col
+    neg = T.Cast("uint32", codes[T.min(k, num_codewords - 1)]) & T.uint32(0x1FF)
+    word = neg | ((~neg & T.uint32(0x1FF)) << T.uint32(9))
+    regs["b"].set(0, T.if_then_else(T.And(slot == 0, k < num_codewords), word, T.uint32(0)))
+    for r in range(D_REGS):
+        regs["d"].set(r, T.int32(0))
 
 
-def _stage2(idx, s1w, acc, geom: ConvGeometry, num_codewords: int, params: MmaSparksParams, o0, g0, q) -> None:
+def _stage2(idx, s1w, acc, part, geom: ConvGeometry, num_codewords: int, params: MmaSparksParams, o0, g0,
+            q) -> None:
     """Gather-add the group's responses for the thread's output channels, 4 pixels per 32-bit add."""
     kp, words = padded_codewords(num_codewords), params.tile // 4
-    part = local("part", (1,), "uint32")
     for r in range(params.out_regs):
-        store(part, T.uint32(0), 0)
+        part.set(0, T.uint32(0))
         for j in range(params.group):
             c = g0 * params.group + j
             kidx = _kernel_index(idx, geom, num_codewords, o0 + r, c)
             value = s1w[(j * kp + kidx) * words + q]
             if geom.in_channels % params.group:  # the tail group's channels past C add nothing
                 value = T.if_then_else(c < geom.in_channels, value, T.uint32(0))
-            store(part, part[0] + value, 0)
-        store(acc, acc[2 * r] + (part[0] & T.uint32(0x00FF00FF)), 2 * r)
-        store(acc, acc[2 * r + 1] + (T.shift_right(part[0], T.uint32(8)) & T.uint32(0x00FF00FF)), 2 * r + 1)
+            part.set(0, part[0] + value)
+        acc.set(2 * r, acc[2 * r] + (part[0] & T.uint32(0x00FF00FF)))
+        acc.set(2 * r + 1, acc[2 * r + 1] + (T.shift_right(part[0], T.uint32(8)) & T.uint32(0x00FF00FF)))
 
 
-def _fused_kernel(patch, codes, idx, out, geom: ConvGeometry, num_codewords: int, params: MmaSparksParams) -> None:
+def _fused_kernel(ir: KernelIR, patch, codes, idx, out, geom: ConvGeometry, num_codewords: int,
+                  params: MmaSparksParams) -> None:
     """Both stages per (pixel tile, output-channel block), looping over channel groups."""
     total, p_ = geom.batch * geom.out_height * geom.out_width, geom.out_height * geom.out_width
     kp, words, group = padded_codewords(num_codewords), params.tile // 4, params.group
-    grid = dict(blockIdx_x=-(-total // params.tile), blockIdx_y=-(-geom.out_channels // params.out_block),
-                threadIdx_x=WARP, threadIdx_y=params.warps)
-    with thread_grid(**grid) as (bx, by, lane, warp):
-        s1 = local("stage1", (group * kp * params.tile,), "uint8", scope="shared")
-        # The same bytes read four pixels to a word in stage 2.
-        s1w = IRBuilder.name("stage1_words", T.decl_buffer((group * kp * words,), "uint32", data=s1.data,
-                                                           scope="shared"))
-        acc = local("acc", (2 * params.out_regs,), "uint32")
-        m0, tid = bx * params.tile, warp * WARP + lane
-        q, o0 = tid % words, by * params.out_block + tid // words * params.out_regs
-        for r in range(2 * params.out_regs):
-            store(acc, T.uint32(0), r)
+    blocks = {"blockIdx.x": -(-total // params.tile), "blockIdx.y": -(-geom.out_channels // params.out_block)}
+    with ir.grid(blocks, {"threadIdx.x": WARP, "threadIdx.y": params.warps}) as (bx, by):
+        s1 = ir.shared("stage1", group * kp * params.tile, "uint8")
+        s1w = ir.view("stage1_words", s1, group * kp * words, "uint32")  # 4 pixels to a word in stage 2
+        regs = {"a": ir.local("frag_a", A_REGS, "uint32"), "b": ir.local("frag_b", B_REGS, "uint32"),
+                "d": ir.local("acc_s1", D_REGS, "int32")}
+        acc, part = ir.local("acc", 2 * params.out_regs, "uint32"), ir.local("part", 1, "uint32")
+
+        def thread_tile(warp, lane):  # (pixel word q, first output channel) of a stage-2 thread
+            tid = warp * WARP + lane
+            return tid % words, by * params.out_block + tid // words * params.out_regs
+
+        with ir.phase("threadIdx.y", "threadIdx.x"):
+            for r in range(2 * params.out_regs):
+                acc.set(r, T.uint32(0))
         with T.serial(0, -(-geom.in_channels // group)) as g0:
-            _stage1(patch, codes, s1, geom, num_codewords, params, m0, g0, lane, warp)
-            T.evaluate(T.tvm_storage_sync("shared"))
-            _stage2(idx, s1w, acc, geom, num_codewords, params, o0, g0, q)
-            T.evaluate(T.tvm_storage_sync("shared"))  # before the next group overwrites stage 1
-        for r in range(params.out_regs):
-            for lane_px in range(4):  # pixel 4q + l sits in acc_lo (even l) / acc_hi (odd), 16 bits each
-                m, o = m0 + 4 * q + lane_px, o0 + r
-                field = T.shift_right(acc[2 * r + lane_px % 2], T.uint32(16 * (lane_px // 2))) & T.uint32(0xFFFF)
-                with when(T.And(m < total, o < geom.out_channels)):
-                    store(out, T.Cast("int32", field) - 9 * geom.in_channels, m // p_, o, m % p_ // geom.out_width,
-                          m % geom.out_width)
+            _stage1(ir, patch, codes, s1, geom, num_codewords, params, bx * params.tile, g0, regs)
+            ir.barrier()
+            with ir.phase("threadIdx.y", "threadIdx.x") as (warp, lane):
+                _stage2(idx, s1w, acc, part, geom, num_codewords, params, thread_tile(warp, lane)[1], g0,
+                        thread_tile(warp, lane)[0])
+            ir.barrier()  # before the next group overwrites stage 1
+        with ir.phase("threadIdx.y", "threadIdx.x") as (warp, lane):
+            q, o0 = thread_tile(warp, lane)
+            for r in range(params.out_regs):
+                for px in range(4):  # pixel 4q + px: acc_lo (even px) / acc_hi (odd), 16 bits each
+                    m, o = bx * params.tile + 4 * q + px, o0 + r
+                    field = T.shift_right(acc[2 * r + px % 2], T.uint32(16 * (px // 2))) & T.uint32(0xFFFF)
+                    with when(T.And(m < total, o < geom.out_channels)):
+                        store(out, T.Cast("int32", field) - 9 * geom.in_channels, m // p_, o,
+                              m % p_ // geom.out_width, m % geom.out_width)
 
 
 def sparks_conv2d_mma_primfunc(geom: ConvGeometry, num_codewords: int, mode: str,
-                               params: MmaSparksParams | None = None, shift: bool = False):
+                               params: MmaSparksParams | None = None, shift: bool = False,
+                               emulate_on_cpu: bool = False):
     """The scheduled Sparks conv with binary tensor-core stage 1 (see the module docstring).
 
     Parameters
@@ -264,11 +287,15 @@ def sparks_conv2d_mma_primfunc(geom: ConvGeometry, num_codewords: int, mode: str
         Default :meth:`MmaSparksParams.for_layer`.
     shift : bool
         Take a per-channel float32 ``shift`` added before binarizing.
+    emulate_on_cpu : bool
+        Build the same kernels for an LLVM target instead: threads one after another between
+        barriers, the MMA a loop nest (:class:`~.mma_b1_gpu.KernelIR`). For tests.
 
     Returns
     -------
     tvm.tirx.PrimFunc
-        ``(data, codes, idx[, shift], out)``, marked scheduled; for CUDA sm_80+ only.
+        ``(data, codes, idx[, shift], out)``, marked scheduled; for CUDA sm_80+ (or, emulated,
+        a CPU).
     """
     geom.validate()
     if tuple(geom.kernel) != (3, 3):
@@ -286,8 +313,8 @@ def sparks_conv2d_mma_primfunc(geom: ConvGeometry, num_codewords: int, mode: str
             offset = T.arg("shift", T.buffer((geom.in_channels,), "float32")) if shift else None
             out = T.arg("out", T.buffer(geom.out_shape, "int32"))
             patch = IRBuilder.name("patch", T.alloc_buffer((geom.batch, geom.in_channels, p_), "uint32"))
-            _patch_kernel(data, offset, patch, geom, mode)
-            _fused_kernel(patch, codes, idx, out, geom, num_codewords, params)
+            _patch_kernel(KernelIR(emulate_on_cpu), data, offset, patch, geom, mode)
+            _fused_kernel(KernelIR(emulate_on_cpu), patch, codes, idx, out, geom, num_codewords, params)
     return ib.get().with_attr({"tir.noalias": True, "tirx.is_scheduled": True})
 
 
