@@ -22,6 +22,10 @@ the ``Sign(0) = 0`` rule is exercised), then per layer and batch size
 
     python benchmarks/bench_cuda.py run --dir .gpu/bench --out benchmarks/results
 
+``build --mma`` also builds the binary tensor-core kernels (issue 24, sm_80+ targets):
+``sparks@mma`` (stage 1 on ``mma.m16n8k128.b1.xor.popc``) and ``binary@mma`` (the dense conv
+on ``mma.m16n8k256``); ``run`` checks and times them like the others. Not yet run on a GPU.
+
 Results: ``cuda_layers.json`` and ``cuda_layers.md`` (card name, versions, command).
 """
 
@@ -80,6 +84,7 @@ def build(args) -> None:
 
     target = build_target(args.target)
     sched = CudaSchedules(target)
+    mma = CudaSchedules(target, binary_mma=True) if args.mma else None
     os.makedirs(args.dir, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     entries = []
@@ -99,6 +104,7 @@ def build(args) -> None:
                 kernels = [("sparks", sched.schedule_sparks_conv2d(geom, k, MODE))]
                 if k == args.k[0]:  # the dense conv does not depend on K
                     kernels.append(("binary", sched.schedule_binary_conv2d(geom, MODE)))
+                kernels += _mma_kernels(mma, geom, k, k == args.k[0])
                 if batch in args.variants_batch:
                     default = sched.sparks_params(geom, k)
                     if args.batch64_knobs:
@@ -126,6 +132,19 @@ def build(args) -> None:
                 print(f"built {name} in {time.perf_counter() - t0:.1f}s", flush=True)
     with open(os.path.join(args.dir, "manifest.json"), "w") as fh:
         json.dump({"target": str(target), "seed": args.seed, "entries": entries}, fh, indent=1)
+
+
+def _mma_kernels(mma, geom, k: int, dense: bool) -> list:
+    """``[(kind, PrimFunc)]`` of the tensor-core kernels the target and the layer take (none
+    without ``--mma``, or on a target older than sm_80)."""
+    if mma is None or not mma.binary_mma:
+        return []
+    out = []
+    if mma.mma_sparks_params(geom, k) is not None:
+        out.append(("sparks@mma", mma.schedule_sparks_conv2d(geom, k, MODE)))
+    if dense:
+        out.append(("binary@mma", mma.schedule_binary_conv2d(geom, MODE)))
+    return out
 
 
 # ------------------------------------------------------------------------------------ run
@@ -268,7 +287,26 @@ def markdown(info, rows) -> str:
             best = min(times, key=times.get)
             lines.append(f"| {r['cin']}-{r['cout']}, {r['side']}, s{r['stride']} | {r['batch']} | {times['sparks']:.4f} | "
                          f"{best} | {times[best]:.4f} | {times['sparks'] / times[best]:.2f}x |")
+    lines += _mma_markdown(rows)
     return "\n".join(lines) + "\n"
+
+
+def _mma_markdown(rows) -> list:
+    """The tensor-core kernels beside the SIMT ones and cuDNN TF32 (rows built with ``--mma``)."""
+    rows = [r for r in rows if "sparks@mma_ms" in r or "binary@mma_ms" in r]
+    if not rows:
+        return []
+    lines = ["", "Binary tensor-core kernels (build --mma), ms:", "",
+             "| layer | batch | K | exact | Sparks | Sparks MMA | dense | dense MMA | cuDNN TF32 | TF32 / Sparks MMA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda key: f"{r[key]:.4f}" if key in r else "-"  # noqa: E731
+        exact = "yes" if all(r.get(f"{kind}_exact", True) for kind in ("sparks@mma", "binary@mma")) else "NO"
+        ratio = f"{r['cudnn_tf32_ms'] / r['sparks@mma_ms']:.2f}x" if "sparks@mma_ms" in r else "-"
+        lines.append(f"| {r['cin']}-{r['cout']}, {r['side']}, s{r['stride']} | {r['batch']} | {r['k']} | {exact} | "
+                     f"{fmt('sparks_ms')} | {fmt('sparks@mma_ms')} | {fmt('binary_ms')} | {fmt('binary@mma_ms')} | "
+                     f"{fmt('cudnn_tf32_ms')} | {ratio} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -287,6 +325,8 @@ def main(argv=None) -> int:
     b.add_argument("--batch64-knobs", action="store_true",
                    help="at the --variants-batch sizes, also build the kernel with the knobs batch 64 gets "
                         "(variant sparks@batch64_knobs): the small-grid rule against no rule")
+    b.add_argument("--mma", action="store_true",
+                   help="also build the binary tensor-core kernels (sparks@mma, binary@mma; sm_80+ targets)")
     r = sub.add_parser("run", help="check and time the built kernels on the GPU (TVM runtime + torch)")
     r.add_argument("--dir", default=os.path.join(ROOT, ".gpu", "bench"))
     r.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
