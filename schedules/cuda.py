@@ -47,7 +47,7 @@ from sparks_tvm.kernels.sparks_conv2d_gpu import sparks_conv2d_gpu_primfunc
 from sparks_tvm.kernels.sparks_conv2d_mma_gpu import MmaSparksParams, sparks_conv2d_mma_primfunc
 
 from .cuda_binary import GpuBinaryParams, schedule_binary_conv2d_cuda
-from .target_info import CUDA_GRID_Y_LIMIT, TargetInfo
+from .target_info import CUDA_GRID_Y_LIMIT, DEFAULT_SM_COUNT, TargetInfo
 
 #: Environment switch for the binary tensor-core kernels ("1": use them on sm_80+ targets).
 MMA_ENV = "SPARKS_CUDA_BINARY_MMA"
@@ -58,7 +58,8 @@ MMA_BY_DEFAULT = False
 #: Budget for the shared stage-1 block, in 32-bit words (32 KB, under the 48 KB static limit).
 SHARED_WORDS = 8192
 #: Grids of fewer thread blocks than this take the small-grid knobs
-#: (:meth:`GpuSparksParams.for_small_grid`): about two waves on a 132-SM H100.
+#: (:meth:`GpuSparksParams.for_small_grid`): about two waves on a 132-SM H100. Other GPUs scale
+#: it by their SM count (:meth:`GpuSparksParams.for_layer`).
 SMALL_GRID_BLOCKS = 256
 #: Small grids over at least this many channel groups split their input channels among blocks
 #: (:meth:`GpuSparksParams.for_small_grid`).
@@ -114,7 +115,8 @@ class GpuSparksParams:
                              f"at K={num_codewords}, over the {4 * SHARED_WORDS}-byte budget")
 
     @classmethod
-    def for_layer(cls, geom, num_codewords: int) -> "GpuSparksParams":
+    def for_layer(cls, geom, num_codewords: int, sms: int = DEFAULT_SM_COUNT) -> "GpuSparksParams":
+        """Default knobs for a layer on a GPU of ``sms`` SMs (the small-grid threshold scales with it)."""
         words = -(-geom.out_height * geom.out_width // 4)
         # Narrow tiles for small images: a 7x7 output is 13 words, a 14x14 one 49.
         # Measured on an H200 (benchmarks/results/cuda_layers.md, variants): one word per
@@ -138,7 +140,7 @@ class GpuSparksParams:
             threads_x = 16  # 56x56: smaller blocks measured 1.1x faster
         out_regs = max(1, min(out_regs, -(-geom.out_channels // out_threads)))
         params = cls(threads_x, vec, out_threads, out_regs, group)
-        if params.blocks(geom) < SMALL_GRID_BLOCKS:
+        if params.blocks(geom) < SMALL_GRID_BLOCKS * sms // DEFAULT_SM_COUNT:
             params = params.for_small_grid(geom)
         return params
 
@@ -391,7 +393,8 @@ class CudaSchedules:
     folds_shift = True
 
     def sparks_params(self, geom, num_codewords: int) -> GpuSparksParams:
-        return GpuSparksParams.for_layer(geom, num_codewords)
+        """The fused SIMT kernel's default knobs for this GPU (its SM count)."""
+        return GpuSparksParams.for_layer(geom, num_codewords, self.info.sm_count)
 
     def mma_sparks_params(self, geom, num_codewords: int) -> MmaSparksParams | None:
         """Knobs of the tensor-core Sparks kernel for this layer, or None where it is not used."""

@@ -9,6 +9,7 @@ does not run here: any of it on a GPU. The fragment layouts come from the PTX IS
 
 import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import sparks_tvm
 from kernel_utils import build, kernel_bodies, random_activations, random_layer
 from schedules import cuda as cuda_schedules
 from schedules import target_info
-from schedules.cuda import CudaSchedules
+from schedules.cuda import CudaSchedules, GpuSparksParams
 from schedules.target_info import TargetInfo
 from sparks_tvm import models
 from sparks_tvm import reference as ref
@@ -176,19 +177,22 @@ def test_sparks_mma_kernel_fuzz_on_cpu(case, zeros):
     np.testing.assert_array_equal(_run_cpu(func, inputs, geom.out_shape), want)
 
 
-def _ptx_and_cubin(src: str, arch: str):
+def _ptx_and_ptxas_report(src: str, arch: str, tmp_path):
+    """nvcc's PTX of ``src``, and ptxas's resource report from assembling it to a cubin."""
     with _cuda(arch):
         ptx = nvcc.compile_cuda(src, target_format="ptx", arch=arch, compiler="nvcc").decode()
-        cubin = nvcc.compile_cuda(src, target_format="cubin", arch=arch, compiler="nvcc")
-    return ptx, cubin
+    (tmp_path / "k.cu").write_text(src)
+    done = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
+                           str(tmp_path / "k.cu")], capture_output=True, text=True, check=True)
+    return ptx, done.stderr
 
 
 @NEEDS_NVCC
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("kind", ["sparks", "binary"])
-def test_mma_kernels_compile_for_sm80_and_sm90(kind, arch):
+def test_mma_kernels_compile_for_sm80_and_sm90(kind, arch, tmp_path):
     """A ResNet-18 layer at batch 64: the CUDA source has the binary MMA, nvcc's PTX keeps it,
-    and ptxas assembles it for the architecture (no GPU needed, none used)."""
+    and ptxas assembles it for the architecture without spilling (no GPU needed, none used)."""
     geom = ConvGeometry(64, 128, 28, 28, 128)
     schedules = CudaSchedules(_cuda(arch), binary_mma=True)
     func = (schedules.schedule_sparks_conv2d(geom, 16, "sign", shift=True) if kind == "sparks"
@@ -199,9 +203,11 @@ def test_mma_kernels_compile_for_sm80_and_sm90(kind, arch):
     if kind == "sparks":  # stage 1 in shared memory, one barrier pair per channel group
         fused = [b for b in kernel_bodies(src, "main_kernel").values() if "stage1" in b]
         assert len(fused) == 1 and fused[0].count("__syncthreads()") == 2 and "__shared__" in fused[0]
-    ptx, cubin = _ptx_and_cubin(src, arch)
+    ptx, report = _ptx_and_ptxas_report(src, arch, tmp_path)
     assert re.search(XOR_POPC, ptx) and f".target {arch}" in ptx
-    assert len(cubin) > 0
+    kernels = re.findall(r"Compiling entry function '(\w+)'", report)
+    assert len(kernels) == (2 if kind == "sparks" else 3)
+    assert report.count("0 bytes spill stores") == len(kernels)
 
 
 def test_mma_kernels_are_chosen_only_when_asked_on_sm80_and_later(monkeypatch):
@@ -270,8 +276,13 @@ def test_model_compiles_with_mma_kernels(tmp_path, monkeypatch):
     assert re.search(XOR_POPC, compiled.cuda_ptx().decode())
 
 
-@pytest.mark.skipif(not tvm.cuda(0).exist or not tvm.cuda(0).compute_version >= "8.0",
-                    reason="needs an sm_80+ NVIDIA GPU (none here)")
+def _gpu_arch() -> int:
+    dev = tvm.cuda(0)
+    return TargetInfo.from_target(tvm.target.Target({"kind": "cuda", "arch": "sm_" + dev.compute_version.replace(
+        ".", "")})).arch if dev.exist else 0
+
+
+@pytest.mark.skipif(_gpu_arch() < 80, reason="needs an sm_80+ NVIDIA GPU and full TVM (none here)")
 @pytest.mark.parametrize("kind", ["sparks", "binary"])
 @pytest.mark.parametrize("geom", [ConvGeometry(64, 64, 56, 56, 64), ConvGeometry(3, 17, 11, 13, 9, stride=(2, 2)),
                                   ConvGeometry(64, 256, 14, 14, 512, stride=(2, 2))])
@@ -279,7 +290,7 @@ def test_mma_kernels_exact_on_the_gpu(kind, geom):
     """The check this file cannot make here: the tensor-core kernels on an sm_80+ GPU, bit for
     bit against the reference (ResNet-18 shapes at batch 64, odd channels, stride 2)."""
     dev = tvm.cuda(0)
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_" + dev.compute_version.replace(".", "")}, host="llvm")
+    target = tvm.target.Target({"kind": "cuda", "arch": f"sm_{_gpu_arch()}"}, host="llvm")
     schedules = CudaSchedules(target, binary_mma=True)
     rng = np.random.default_rng(1)
     x = random_activations(rng, geom.in_shape, zero_frac=0.2)
@@ -295,3 +306,12 @@ def test_mma_kernels_exact_on_the_gpu(kind, geom):
     out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
     lib["main"](*[tvm.runtime.tensor(a, dev) for a in inputs], out)
     np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_small_grid_rule_scales_with_the_sm_count():
+    """The SIMT kernel's small-grid threshold (256 blocks, measured on a 132-SM H100) scales with
+    the GPU's SM count: a grid of 196 blocks is small for 132 SMs, not for 66."""
+    geom = ConvGeometry(4, 64, 56, 56, 64)
+    big = GpuSparksParams.for_layer(geom, 16, sms=66)
+    assert 128 <= big.blocks(geom) < 256
+    assert GpuSparksParams.for_layer(geom, 16, sms=132) == big.for_small_grid(geom)
