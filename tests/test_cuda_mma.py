@@ -16,7 +16,9 @@ import pytest
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tvm.script.ir_builder import IRBuilder
 from tvm.support import nvcc
+from tvm.tirx.script.builder import ir as T
 
 import sparks_tvm
 from kernel_utils import build, kernel_bodies, random_activations, random_layer
@@ -30,7 +32,8 @@ from sparks_tvm.cost import RESNET18_BINARY_LAYERS
 from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, pack_indices
 from sparks_tvm.kernels.binary_conv2d_mma_gpu import MmaBinaryParams, binary_conv2d_mma_primfunc
 from sparks_tvm.kernels.binary_conv2d_mma_gpu import binary_conv2d_mma_reference
-from sparks_tvm.kernels.mma_b1_gpu import SHAPES, a_fragment, b_fragment, d_fragment, emulate_mma_b1, pair_word
+from sparks_tvm.kernels.mma_b1_gpu import SHAPES, KernelIR, a_fragment, b_fragment, d_fragment, emulate_mma_b1
+from sparks_tvm.kernels.mma_b1_gpu import pair_word, store
 from sparks_tvm.kernels.sparks_conv2d_mma_gpu import MmaSparksParams, sparks_conv2d_mma_primfunc
 from sparks_tvm.kernels.sparks_conv2d_mma_gpu import sparks_conv2d_mma_reference
 
@@ -185,6 +188,60 @@ def _ptx_and_ptxas_report(src: str, arch: str, tmp_path):
     done = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
                            str(tmp_path / "k.cu")], capture_output=True, text=True, check=True)
     return ptx, done.stderr
+
+
+def _one_mma_kernel(shape: str, op: str, cpu: bool = False):
+    """A one-warp kernel: fragments from ``A``/``B``, one MMA, ``D`` out, built by KernelIR for
+    CUDA or (``cpu``) for the CPU with the MMA emulated."""
+    a_regs, b_regs, _ = SHAPES[shape]
+    ir = KernelIR(cpu)
+    with IRBuilder() as ib:
+        with T.prim_func(private=True):
+            T.func_name("one_mma")
+            a_in = T.arg("A", T.buffer((32, a_regs), "uint32"))
+            b_in = T.arg("B", T.buffer((32, b_regs), "uint32"))
+            d_out = T.arg("D", T.buffer((32, 4), "int32"))
+            with ir.grid({"blockIdx.x": 1}, {"threadIdx.x": 32}):
+                a, b, d = ir.local("a", a_regs, "uint32"), ir.local("b", b_regs, "uint32"), ir.local("d", 4, "int32")
+                with ir.phase("threadIdx.x") as (lane,):
+                    for r in range(a_regs):
+                        a.set(r, a_in[lane, r])
+                    for r in range(b_regs):
+                        b.set(r, b_in[lane, r])
+                    for r in range(4):
+                        d.set(r, T.int32(r))
+                ir.mma(shape, a, 0, b, 0, d, 0, op)  # on CUDA still the lane's code: phases open no loop
+                with ir.phase("threadIdx.x") as (lane,):
+                    for r in range(4):
+                        store(d_out, d[r], lane, r)
+    return ib.get()
+
+
+@pytest.mark.parametrize("op", ["xor", "and"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_cpu_mma_emulation_matches_the_isa_emulation(shape, op):
+    """KernelIR's TIR emulation of the MMA (what the CPU builds of the kernels run) equals the
+    numpy emulation written from the ISA's per-element formulas, on random fragments."""
+    a_regs, b_regs, _ = SHAPES[shape]
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 2**32, (32, a_regs), dtype=np.uint64).astype(np.uint32)
+    b = rng.integers(0, 2**32, (32, b_regs), dtype=np.uint64).astype(np.uint32)
+    got = _run_cpu(_one_mma_kernel(shape, op, cpu=True), [a, b], (32, 4))
+    np.testing.assert_array_equal(got, emulate_mma_b1(shape, a, b, np.tile(np.arange(4, dtype=np.int32), (32, 1)), op))
+
+
+@NEEDS_NVCC
+@pytest.mark.parametrize("op", ["xor", "and"])
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_both_bit_ops_and_shapes_assemble(shape, op, tmp_path):
+    """``mma_b1`` emits ``.xor.popc`` and ``.and.popc`` at m16n8k128 and m16n8k256; ptxas takes
+    each for sm_80 (the first architecture with them)."""
+    src = tvm.compile(_one_mma_kernel(shape, op).with_attr("global_symbol", "main"),
+                      target=_cuda("sm_80")).mod.imports[0].inspect_source()
+    want = f"mma.sync.aligned.{shape}.row.col.s32.b1.b1.s32.{op}.popc"
+    assert want in src
+    ptx, report = _ptx_and_ptxas_report(src, "sm_80", tmp_path)
+    assert want in ptx and "0 bytes spill stores" in report
 
 
 @NEEDS_NVCC

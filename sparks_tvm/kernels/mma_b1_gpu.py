@@ -21,7 +21,10 @@ slot of which row), the instruction call for TIR, and a numpy emulation of the i
 written from the PTX ISA text (9.7.14.5, "Matrix Fragments for mma.m16n8k128 / k256"), which
 the CPU references of the kernels' tiling use in place of the tensor core.
 
-The layouts are transcribed from the ISA, not measured: no kernel here has run on a GPU.
+The layouts are transcribed from the ISA (the m16n8k128 .b1 and m16n8k64 .s4 pages, whose
+pattern m16n8k256 follows; apache/tvm's ``test_tir_ptx_mma.py`` indexes its m16n8k256 b1
+fragments the same way, without checking results), not measured: no kernel here has run on
+a GPU.
 """
 
 from __future__ import annotations
@@ -184,11 +187,12 @@ class KernelIR:
         if not self.cpu:
             T.evaluate(T.tvm_storage_sync("shared"))
 
-    def mma(self, shape: str, a: PerThread, a_off: int, b: PerThread, b_off: int, acc: PerThread, acc_off: int) -> None:
-        """One warp's ``D += popc(A xor B)``: the instruction on CUDA (inside a lane's code), a loop
-        nest over the warp's lanes on a CPU (outside any lane phase)."""
+    def mma(self, shape: str, a: PerThread, a_off: int, b: PerThread, b_off: int, acc: PerThread, acc_off: int,
+            op: str = "xor") -> None:
+        """One warp's ``D += popc(A op B)``: the instruction on CUDA (in a lane's code), a loop nest
+        over the warp's lanes on a CPU (outside any lane phase)."""
         if not self.cpu:
-            T.evaluate(mma_b1(shape, a.buf, a_off, b.buf, b_off, acc.buf, acc_off))
+            T.evaluate(mma_b1(shape, a.buf, a_off, b.buf, b_off, acc.buf, acc_off, op))
             return
         slots = slots_of(shape)
         warp_at = tuple(self._var[ax] for ax in self._axes() if ax != "threadIdx.x")
@@ -200,7 +204,8 @@ class KernelIR:
                     # Which lane and register hold A[row, slot] and B[slot, col] (the ISA's layout).
                     a_word = a.buf[(*warp_at, (row % 8) * 4 + slot % 4, a_off + row // 8 + 2 * (slot // 4))]
                     b_word = b.buf[(*warp_at, col * 4 + slot % 4, b_off + slot // 4)]
-                    total = total + T.Cast("int32", T.popcount(a_word ^ b_word))
+                    bits = a_word ^ b_word if op == "xor" else a_word & b_word
+                    total = total + T.Cast("int32", T.popcount(bits))
                 store(acc.buf, total, *warp_at, lane, acc_off + reg)
 
 
