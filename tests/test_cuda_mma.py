@@ -16,6 +16,7 @@ import pytest
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tvm import relax
 from tvm.script.ir_builder import IRBuilder
 from tvm.support import nvcc
 from tvm.tirx.script.builder import ir as T
@@ -25,8 +26,9 @@ from kernel_utils import build, kernel_bodies, random_activations, random_layer
 from schedules import cuda as cuda_schedules
 from schedules import target_info
 from schedules.cuda import CudaSchedules, GpuSparksParams
+from schedules.host import HostSchedules
 from schedules.target_info import TargetInfo
-from sparks_tvm import models
+from sparks_tvm import compiler, frontend, models
 from sparks_tvm import reference as ref
 from sparks_tvm.cost import RESNET18_BINARY_LAYERS
 from sparks_tvm.kernels import ConvGeometry, pack_binary_weights, pack_indices
@@ -372,3 +374,42 @@ def test_small_grid_rule_scales_with_the_sm_count():
     big = GpuSparksParams.for_layer(geom, 16, sms=66)
     assert 128 <= big.blocks(geom) < 256
     assert GpuSparksParams.for_layer(geom, 16, sms=132) == big.for_small_grid(geom)
+
+
+class _EmulatedMmaSchedules:
+    """The tensor-core kernels built for the CPU (MMA emulated) as a schedules object; float
+    convs from the host's."""
+
+    name, folds_shift = "emulated_mma", True
+
+    def __init__(self, target):
+        self.host = HostSchedules.for_target(target)
+
+    def __getattr__(self, key):
+        return getattr(self.host, key)
+
+    def schedule_sparks_conv2d(self, geom, num_codewords, mode, shift=False):
+        return sparks_conv2d_mma_primfunc(geom, num_codewords, mode, shift=shift, emulate_on_cpu=True)
+
+    def schedule_binary_conv2d(self, geom, mode, shift=False):
+        return binary_conv2d_mma_primfunc(geom, mode, shift=shift, emulate_on_cpu=True)
+
+
+@pytest.mark.parametrize("force_kind", [None, "binary"])
+def test_model_with_mma_kernels_matches_the_host_build(force_kind, tmp_path):
+    """The whole lowering with the tensor-core kernels (CPU builds, MMA emulated) in every binary
+    conv, binarizer shifts folded into them, run through the Relax VM: the same output as the
+    host build, exactly (the kernels' arguments, layout and epilogue fit the graph)."""
+    path = tmp_path / "tiny.onnx"
+    models.export_onnx(models.sparks_resnet_tiny(k=8, seed=2, widths=(9, 17)), (2, 3, 10, 10), path)
+    proto = frontend.load_onnx(str(path))
+    target = tvm.target.Target({"kind": "llvm"})
+    x = models.example_input((2, 3, 10, 10), seed=3)
+    want = sparks_tvm.compile(path, target="llvm", force_kind=force_kind).run(x)[0]
+    mod, report = compiler.build_relax(proto, frontend.input_specs(proto, None), target,
+                                       kernel_schedules=_EmulatedMmaSchedules(target), force_kind=force_kind)
+    assert report.count("binary" if force_kind else "sparks") == 4
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target, relax_pipeline=compiler.relax_pipeline(target)),
+                              tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x, tvm.cpu()))
+    np.testing.assert_array_equal((got.numpy() if hasattr(got, "numpy") else got[0].numpy()), want)
