@@ -18,14 +18,19 @@ if "TVM_NUM_THREADS" not in _os.environ:
 
 from .errors import (  # noqa: E402
     CompileError,
+    ExportError,
+    InputFileError,
     InputValueError,
+    LibraryError,
     ModelLoadError,
     NonBinaryWeightsError,
     QONNXError,
     ShapeError,
     SparksError,
+    TuningDatabaseError,
     TuningError,
     UnsupportedOpsError,
+    WorkDirLockedError,
 )
 from .report import LayerRecord, Report  # noqa: E402
 
@@ -54,6 +59,11 @@ __all__ = [
     "CompileError",
     "QONNXError",
     "InputValueError",
+    "ExportError",
+    "LibraryError",
+    "InputFileError",
+    "WorkDirLockedError",
+    "TuningDatabaseError",
 ]
 
 

@@ -4,16 +4,26 @@
     sparks-tvm run model.so --inputs x.npz [--outputs y.npz]
     sparks-tvm inspect model.onnx [--json]
     sparks-tvm bench model.so [--warmup 5] [--repeat 50] [--layers] [--json]
-    sparks-tvm tune model.onnx --target llvm --trials 64 --work-dir tune-host
+    sparks-tvm tune model.onnx --target llvm --trials 64 --work-dir tune-host [--wait]
+
+Every failure is one line on stderr naming the bad thing, exit status 2 for bad input (a
+``SparksError``, a bad argument) and 1 for anything else (a full disk, an internal error);
+``--debug`` adds the traceback. docs/errors.md lists the errors and what to do.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import os
 import sys
+import time
+import traceback
 
 import numpy as np
 
+from . import __version__, library
 from .errors import SparksError
 
 
@@ -33,17 +43,34 @@ def parse_shapes(text: str | None) -> dict | None:
     return shapes
 
 
+def default_output(model_path: str) -> str:
+    """``nets/resnet.onnx`` -> ``resnet.so`` (in the working directory, like ``cc -o``'s a.out)."""
+    stem = os.path.splitext(os.path.basename(os.path.normpath(model_path)))[0] or "model"
+    return stem + ".so"
+
+
 def _cmd_compile(args) -> int:
     import sparks_tvm
 
-    model = sparks_tvm.compile(args.model, target=args.target, shapes=parse_shapes(args.shapes),
-                               strict=not args.allow_float, tuning_db=args.tuning_db)
-    model.export_library(args.output, cross_compiler=args.cross_compiler)
+    from .compiler import check_writable
     from .target import target_json
 
-    print(f"target: {target_json(model.target)}")
-    print(model.report)
-    print(f"wrote {args.output} (+{args.output}.sparks.json)")
+    output = args.output or default_output(args.model)
+    check_writable(output)  # before minutes of compiling, not after
+
+    def phase(name, secs):
+        if not args.quiet:
+            print(f"{name:<7} {secs:7.2f} s", flush=True)
+
+    model = sparks_tvm.compile(args.model, target=args.target, shapes=parse_shapes(args.shapes),
+                               strict=not args.allow_float, tuning_db=args.tuning_db, progress=phase)
+    replacing = os.path.exists(output)
+    model.export_library(output, cross_compiler=args.cross_compiler)
+    phase("link", model.phase_times["link"])
+    if not args.quiet:
+        print(f"target: {target_json(model.target)}")
+        print(model.report)
+    print(f"{'replaced' if replacing else 'wrote'} {output} (+{output}.sparks.json)")
     return 0
 
 
@@ -59,16 +86,10 @@ def _cmd_run(args) -> int:
     else:
         model = sparks_tvm.load(args.library)
     names = [d["name"] for d in model.inputs]
-    arrays = []
+    if args.outputs:
+        check_output_file(args.outputs)
     if args.inputs:
-        try:
-            data = np.load(args.inputs)
-        except Exception as err:
-            raise SparksError(f"{args.inputs}: cannot read inputs ({err})") from None
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise SparksError(f"{args.inputs} lacks input(s) {missing}; it has {sorted(data.keys())}")
-        arrays = [data[n] for n in names]
+        arrays = library.read_inputs(args.inputs, names)
     else:
         rng = np.random.default_rng(0)
         arrays = [rng.standard_normal(d["shape"]).astype(d["dtype"]) for d in model.inputs]
@@ -79,7 +100,8 @@ def _cmd_run(args) -> int:
         flat = out.reshape(out.shape[0], -1) if out.ndim > 1 else out.reshape(1, -1)
         print(f"{name}: shape {out.shape} dtype {out.dtype} argmax {np.argmax(flat, axis=1).tolist()}")
     if args.outputs:
-        np.savez(args.outputs, **dict(zip(onames, outputs)))
+        with open(args.outputs, "wb") as fh:  # a file object: np.savez would append .npz to the name
+            np.savez(fh, **dict(zip(onames, outputs)))
         print(f"wrote {args.outputs}")
     if args.repeat:
         stats = model.benchmark(*arrays, repeat=args.repeat)
@@ -93,6 +115,7 @@ def _cmd_inspect(args) -> int:
     result = inspect_model(args.model, shapes=parse_shapes(args.shapes))
     text = result.to_json() if args.json else str(result)
     if args.output:
+        check_output_file(args.output)
         with open(args.output, "w") as fh:
             fh.write(text + "\n")
         print(f"wrote {args.output}")
@@ -102,23 +125,23 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    import json
-
     import sparks_tvm
 
     from . import bench
 
     model = sparks_tvm.load(args.library)
     if args.inputs:
-        with np.load(args.inputs) as data:
-            arrays = [data[d["name"]] for d in model.inputs]
+        arrays = library.read_inputs(args.inputs, [d["name"] for d in model.inputs])
     else:
         # Latency does not depend on the values: a fixed random input of the recorded shape.
         rng = np.random.default_rng(0)
         arrays = [rng.standard_normal(d["shape"]).astype(d["dtype"]) for d in model.inputs]
-    if args.warmup < 0 or args.repeat < 1:
-        raise SparksError("--warmup must be >= 0 and --repeat >= 1")
-    result = {"library": args.library, "target": model._meta.get("target"),
+    target = model._meta.get("target")
+    try:
+        target = json.loads(target) if isinstance(target, str) else target  # an object, not a string of one
+    except ValueError:
+        pass
+    result = {"library": args.library, "target": target,
               "latency": bench.benchmark_model(model, arrays, args.warmup, args.repeat)}
     if args.layers:
         result["layers"] = bench.layer_times(model, arrays, repeat=min(args.repeat, 20))
@@ -136,18 +159,22 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    import json
-
     import sparks_tvm
 
     from . import tune as tune_mod
+    from .target import resolve_target, with_cores
 
-    if bool(args.rpc_tracker) != bool(args.rpc_key):
+    if bool(args.tracker) != bool(args.key):
         raise SparksError("--rpc-tracker and --rpc-key go together (the device key registered with the tracker)")
-    runner = tune_mod.rpc_runner(args.rpc_tracker, args.rpc_key) if args.rpc_tracker else None
-    result = sparks_tvm.tune(args.model, target=args.target, work_dir=args.work_dir, trials=args.trials,
+    target = args.target
+    if args.threads:
+        # Measure with this many threads: TVM's pool reads the variable when it first starts.
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+        target = with_cores(resolve_target(target), args.threads)
+    runner = tune_mod.rpc_runner(args.tracker, args.key) if args.tracker else None
+    result = sparks_tvm.tune(args.model, target=target, work_dir=args.work_dir, trials=args.trials,
                              runner=runner, shapes=parse_shapes(args.shapes), strict=not args.allow_float,
-                             batch=args.batch, seed=args.seed)
+                             batch=args.batch, seed=args.seed, wait=args.wait)
     if args.json:
         print(json.dumps(result.to_json(), indent=1))
     else:
@@ -158,75 +185,187 @@ def _cmd_tune(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sparks-tvm", description="TVM compiler for Sparks sub-bit BNNs")
-    sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compile", help="compile an ONNX model to a shared library")
+def check_output_file(path: str) -> None:
+    """A one-line :class:`SparksError` if ``path`` cannot be written (before any work is done)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SparksError(f"{path}: is a directory, expected a file name")
+    if not os.path.isdir(folder):
+        raise SparksError(f"{path}: the folder {folder} does not exist")
+    if os.path.exists(path) and not os.access(path, os.W_OK) or not os.access(folder, os.W_OK):
+        raise SparksError(f"{path}: not writable")
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse then reports the flag and value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the usage block stays behind ``--help``)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _rpc_flags(p, direct: bool) -> None:
+    """The RPC flags, one spelling for run and tune (the older short spellings are aliases)."""
+    if direct:
+        p.add_argument("--rpc", metavar="HOST:PORT", help="run on a remote device's tvm.exec.rpc_server (e.g. a Raspberry Pi)")
+    p.add_argument("--rpc-tracker", "--tracker", dest="tracker", metavar="HOST:PORT",
+                   help="get the remote device from this RPC tracker (with --rpc-key)")
+    p.add_argument("--rpc-key", "--key", dest="key", metavar="KEY", help="device key registered with the tracker, e.g. rpi4b")
+    if direct:
+        p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the device (default 60)")
+
+
+def _compile_parser(sub, common) -> None:
+    c = sub.add_parser("compile", parents=[common], help="compile an ONNX model to a shared library")
     c.add_argument("model", help="ONNX file")
     c.add_argument("--target", default="llvm",
                    help="llvm (this CPU, default), arm_cpu (Raspberry Pi 4, aarch64; also rpi3, rpi5, aarch64), "
                         "a TVM tag, or a target JSON")
     c.add_argument("--shapes", help="input shapes, e.g. input:1x3x224x224[,other:1x10]")
-    c.add_argument("-o", "--output", default="model.so", help="output library (default model.so)")
+    c.add_argument("-o", "--output", help="output library (default: the model's name with .so, here)")
     c.add_argument("--allow-float", action="store_true",
                    help="compile binarized convs with non-binary weights in float instead of failing")
     c.add_argument("--tuning-db", metavar="DIR", help="apply the tuning records of 'sparks-tvm tune' in DIR")
     c.add_argument("--cross-compiler", metavar="CC",
                    help="linker for the library (default for ARM targets: aarch64-linux-gnu-gcc if on PATH, "
                         "else zig from pip install 'sparks-tvm[arm]')")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only the line naming the written library")
     c.set_defaults(func=_cmd_compile)
-    t = sub.add_parser("tune", help="autotune the binary kernels with MetaSchedule (XGBoost); resumable records")
+
+
+def _tune_parser(sub, common) -> None:
+    t = sub.add_parser("tune", parents=[common],
+                       help="autotune the binary kernels with MetaSchedule (XGBoost); resumable records")
     t.add_argument("model", help="ONNX file")
     t.add_argument("--target", default="llvm", help="as for compile (one work dir per target)")
-    t.add_argument("--trials", type=int, default=64, help="measured candidates over all kernels (default 64)")
+    t.add_argument("--trials", type=_int_at_least(0), default=64, help="measured candidates over all kernels (default 64)")
     t.add_argument("--work-dir", required=True, help="records, logs, curve; rerun with it to resume")
     t.add_argument("--shapes", help="input shapes, e.g. input:1x3x224x224[,other:1x10]")
-    t.add_argument("--batch", type=int, default=8, help="candidates per search round (default 8)")
+    t.add_argument("--batch", type=_int_at_least(1), default=8, help="candidates per search round (default 8)")
     t.add_argument("--seed", type=int, default=0, help="search seed")
-    t.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device of this RPC tracker (ARM)")
-    t.add_argument("--rpc-key", metavar="KEY", help="device key registered with the tracker, e.g. rpi4b")
+    t.add_argument("--threads", type=_int_at_least(1),
+                   help="threads to measure with (default: all cores); tune with the count you will run with")
+    t.add_argument("--wait", action="store_true",
+                   help="if another tune holds the work dir, wait for it to end (default: fail at once)")
+    _rpc_flags(t, direct=False)
     t.add_argument("--allow-float", action="store_true", help="as for compile")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     t.set_defaults(func=_cmd_tune)
-    i = sub.add_parser("inspect", help="per conv: binary or not and why, codewords, bits/weight, BOPs, "
-                                       "what will be lowered (nothing is built)")
+
+
+def _run_parsers(sub, common) -> None:
+    i = sub.add_parser("inspect", parents=[common], help="per conv: binary or not and why, codewords, bits/weight, "
+                                                        "BOPs, what will be lowered (nothing is built)")
     i.add_argument("model", help="ONNX file")
     i.add_argument("--shapes", help="input shapes, e.g. input:1x3x224x224[,other:1x10]")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("-o", "--output", help="write the table/JSON to this file")
     i.set_defaults(func=_cmd_inspect)
-    r = sub.add_parser("run", help="run a compiled library")
+    r = sub.add_parser("run", parents=[common], help="run a compiled library")
     r.add_argument("library", help="library written by 'sparks-tvm compile'")
     r.add_argument("--inputs", help=".npz with one array per model input, by name")
     r.add_argument("--outputs", help="write outputs to this .npz")
-    r.add_argument("--repeat", type=int, default=0, help="also time this many runs")
-    r.add_argument("--rpc", metavar="HOST:PORT", help="run on a remote device's tvm.exec.rpc_server (e.g. a Raspberry Pi)")
-    r.add_argument("--tracker", metavar="HOST:PORT", help="get the remote device from this RPC tracker (with --key)")
-    r.add_argument("--key", help="device key registered with the tracker, e.g. rpi4b")
-    r.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the device (default 60)")
+    r.add_argument("--repeat", type=_int_at_least(0), default=0, help="also time this many runs")
+    _rpc_flags(r, direct=True)
     r.set_defaults(func=_cmd_run)
-    b = sub.add_parser("bench", help="latency (mean, median, p90/p99), throughput and per-kernel times")
+    b = sub.add_parser("bench", parents=[common], help="latency (mean, median, p90/p99), throughput, per-kernel times")
     b.add_argument("library", help="library written by 'sparks-tvm compile'")
     b.add_argument("--inputs", help=".npz inputs (default: random, of the recorded shapes)")
-    b.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
-    b.add_argument("--repeat", type=int, default=50, help="timed runs (default 50)")
+    b.add_argument("--warmup", type=_int_at_least(0), default=5, help="untimed runs first (default 5)")
+    b.add_argument("--repeat", type=_int_at_least(1), default=50, help="timed runs (default 50)")
     b.add_argument("--layers", action="store_true", help="also a per-kernel time table")
     b.add_argument("--json", action="store_true", help="print JSON")
     b.set_defaults(func=_cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="sparks-tvm", description="TVM compiler for Sparks sub-bit BNNs")
+    ap.add_argument("--version", action="version", version=f"sparks-tvm {__version__}")
+    ap.add_argument("--debug", action="store_true", help="on an error, also print the Python traceback")
+    # --debug after the command too; SUPPRESS keeps a subcommand's default from hiding the global flag.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _compile_parser(sub, common)
+    _tune_parser(sub, common)
+    _run_parsers(sub, common)
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "target", None) and args.target.lstrip().startswith("{"):
-        import json
-
-        args.target = json.loads(args.target)
+def parse_target(text):
+    """A ``--target`` value starting with ``{`` is JSON: a typo is a one-line error."""
+    if not (isinstance(text, str) and text.lstrip().startswith("{")):
+        return text
     try:
-        return args.func(args)
+        return json.loads(text)
+    except ValueError as err:
+        raise SparksError(f"--target {text!r} is not valid JSON ({err}); e.g. --target "
+                          '\'{"kind": "llvm", "mcpu": "cortex-a72"}\'') from None
+
+
+def main(argv=None) -> int:
+    """The CLI: one line per error, exit 2 for bad input, 1 for anything else (see the module doc)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a bad argument (already printed, one line)
+        return done.code if isinstance(done.code, int) else 2
+    try:
+        if getattr(args, "target", None):
+            args.target = parse_target(args.target)
+        status = args.func(args)
+        sys.stdout.flush()  # a full disk or closed pipe must fail here, in our hands, not at exit
+        return status
     except SparksError as err:
-        print(f"sparks-tvm: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(args, str(err), 2)
+    except KeyboardInterrupt:
+        return _fail(args, "interrupted", 130)
+    except OSError as err:  # a full disk, a folder that vanished, a closed pipe
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        if err.errno in (errno.ENOSPC, errno.EPIPE):
+            _silence_stdout()
+        return _fail(args, f"{where}{err.strerror or err}", 1)
+    except Exception as err:  # noqa: BLE001 - the last guard: one line, traceback with --debug
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        return _fail(args, f"internal error: {err.__class__.__name__}: {first} (rerun with --debug for the "
+                           "traceback, and please report it)", 1)
+
+
+def _fail(args, message: str, status: int) -> int:
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    # One line: multi-line errors (the unsupported-ops list) are joined.
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    try:
+        sys.stderr.write(f"sparks-tvm: error: {text}\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
+    return status
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a full stdout says nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

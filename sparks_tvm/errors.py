@@ -45,3 +45,27 @@ class InputValueError(SparksError):
 
 class TuningError(SparksError):
     """Tuning could not be done or its records cannot be used (wrong target, nothing measured...)."""
+
+
+class ExportError(CompileError):
+    """Writing the shared library failed: the linker's own message (its stderr tail) is shown,
+    or the output folder is not writable."""
+
+
+class LibraryError(SparksError):
+    """A compiled library or its ``.sparks.json`` sidecar is missing, unreadable, truncated or
+    does not match (size and sha256 are recorded at export and checked before loading, because
+    loading a damaged shared library crashes the process instead of raising)."""
+
+
+class InputFileError(SparksError):
+    """An inputs file (``--inputs x.npz``) cannot be read or lacks an input of the model."""
+
+
+class WorkDirLockedError(TuningError):
+    """Another ``tune`` is running on the same work dir (the message gives its PID)."""
+
+
+class TuningDatabaseError(TuningError):
+    """The tuning database in a work dir is damaged in a way that is not a partial last write;
+    the file is kept as it is, for the user to inspect, move away, or truncate."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx.shape_inference
 from onnx import helper
@@ -27,15 +28,21 @@ class InputSpec:
     dtype: str
 
 
-def load_onnx(model, rewrite_qonnx: bool = True) -> onnx.ModelProto:
+def load_onnx(model, rewrite_qonnx: bool = True, base_dir=None) -> onnx.ModelProto:
     """Accept a path, raw bytes or an ``onnx.ModelProto``; check it.
 
     With ``rewrite_qonnx`` (default), QONNX quantization nodes (Brevitas/FINN exports) are
     rewritten into standard ONNX (:mod:`sparks_tvm.qonnx`) on a copy of the model, before the
     supported-ops check sees them.
+
+    Weights stored as ONNX external data are read from ``base_dir``: by default the folder
+    of a model given as a path, never the working directory (a ``w.bin`` there would be read
+    silently instead). Bytes or a ModelProto with external data need ``base_dir``.
     """
     if isinstance(model, onnx.ModelProto):
         proto, origin = model, "the given ModelProto"
+        if _external_tensors(proto):
+            proto = _copy(proto)  # loading the external data must not change the caller's model
     else:
         if isinstance(model, (bytes, bytearray)):
             data, origin = bytes(model), "the given bytes"
@@ -43,6 +50,9 @@ def load_onnx(model, rewrite_qonnx: bool = True) -> onnx.ModelProto:
             origin = os.fspath(model)
             if not os.path.exists(origin):
                 raise ModelLoadError(f"{origin}: no such file")
+            if os.path.isdir(origin):
+                raise ModelLoadError(f"{origin}: a directory, not an ONNX file")
+            base_dir = os.path.dirname(os.path.abspath(origin)) if base_dir is None else base_dir
             with open(origin, "rb") as fh:
                 data = fh.read()
         else:
@@ -55,6 +65,7 @@ def load_onnx(model, rewrite_qonnx: bool = True) -> onnx.ModelProto:
             raise ModelLoadError(f"{origin}: not a readable ONNX model (truncated or corrupt?): {err}") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelLoadError(f"{origin}: the ONNX model has an empty graph")
+    load_external_data(proto, base_dir, origin)
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
@@ -72,6 +83,44 @@ def load_onnx(model, rewrite_qonnx: bool = True) -> onnx.ModelProto:
     except Exception as err:
         raise ModelLoadError(f"{origin}: invalid ONNX model (shape inference): {str(err).splitlines()[0]}") from None
     return proto
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    return out
+
+
+def _external_tensors(proto: onnx.ModelProto) -> list:
+    return [t for t in onnx.external_data_helper._get_all_tensors(proto)
+            if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def load_external_data(proto: onnx.ModelProto, base_dir, origin: str) -> None:
+    """Read the external data of ``proto``'s tensors from ``base_dir`` into the tensors (in place).
+
+    Raises :class:`ModelLoadError` naming the file when one is missing or too short, and
+    when bytes or a ModelProto with external data come without ``base_dir``.
+    """
+    tensors = _external_tensors(proto)
+    if not tensors:
+        return
+    files = sorted({onnx.external_data_helper.ExternalDataInfo(t).location for t in tensors})
+    if base_dir is None:
+        raise ModelLoadError(f"{origin} stores weights in external file(s) {files[:3]}: pass base_dir= (the "
+                             "folder holding them), or the model's path instead of its bytes")
+    base_dir = os.fspath(base_dir)
+    for tensor in tensors:
+        location = onnx.external_data_helper.ExternalDataInfo(tensor).location
+        path = os.path.join(base_dir, location)
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"{origin}: external data file {location!r} of weight {tensor.name!r} is missing "
+                                 f"(looked for {path})")
+        try:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, base_dir)
+        except Exception as err:  # noqa: BLE001 - onnx raises ValueError, OSError, ValidationError
+            raise ModelLoadError(f"{origin}: cannot read weight {tensor.name!r} from external data file "
+                                 f"{location!r} in {base_dir}: {str(err).splitlines()[0][:200]}") from None
 
 
 #: Ops whose constant inputs are learned parameters: NaN/inf there is a corrupt model, not a

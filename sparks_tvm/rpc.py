@@ -13,7 +13,6 @@ or, as a ``.tar`` of object files, on the device by its own ``gcc``.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import socket
 import tempfile
@@ -23,8 +22,8 @@ import numpy as np
 import tvm
 from tvm import relax, rpc
 
-from . import frontend
-from .compiler import SIDECAR_SUFFIX, CompiledModel, _flatten
+from . import frontend, library
+from .compiler import CompiledModel, _flatten
 from .errors import SparksError
 
 
@@ -239,9 +238,7 @@ def deploy(model, address: str | None = None, *, tracker: str | None = None, key
     path = os.fspath(model)
     if not os.path.exists(path):
         raise RemoteError(f"{path}: no such file")
-    side = path + SIDECAR_SUFFIX
-    if not os.path.exists(side):
-        raise RemoteError(f"{side} is missing: it records the inputs of {path}; export with sparks_tvm")
-    with open(side) as fh:
-        meta = json.load(fh)
+    # The same checks as sparks_tvm.load: a damaged library must fail here, named, not on the device.
+    meta = library.read_sidecar(path)
+    library.check_library(path, meta)
     return RemoteModel(session, path, meta, timeout=max(timeout, session_timeout or timeout))

@@ -130,6 +130,11 @@ def resolve_target(target) -> tvm.target.Target:
     raise SparksError(f"target must be a str, dict or tvm.target.Target, got {type(target).__name__}")
 
 
+def with_cores(target: tvm.target.Target, cores: int) -> tvm.target.Target:
+    """``target`` with ``num-cores`` set: the thread count its kernels are scheduled and tuned for."""
+    return tvm.target.Target(dict(target.export(), **{"num-cores": int(cores)}))
+
+
 def target_json(target: tvm.target.Target) -> str:
     return json.dumps(dict(target.export()), default=_jsonable, sort_keys=True)
 

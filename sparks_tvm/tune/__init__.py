@@ -45,6 +45,7 @@ from .database import (
     TRIALS_FILE,
     WORKLOADS_FILE,
     check_target,
+    lock_work_dir,
     open_database,
     repair_records,
     tuned_schedules,
@@ -58,7 +59,7 @@ from .space import extract_tasks
 __all__ = [
     "CURVE_FILE", "FAILED_SECS", "META_FILE", "RECORDS_FILE", "TRIALS_FILE", "VALIDATION_MARGIN", "WORKLOADS_FILE",
     "InProcessBuilder", "TaskResult", "TuneResult", "TuningError", "check_target", "default_runner",
-    "extract_tasks", "in_process_builder", "open_database", "plot_curve", "repair_records", "rpc_runner", "tune",
+    "extract_tasks", "in_process_builder", "lock_work_dir", "open_database", "plot_curve", "repair_records", "rpc_runner", "tune",
     "tune_kernels", "tuned_schedules",
 ]
 

@@ -8,6 +8,9 @@ Layout (see :mod:`sparks_tvm.tune`): ``database_workload.json`` and
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -19,7 +22,7 @@ from tvm.s_tir import meta_schedule as ms
 import schedules
 from schedules.tuning import TunedSchedules
 
-from ..errors import TuningError
+from ..errors import TuningDatabaseError, TuningError, WorkDirLockedError
 from ..target import target_json
 
 logger = logging.getLogger("sparks_tvm")
@@ -30,6 +33,7 @@ CURVE_FILE = "tune_curve.png"
 RECORDS_FILE = "database_tuning_record.json"
 WORKLOADS_FILE = "database_workload.json"
 SUMMARY_FILE = "tune_summary.json"
+LOCK_FILE = ".sparks-tune.lock"
 #: MetaSchedule records a candidate whose build or run failed with this latency (kMaxMeanTime).
 FAILED_SECS = 1e9
 
@@ -80,7 +84,14 @@ def _brief(target_text) -> str:
 
 
 def repair_records(work_dir: str) -> int:
-    """Drop a trailing partial line (a run killed while appending); returns lines dropped."""
+    """Drop a partial last line (a run killed while appending); returns lines dropped.
+
+    Only a last line *without its newline* can be a partial write (JSON lines are appended
+    one at a time, newline last): it is dropped, or finished with its newline if it is a
+    whole record. Any other line that is not JSON is damage of another kind (an editor, a
+    disk error, a concurrent writer): :class:`TuningDatabaseError` names it and the file is
+    left exactly as it is.
+    """
     dropped = 0
     for name in (RECORDS_FILE, WORKLOADS_FILE, TRIALS_FILE):
         path = os.path.join(work_dir, name)
@@ -88,27 +99,87 @@ def repair_records(work_dir: str) -> int:
             continue
         with open(path, "rb") as fh:
             data = fh.read()
-        if not data:
+        complete, _, partial = data.rpartition(b"\n") if not data.endswith(b"\n") else (data[:-1], b"\n", b"")
+        check_lines(path, complete.split(b"\n") if complete else [])
+        if not partial:
             continue
-        lines = data.split(b"\n")
-        keep = len(lines)
-        # Only the last line can be partial: JSON lines are appended one at a time.
-        tail = lines[-1] if lines[-1] else (lines[-2] if len(lines) > 1 else b"")
-        try:
-            json.loads(tail)
-            if lines[-1]:
-                # A complete record without its newline: finish the line.
-                with open(path, "ab") as fh:
-                    fh.write(b"\n")
+        if _is_json(partial):
+            with open(path, "ab") as fh:  # a whole record without its newline: finish the line
+                fh.write(b"\n")
             continue
-        except ValueError:
-            keep = len(lines) - (1 if lines[-1] else 2)
-        good = b"\n".join(lines[:keep]) + (b"\n" if keep else b"")
         with open(path, "wb") as fh:
-            fh.write(good)
+            fh.write(complete + b"\n" if complete else b"")
         dropped += 1
         logger.warning("%s: dropped a partial last line (a tuning run was killed while writing it)", path)
     return dropped
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def check_lines(path: str, lines: list) -> None:
+    """Raise :class:`TuningDatabaseError` at the first complete line that is not JSON."""
+    for i, line in enumerate(lines):
+        if line.strip() and not _is_json(line):
+            raise TuningDatabaseError(
+                f"{path}: line {i + 1} of {len(lines)} is not a JSON record ({line[:60]!r}...), and it is not a "
+                "partial last write; the file is kept as it is. Move the work dir away and tune into a fresh "
+                "one, or delete that line if you know it is the only damage")
+
+
+@contextlib.contextmanager
+def lock_work_dir(work_dir: str, wait: bool = False):
+    """Hold the work dir's lock (``.sparks-tune.lock``, with the holder's PID) for one tuning run.
+
+    Two runs appending to one MetaSchedule database interleave their records and each
+    overwrites the other's metadata. Without ``wait`` a second run fails at once with
+    :class:`WorkDirLockedError` naming the holder; with it, it waits for the first to end.
+    The lock is an ``flock``: the kernel releases it when its holder dies, however it dies.
+    """
+    path = os.path.join(work_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = _lock_holder(fd)
+            if not wait:
+                raise WorkDirLockedError(
+                    f"work dir {work_dir} is in use by another tuning run (PID {holder}); wait for it to end, "
+                    "rerun with --wait (tune(..., wait=True)) to queue behind it, or use another work dir") from None
+            logger.warning("work dir %s is in use by PID %s: waiting for it to end", work_dir, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
+def prepare_work_dir(work_dir: str) -> str:
+    """Create ``work_dir`` if needed; :class:`TuningError` if it is a file or cannot be created."""
+    work_dir = os.fspath(work_dir)
+    if os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        raise TuningError(f"work dir {work_dir} is a file, not a folder: give a new or existing folder")
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+    except OSError as err:
+        raise TuningError(f"work dir {work_dir}: cannot create it ({err.strerror or err})") from None
+    return work_dir
 
 
 def open_database(work_dir: str, read_only: bool = False):
@@ -120,13 +191,9 @@ def open_database(work_dir: str, read_only: bool = False):
     damaged file, leaves the work dir exactly as it found it.
     """
     if not read_only:
-        os.makedirs(work_dir, exist_ok=True)
+        prepare_work_dir(work_dir)
         repair_records(work_dir)
-        return ms.database.JSONDatabase(
-            path_workload=os.path.join(work_dir, WORKLOADS_FILE),
-            path_tuning_record=os.path.join(work_dir, RECORDS_FILE),
-            module_equality="structural",
-        )
+        return _json_database(work_dir, work_dir)
     private = tempfile.mkdtemp(prefix="sparks-tuning-db-")
     try:
         for name in (WORKLOADS_FILE, RECORDS_FILE):
@@ -138,16 +205,29 @@ def open_database(work_dir: str, read_only: bool = False):
             # A line still being appended by a running tune has no newline yet: leave it out.
             if data and not data.endswith(b"\n"):
                 data = data[: data.rfind(b"\n") + 1]
+            check_lines(src, data.split(b"\n")[:-1])
             with open(os.path.join(private, name), "wb") as fh:
                 fh.write(data)
-        return ms.database.JSONDatabase(
-            path_workload=os.path.join(private, WORKLOADS_FILE),
-            path_tuning_record=os.path.join(private, RECORDS_FILE),
-            module_equality="structural",
-        )
+        return _json_database(private, work_dir)
     finally:
         # JSONDatabase has read both files into memory; nothing is written to it when compiling.
         shutil.rmtree(private, ignore_errors=True)
+
+
+def _json_database(folder: str, work_dir: str):
+    """MetaSchedule's JSONDatabase on ``folder``; its bare RuntimeError on bad records is named."""
+    try:
+        return ms.database.JSONDatabase(
+            path_workload=os.path.join(folder, WORKLOADS_FILE),
+            path_tuning_record=os.path.join(folder, RECORDS_FILE),
+            module_equality="structural",
+        )
+    except Exception as err:  # noqa: BLE001 - TVM raises RuntimeError, bad_alloc, UnicodeDecodeError
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise TuningDatabaseError(
+            f"the tuning database in {work_dir} is corrupt or was not written by sparks_tvm.tune "
+            f"({err.__class__.__name__}: {first}); the files are kept: move the work dir away and tune into a "
+            "fresh one") from None
 
 
 def tuned_schedules(work_dir, target):

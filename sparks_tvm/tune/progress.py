@@ -73,6 +73,28 @@ class Run:
 
 
 
+class LogFile(logging.FileHandler):
+    """A log file that, when it cannot be written (a full disk), says so once and stops.
+
+    ``logging.FileHandler`` prints a traceback per record that fails (``--- Logging error
+    ---``); a log is not worth that, nor worth stopping a tuning run whose records may still
+    fit. One line on stderr, then nothing more is written to that file.
+    """
+
+    failed = False
+
+    def emit(self, record):
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record):  # noqa: N802 - logging's name
+        if not self.failed:
+            err = sys.exc_info()[1]
+            sys.stderr.write(f"sparks-tvm: warning: cannot write the log {self.baseFilename} "
+                             f"({getattr(err, 'strerror', None) or err}); not logging there any more\n")
+        self.failed = True
+
+
 def task_loggers(work_dir: str, names: list) -> list:
     """One DEBUG file log per task in ``work_dir/logs`` (MetaSchedule's per-task logs).
 
@@ -88,7 +110,7 @@ def task_loggers(work_dir: str, names: list) -> list:
         lg.setLevel(logging.DEBUG)
         lg.propagate = False
         if not lg.handlers:
-            handler = logging.FileHandler(path)
+            handler = LogFile(path)
             handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
             lg.addHandler(handler)
         out.append(lg)
@@ -108,7 +130,7 @@ class SchedulerLog:
     def __enter__(self):
         self.logger = logging.getLogger("tvm.s_tir.meta_schedule")
         self.saved = (self.logger.level, self.logger.propagate)
-        self.file = logging.FileHandler(self.path)
+        self.file = LogFile(self.path)
         self.file.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
         self.console = logging.StreamHandler(sys.stderr)
         self.console.setLevel(logging.WARNING)

@@ -24,7 +24,17 @@ from schedules.tuning import mutate_categorical
 from .. import frontend
 from ..errors import TuningError
 from ..target import resolve_target, target_json
-from .database import SUMMARY_FILE, check_printable, check_target, count_records, open_database, read_meta, write_meta
+from .database import (
+    SUMMARY_FILE,
+    check_printable,
+    check_target,
+    count_records,
+    lock_work_dir,
+    open_database,
+    prepare_work_dir,
+    read_meta,
+    write_meta,
+)
 from .measure import float_imm, mean_secs, measure_default, validate
 from .progress import ProgressCallback, Run, SchedulerLog, task_loggers
 from .report import TaskResult, TuneResult, plot_curve
@@ -60,7 +70,7 @@ class NoTensorIntrinsics:
 
 def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=None, *, shapes: dict | None = None,
          strict: bool = True, force_kind: str | None = None, builder=None, batch: int = 8, seed: int = 0,
-         progress: bool | None = None, plot: bool = True) -> TuneResult:
+         progress: bool | None = None, plot: bool = True, wait: bool = False) -> TuneResult:
     """Tune a model's binary kernels with MetaSchedule (XGBoost cost model); records go to ``work_dir``.
 
     Parameters
@@ -88,6 +98,9 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
         Progress bar on stderr; default: when stderr is a terminal.
     plot : bool
         Write ``tune_curve.png`` (needs matplotlib; skipped with a warning without it).
+    wait : bool
+        If another run holds ``work_dir`` (see :func:`.database.lock_work_dir`), wait for it
+        to end instead of failing at once with :class:`~sparks_tvm.errors.WorkDirLockedError`.
 
     Returns
     -------
@@ -98,11 +111,15 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
     ------
     TuningError
         No binary kernel to tune; records of another target in ``work_dir``; a default
-        schedule that cannot be measured; trials were run but none could be measured.
+        schedule that cannot be measured; trials were run but none could be measured;
+        ``work_dir`` is a file, is in use by another run, or holds a damaged database.
     """
     t_start = time.perf_counter()
-    if trials < 0:
-        raise TuningError(f"trials must be >= 0, got {trials}")
+    if not isinstance(trials, int) or trials < 0:
+        raise TuningError(f"trials must be an integer >= 0, got {trials!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise TuningError(f"batch (candidates per search round) must be an integer >= 1, got {batch!r}")
+    work_dir = prepare_work_dir(work_dir)
     proto = frontend.load_onnx(model)
     frontend.check_supported_ops(proto)
     specs = frontend.input_specs(proto, shapes)
@@ -111,21 +128,31 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
     if not pairs:
         raise TuningError("the model has no binary convolution to tune (see `sparks-tvm inspect`)")
     return tune_kernels(pairs, tgt, work_dir, trials, runner, builder=builder, batch=batch, seed=seed,
-                        progress=progress, plot=plot, t_start=t_start)
+                        progress=progress, plot=plot, t_start=t_start, wait=wait)
+
 
 def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None, batch: int = 8, seed: int = 0,
                  progress: bool | None = None, plot: bool = True, t_start: float | None = None,
                  skip_intrinsics: bool = True, max_trials_per_task: int | None = None,
-                 validate_rounds: int = 9) -> TuneResult:
+                 validate_rounds: int = 9, wait: bool = False) -> TuneResult:
     """Tune kernel tasks directly: ``pairs`` is ``[(schedules.tuning.KernelTask, layers)]``.
 
     :func:`tune` after task extraction; also used by ``benchmarks/bench_tune.py`` on layer
     shapes without a model. ``skip_intrinsics=False`` keeps MetaSchedule's import of every
-    tensor intrinsic (to measure the stock set-up).
+    tensor intrinsic (to measure the stock set-up). The work dir is locked for the run
+    (``wait``: as for :func:`tune`).
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    work_dir = os.fspath(work_dir)
-    os.makedirs(work_dir, exist_ok=True)
+    work_dir = prepare_work_dir(work_dir)
+    with lock_work_dir(work_dir, wait=wait):
+        return _tune_locked(pairs, tgt, work_dir, trials, runner, builder=builder, batch=batch, seed=seed,
+                            progress=progress, plot=plot, t_start=t_start, skip_intrinsics=skip_intrinsics,
+                            max_trials_per_task=max_trials_per_task, validate_rounds=validate_rounds)
+
+
+def _tune_locked(pairs, tgt, work_dir, trials, runner, *, builder, batch, seed, progress, plot, t_start,
+                 skip_intrinsics, max_trials_per_task, validate_rounds) -> TuneResult:
+    """The body of :func:`tune_kernels`, run while holding the work dir's lock."""
     meta = read_meta(work_dir)
     check_target(work_dir, tgt, meta)
     if meta is None:
