@@ -320,14 +320,16 @@ def parse_target(text):
 
 def main(argv=None) -> int:
     """The CLI: one line per error, exit 2 for bad input, 1 for anything else (see the module doc)."""
+    args = None
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as done:  # --help, --version, or a bad argument (already printed, one line)
-        return done.code if isinstance(done.code, int) else 2
-    try:
-        if getattr(args, "target", None):
-            args.target = parse_target(args.target)
-        status = args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a bad argument (already printed, one line)
+            status = done.code if isinstance(done.code, int) else 2
+        else:
+            if getattr(args, "target", None):
+                args.target = parse_target(args.target)
+            status = args.func(args)
         sys.stdout.flush()  # a full disk or closed pipe must fail here, in our hands, not at exit
         return status
     except SparksError as err:

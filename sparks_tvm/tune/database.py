@@ -132,6 +132,11 @@ def check_lines(path: str, lines: list) -> None:
                 "one, or delete that line if you know it is the only damage")
 
 
+#: Work dirs whose lock this process holds -> nesting depth (flock would refuse a second
+#: open file of the same process).
+_HELD: dict = {}
+
+
 @contextlib.contextmanager
 def lock_work_dir(work_dir: str, wait: bool = False):
     """Hold the work dir's lock (``.sparks-tune.lock``, with the holder's PID) for one tuning run.
@@ -140,7 +145,17 @@ def lock_work_dir(work_dir: str, wait: bool = False):
     overwrites the other's metadata. Without ``wait`` a second run fails at once with
     :class:`WorkDirLockedError` naming the holder; with it, it waits for the first to end.
     The lock is an ``flock``: the kernel releases it when its holder dies, however it dies.
+    Re-entrant within a process (:func:`tune` takes it before extracting the tasks, so a second
+    run fails before any work; :func:`tune_kernels` inside it takes it again).
     """
+    key = os.path.realpath(work_dir)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     path = os.path.join(work_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -158,7 +173,11 @@ def lock_work_dir(work_dir: str, wait: bool = False):
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
     finally:
         os.close(fd)  # releases the flock
 

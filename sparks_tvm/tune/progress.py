@@ -88,8 +88,16 @@ class LogFile(logging.FileHandler):
             super().emit(record)
 
     def handleError(self, record):  # noqa: N802 - logging's name
+        self._give_up(sys.exc_info()[1])
+
+    def close(self):
+        try:
+            super().close()
+        except OSError as err:  # the last buffered lines did not fit either
+            self._give_up(err)
+
+    def _give_up(self, err):
         if not self.failed:
-            err = sys.exc_info()[1]
             sys.stderr.write(f"sparks-tvm: warning: cannot write the log {self.baseFilename} "
                              f"({getattr(err, 'strerror', None) or err}); not logging there any more\n")
         self.failed = True

@@ -120,15 +120,16 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
     if not isinstance(batch, int) or batch < 1:
         raise TuningError(f"batch (candidates per search round) must be an integer >= 1, got {batch!r}")
     work_dir = prepare_work_dir(work_dir)
-    proto = frontend.load_onnx(model)
-    frontend.check_supported_ops(proto)
-    specs = frontend.input_specs(proto, shapes)
-    tgt = resolve_target(target)
-    pairs = extract_tasks(proto, specs, tgt, strict=strict, force_kind=force_kind)
-    if not pairs:
-        raise TuningError("the model has no binary convolution to tune (see `sparks-tvm inspect`)")
-    return tune_kernels(pairs, tgt, work_dir, trials, runner, builder=builder, batch=batch, seed=seed,
-                        progress=progress, plot=plot, t_start=t_start, wait=wait)
+    with lock_work_dir(work_dir, wait=wait):  # before the extraction: a second run fails at once
+        proto = frontend.load_onnx(model)
+        frontend.check_supported_ops(proto)
+        specs = frontend.input_specs(proto, shapes)
+        tgt = resolve_target(target)
+        pairs = extract_tasks(proto, specs, tgt, strict=strict, force_kind=force_kind)
+        if not pairs:
+            raise TuningError("the model has no binary convolution to tune (see `sparks-tvm inspect`)")
+        return tune_kernels(pairs, tgt, work_dir, trials, runner, builder=builder, batch=batch, seed=seed,
+                            progress=progress, plot=plot, t_start=t_start, wait=wait)
 
 
 def tune_kernels(pairs, tgt, work_dir, trials: int, runner=None, *, builder=None, batch: int = 8, seed: int = 0,
