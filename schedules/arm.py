@@ -13,13 +13,18 @@ host scheduling core (:mod:`schedules.host`). This file fixes what differs on an
 - the generic Sparks kernel's pixel tile (see :meth:`ArmSchedules.sparks_tile`), picked by
   counting instructions on the emulated Pi; only tuning tasks build that kernel on ARM.
 
-The NEON Sparks kernel has no tuning space yet: ``tuned_kinds`` leaves it out, so tuning an
-ARM target tunes the dense binary kernels and compile keeps the NEON kernel.
+The dense binary conv is :mod:`sparks_tvm.kernels.binary_conv2d_neon` (a register-tiled
+XOR-popcount micro-kernel) wherever it applies (at most 31 taps), else the host core's kernel.
+
+The NEON kernels have no tuning space yet: ``tuned_kinds`` leaves them out, so compile keeps
+them whatever a work dir holds. ``ArmSchedules(neon_binary=False)`` builds the host core's
+dense binary kernel instead, which tuning (MetaSchedule) can search.
 """
 
 from __future__ import annotations
 
 from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
+from sparks_tvm.kernels import binary_conv2d_neon
 from sparks_tvm.kernels.sparks_conv2d_neon import default_plan, sparks_conv2d_neon_primfunc
 
 from .host import HostSchedules, groups_per_block, output_chunks, register_deferred_kind
@@ -48,6 +53,7 @@ def apply_neon_out_schedule(sch, lanes: int = OUT_LANES):
 
 
 register_deferred_kind("sparks_neon", lambda sch, spec: apply_neon_out_schedule(sch, int(spec["lanes"])))
+register_deferred_kind("binary_neon", lambda sch, spec: apply_neon_out_schedule(sch, int(spec["lanes"])))
 
 
 class ArmSchedules(HostSchedules):
@@ -59,15 +65,24 @@ class ArmSchedules(HostSchedules):
         Threads the schedules split work across (TVM's thread pool on the device).
     vector_bytes : int
         Width of one vector register in bytes (16 for NEON).
+    neon_binary : bool
+        Dense binary convs on the NEON kernel (default); ``False``: the host core's kernel,
+        which tuning can search.
     """
 
     name = "arm"
-    #: Kernel kinds tuning may replace (the NEON Sparks kernel is not one of them).
-    tuned_kinds = ("binary",)
+    #: ``neon_binary`` when the constructor is not told (what ``for_target`` builds).
+    default_neon_binary = True
 
-    def __init__(self, cores: int = DEFAULT_ARM_CORES, vector_bytes: int = NEON_BYTES):
+    def __init__(self, cores: int = DEFAULT_ARM_CORES, vector_bytes: int = NEON_BYTES, neon_binary: bool | None = None):
         super().__init__(cores)
         self.vector_bytes = vector_bytes  # set after: the host default is its widest (AVX-512) vector
+        self.neon_binary = self.default_neon_binary if neon_binary is None else neon_binary
+
+    @property
+    def tuned_kinds(self) -> tuple:
+        """Kernel kinds tuning may replace (not the NEON kernels)."""
+        return () if self.neon_binary else ("binary",)
 
     @classmethod
     def for_target(cls, target) -> "ArmSchedules":
@@ -112,6 +127,14 @@ class ArmSchedules(HostSchedules):
         func = sparks_conv2d_neon_primfunc(geom, num_codewords, mode, plan, shift=shift)
         return self._finish(func, {"kind": "sparks_neon", "lanes": OUT_LANES})
 
+    def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False):
+        """The NEON dense binary kernel where it applies, else the host core's."""
+        if not (self.neon_binary and binary_conv2d_neon.supports(geom)):
+            return super().schedule_binary_conv2d(geom, mode, shift=shift)
+        plan = binary_conv2d_neon.default_plan(geom, self.cores)
+        func = binary_conv2d_neon.binary_conv2d_neon_primfunc(geom, mode, plan, shift=shift)
+        return self._finish(func, {"kind": "binary_neon", "lanes": OUT_LANES})
+
     @property
     def int8_lanes(self) -> int:
         """int8 lanes per NEON register (16): stage-1 responses and popcount bytes."""
@@ -123,4 +146,4 @@ class ArmSchedules(HostSchedules):
         return self.vector_bytes // 2
 
     def __repr__(self) -> str:
-        return f"ArmSchedules(cores={self.cores}, vector_bytes={self.vector_bytes})"
+        return f"ArmSchedules(cores={self.cores}, vector_bytes={self.vector_bytes}, neon_binary={self.neon_binary})"

@@ -453,10 +453,14 @@ def test_killed_run_resumes_without_losing_records(tmp_path):
 # ----------------------------------------------------------------------------- ARM over RPC
 
 
-def test_tune_on_the_emulated_pi_over_rpc(tmp_path):
+def test_tune_on_the_emulated_pi_over_rpc(tmp_path, monkeypatch):
     """``tune`` for a Raspberry Pi target: candidates cross-linked here, measured on the emulated
     Pi through an RPC tracker; compile with the records and run exactly on the device."""
     from tvm.rpc.tracker import Tracker
+
+    from schedules.arm import ArmSchedules
+
+    monkeypatch.setattr(ArmSchedules, "default_neon_binary", False)
 
     from sparks_tvm import rpc
     from sparks_tvm.tune import rpc_runner
@@ -477,7 +481,7 @@ def test_tune_on_the_emulated_pi_over_rpc(tmp_path):
     addr = f"127.0.0.1:{tracker.port}"
     try:
         with pi.EmulatedPi(startup_timeout=180, tracker=addr, key="sparks-tune"):
-            # On ARM the dense binary kernel is tuned; the NEON Sparks kernel has no space yet.
+            # The NEON kernels have no tuning space yet: tune the host core's dense binary kernel.
             res = sparks_tvm.tune(model, "rpi4", work, trials=2, batch=2, runner=rpc_runner(addr, "sparks-tune"),
                                   force_kind="binary", progress=False, plot=False)
             (task,) = res.tasks
@@ -504,5 +508,18 @@ def test_arm_targets_keep_the_neon_sparks_kernel():
     proto = frontend.load_onnx(model)
     specs = frontend.input_specs(proto)
     assert extract_tasks(proto, specs, resolve_target("rpi4"), force_kind="sparks") == []
-    names = [t.name for t, _ in extract_tasks(proto, specs, resolve_target("rpi4"), force_kind="binary")]
+    assert extract_tasks(proto, specs, resolve_target("rpi4"), force_kind="binary") == []
+
+
+def test_arm_generic_binary_kernel_is_tunable(monkeypatch):
+    """With ``neon_binary=False`` ARM builds the host core's dense binary kernel, and tunes it."""
+    from schedules.arm import ArmSchedules
+    from sparks_tvm import frontend
+    from sparks_tvm.target import resolve_target
+    from sparks_tvm.tune.space import extract_tasks
+
+    monkeypatch.setattr(ArmSchedules, "default_neon_binary", False)
+    proto = frontend.load_onnx(layer_model(n=1, c=16, h=6, w=6, o=16, k=4, stride=1))
+    names = [t.name for t, _ in extract_tasks(proto, frontend.input_specs(proto), resolve_target("rpi4"),
+                                              force_kind="binary")]
     assert names and all(n.startswith("binary_") for n in names)

@@ -1,0 +1,495 @@
+"""Dense binary convolution for 128-bit SIMD CPUs (aarch64 NEON), written as explicit vector TIR.
+
+Same operation, parameters and output as :func:`.binary_conv2d.binary_conv2d_compute` (the
+readable reference is :func:`sparks_tvm.reference.binary_conv2d_ref`). On NEON the instruction
+count is the cost; this kernel is a register-tiled XOR-popcount (BGEMM-style) micro-kernel.
+
+Formulation. Eight input channels are one byte: bit ``j`` of byte ``cb`` is channel
+``8 * cb + j`` holding -1. A *step* is one (channel byte, tap) pair. For output channel ``o``
+and a vector of 16 output pixels, one step is ``cnt(act ^ dup(w))``: 16 pixels x 8 channels of
+mismatches in three instructions (``eor``, ``cnt``, ``add``), the activation vector loaded
+once for ``Q`` output channels and the weight byte broadcast once for ``P`` pixel vectors
+(a ``P x Q`` tile of byte accumulators in registers). ``cnt`` is at most 8 per byte lane, so
+at most 31 steps add up in bytes before they are widened into the uint16 accumulator.
+
+Then ``y = R - 2 * mismatches``, ``R`` the number of real (non-zero, inside the image) taps
+of the pixel. Two paths, chosen per call:
+
+- no activation is 0 (always for the ``ge``/``gt`` binarizers; checked at run time for ONNX
+  ``Sign``): padding is encoded as +1 (bit 0), which mismatches the weight's -1 taps; those
+  are subtracted afterwards, per output channel and border class, from the weights' popcounts
+  (``wpop``), and ``R = C * real taps``;
+- some activation is 0: a second plane of real bits masks every step
+  (``cnt((act ^ dup(w)) & real)``) and ``R`` is its popcount.
+
+Layout. Output pixels are flattened (``p = oh * OW + ow``) and padded to the tile, as in the
+Sparks kernels. The binarized, bit-packed input is copied once per column tap ``dx`` (and row
+phase at row stride > 1) into planes of pitch ``OW``, so that tap ``(dy, dx)`` of pixel ``p``
+is element ``p + (dy // sh) * OW`` of plane ``(dy % sh, dx)``: every step is a whole-vector
+load whatever the width, stride or border.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import te, tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .common import ConvGeometry, int64_shape, nchw_output
+from .encoding import num_words
+
+U8 = "uint8"
+#: NEON register width in bytes.
+VECTOR = 16
+#: Pixels binarized per vector step (8 float32 registers per channel byte at most).
+BINARIZE_LANES = 16
+#: Steps summed in one byte lane: cnt <= 8, 31 * 8 = 248.
+MAX_STEPS = 31
+
+
+@dataclass(frozen=True)
+class NeonBinaryPlan:
+    """Static choices of one layer's kernel.
+
+    Attributes
+    ----------
+    vectors : int
+        ``P``: 16-pixel vectors per tile (a task's pixels: ``16 * P``).
+    o_block : int
+        ``Q``: output channels sharing each loaded activation vector.
+    o_chunks : int
+        Output-channel chunks run as separate parallel tasks (for layers of few pixel tiles).
+    """
+
+    vectors: int = 4
+    o_block: int = 4
+    o_chunks: int = 1
+
+
+def padded(pixels: int, tile: int) -> int:
+    return -(-pixels // tile) * tile
+
+
+def supports(geom: ConvGeometry) -> bool:
+    """Whether the kernel handles ``geom`` (one byte block must hold all the taps of a byte)."""
+    return geom.kernel[0] * geom.kernel[1] <= MAX_STEPS
+
+
+def default_plan(geom: ConvGeometry, cores: int = 1) -> NeonBinaryPlan:
+    """The fewest padded pixels (then the longest tile), and enough tasks for ``cores``."""
+    pixels = geom.out_height * geom.out_width
+    vectors = min((4, 2, 1), key=lambda v: (padded(pixels, VECTOR * v), -v))
+    q = 4 if geom.out_channels >= 4 else geom.out_channels
+    tiles = geom.batch * padded(pixels, VECTOR * vectors) // (VECTOR * vectors)
+    blocks = -(-geom.out_channels // q)
+    o_chunks = 1
+    if cores > 1 and tiles < 2 * cores:
+        want = -(-2 * cores // tiles)
+        o_chunks = max(d for d in range(1, min(want, blocks) + 1) if blocks % d == 0)
+    return NeonBinaryPlan(vectors, q, o_chunks)
+
+
+def accumulator_dtype(geom: ConvGeometry) -> str:
+    """Narrowest accumulator of the mismatch count (at most ``C * KH * KW``)."""
+    return "uint16" if geom.in_channels * geom.kernel[0] * geom.kernel[1] <= 65535 else "int32"
+
+
+def _u8(v):
+    return tirx.const(v, U8)
+
+
+def _ramp(start, stride, lanes):
+    return tirx.Ramp(start, stride, lanes) if lanes > 1 else start
+
+
+def _bc(value, lanes):
+    return tirx.Broadcast(value, lanes) if lanes > 1 else value
+
+
+def _vt(dtype, lanes):
+    return f"{dtype}x{lanes}" if lanes > 1 else dtype
+
+
+def _load(buf, prefix, start, lanes):
+    return tirx.BufferLoad(buf, [*prefix, _ramp(start, 1, lanes)])
+
+
+def _store(buf, prefix, start, lanes, value):
+    T.buffer_store(buf, value, [*prefix, _ramp(start, 1, lanes)])
+
+
+def _chunks(lo, hi, step=VECTOR):
+    """``[lo, hi)`` as (start, lanes) vectors of ``step`` lanes and one shorter tail."""
+    out, x = [], lo
+    while x < hi:
+        out.append((x, min(step, hi - x)))
+        x += step
+    return out
+
+
+class _Layout:
+    """Derived sizes of one layer."""
+
+    def __init__(self, geom: ConvGeometry, plan: NeonBinaryPlan):
+        self.geom, self.plan = geom, plan
+        self.n, self.c, self.h, self.w = geom.in_shape
+        self.o = geom.out_channels
+        self.kh, self.kw = geom.kernel
+        self.oh, self.ow = geom.out_height, geom.out_width
+        self.sh, self.sw = geom.stride
+        self.pt, self.pl, self.pb, self.pr = geom.padding
+        self.cb = -(-self.c // 8)
+        self.hp = self.h + self.pt + self.pb
+        self.wp = max(self.w + self.pl + self.pr, self.sw * (self.ow - 1) + self.kw)
+        self.taps = [(dy, dx) for dy in range(self.kh) for dx in range(self.kw)]
+        self.tile = VECTOR * plan.vectors
+        self.pixels = self.oh * self.ow
+        self.pp = padded(self.pixels, self.tile)
+        self.tiles = self.pp // self.tile
+        # Plane rows read: pixel rows of the padded pixel count plus the taps' row offsets.
+        self.prow = -(-self.pp // self.ow) + (self.kh - 1) // self.sh
+        self.phases = min(self.sh, self.kh)
+        self.group = max(1, MAX_STEPS // len(self.taps))  # channel bytes per byte block
+        self.acc = accumulator_dtype(geom)
+        q = plan.o_block
+        self.oblocks = [(b * q, min(self.o, (b + 1) * q)) for b in range(-(-self.o // q))]
+        if len(self.oblocks) % plan.o_chunks:
+            raise ValueError(f"o_chunks {plan.o_chunks} must divide the {len(self.oblocks)} output blocks")
+
+    def tap_plane(self, dy, dx):
+        """(row phase, column tap, pixel offset) of tap (dy, dx) in the shifted planes."""
+        return dy % self.sh, dx, (dy // self.sh) * self.ow
+
+    def row_ok(self, oh, dy):
+        y = oh * self.sh + dy - self.pt
+        return 0 <= y < self.h
+
+    def col_ok(self, ow, dx):
+        x = ow * self.sw + dx - self.pl
+        return 0 <= x < self.w
+
+
+def _prepare_weights(lay, wbits, wb, wpop):
+    """Weight bytes ``wb[o, cb * T + t, :]`` (pad channels cleared), each broadcast to a whole
+    vector (a plain load in the micro-kernel: ``ld1r`` takes no offset), and popcounts per tap."""
+    nt = len(lay.taps)
+    with T.parallel(0, lay.o) as o:
+        for t, (dy, dx) in enumerate(lay.taps):
+            total = None
+            for cb in range(lay.cb):
+                word = wbits[o, cb // 4, dy, dx] >> tirx.const(8 * (cb % 4), "uint32")
+                keep = (1 << min(8, lay.c - 8 * cb)) - 1
+                byte = tirx.Cast(U8, word & tirx.const(keep, "uint32"))
+                _store(wb, [o, cb * nt + t], 0, VECTOR, _bc(byte, VECTOR))
+                bits = tirx.Cast("int32", tirx.popcount(byte))
+                total = bits if total is None else total + bits
+            T.buffer_store(wpop, total, [o, t])
+
+
+def _byte(lay, mode, data, shift, n, cb, y, x, lanes, plane):
+    """Bit-packed byte of channels ``8cb .. 8cb + 7`` at input row ``y``, columns ``x ..``."""
+    f0 = tirx.const(0.0, "float32")
+    acc, zero = None, None
+    for j in range(min(8, lay.c)):
+        ch = cb * 8 + j
+        v = _load(data, [n, tirx.min(ch, lay.c - 1), y], x, lanes)
+        if shift is not None:
+            v = v + _bc(shift[tirx.min(ch, lay.c - 1)], lanes)
+        if plane == "real":
+            bit = v != _bc(f0, lanes)
+        else:
+            bit = v <= _bc(f0, lanes) if mode == "gt" else v < _bc(f0, lanes)
+        b = tirx.Cast(_vt("uint8", lanes), bit)
+        if lay.c % 8:  # the last byte has fewer channels
+            b = b & _bc(tirx.Cast(U8, ch < lay.c), lanes)
+        b = b << _bc(_u8(j), lanes)
+        acc = b if acc is None else acc | b
+        if plane == "neg" and mode == "sign":
+            z = tirx.Cast(_vt("uint8", lanes), v == _bc(f0, lanes))
+            if lay.c % 8:
+                z = z & _bc(tirx.Cast(U8, ch < lay.c), lanes)
+            zero = z if zero is None else zero | z
+    return acc, zero
+
+
+def _binarize(lay, mode, data, shift, pad, zflag, n, cb, plane):
+    """Pass 1: one channel byte's padded bit plane (and, for ``Sign``, whether it saw a 0)."""
+    zl = None
+    if zflag is not None:
+        zl = T.alloc_buffer([VECTOR], U8, scope="local")
+        _store(zl, [], 0, VECTOR, _bc(_u8(0), VECTOR))
+    for ylo, yhi in ((0, lay.pt), (lay.pt + lay.h, lay.hp)):
+        if yhi > ylo:
+            with T.serial(ylo, yhi) as y:
+                for x0, lanes in _chunks(0, lay.wp):
+                    _store(pad, [n, cb, y], x0, lanes, _bc(_u8(0), lanes))
+    with T.serial(0, lay.h) as y:
+        for x in list(range(lay.pl)) + list(range(lay.pl + lay.w, lay.wp)):
+            T.buffer_store(pad, _u8(0), [n, cb, y + lay.pt, x])
+        for x0, lanes in _chunks(0, lay.w, BINARIZE_LANES):
+            value, zero = _byte(lay, mode, data, shift, n, cb, y, x0, lanes, plane)
+            _store(pad, [n, cb, y + lay.pt], x0 + lay.pl, lanes, value)
+            if zl is not None:
+                _store(zl, [], 0, lanes, _load(zl, [], 0, lanes) | zero)
+    if zl is not None:
+        total = zl[0]
+        for i in range(1, VECTOR):
+            total = total | zl[i]
+        T.buffer_store(zflag, total, [n * lay.cb + cb])
+
+
+def _shifted_planes(lay, pad, planes, n, cb):
+    """Pass 2: plane (row phase, dx) of pitch OW: ``planes[..., r * OW + ow] = pad[r * sh + py, ow * sw + dx]``."""
+    for py in range(lay.phases):
+        for dx in range(lay.kw):
+            with T.serial(0, lay.prow) as r:
+                y = r * lay.sh + py
+                for x0, lanes in _chunks(0, lay.ow):
+                    src = tirx.BufferLoad(pad, [n, cb, tirx.min(y, lay.hp - 1),
+                                                _ramp(x0 * lay.sw + dx, lay.sw, lanes)])
+                    inside = _bc(tirx.Cast(U8, y < lay.hp) * _u8(0xFF), lanes)
+                    _store(planes, [n, cb, py, dx], r * lay.ow + x0, lanes, src & inside)
+
+
+def _tile(lay, planes, mplanes, wb, acc, n, p0, o0, q):
+    """Mismatch counts of one pixel tile and output-channel block, byte-accumulated in registers."""
+    nt, P = len(lay.taps), lay.plan.vectors
+    bacc = T.alloc_buffer([q * P * VECTOR], U8, scope="local")
+    full, rest = divmod(lay.cb, lay.group)
+
+    def block(cb0, count, first_block):
+        for k in range(count * nt):
+            cbi, t = divmod(k, nt)
+            cb = cb0 + cbi
+            py, dx, off = lay.tap_plane(*lay.taps[t])
+            a = [_load(planes, [n, cb, py, dx], p0 + off + VECTOR * i, VECTOR) for i in range(P)]
+            if mplanes is not None:
+                m = [_load(mplanes, [n, cb, py, dx], p0 + off + VECTOR * i, VECTOR) for i in range(P)]
+            for j in range(q):
+                w = _load(wb, [o0 + j, cb * nt + t], 0, VECTOR)
+                for i in range(P):
+                    x = a[i] ^ w
+                    if mplanes is not None:
+                        x = x & m[i]
+                    cnt = tirx.popcount(x)
+                    at = (j * P + i) * VECTOR
+                    _store(bacc, [], at, VECTOR, cnt if k == 0 else _load(bacc, [], at, VECTOR) + cnt)
+        for j in range(q):
+            for i in range(P):
+                sums = tirx.Cast(f"{lay.acc}x{VECTOR}", _load(bacc, [], (j * P + i) * VECTOR, VECTOR))
+                at = p0 + i * VECTOR
+                if first_block is not True:
+                    prev = _load(acc, [n, o0 + j], at, VECTOR)
+                    if first_block is not False:  # a runtime first iteration
+                        prev = tirx.Select(first_block, _bc(tirx.const(0, lay.acc), VECTOR), prev)
+                    sums = prev + sums
+                _store(acc, [n, o0 + j], at, VECTOR, sums)
+
+    if full:
+        with T.serial(0, full) as g:
+            block(g * lay.group, lay.group, True if full == 1 else g == 0)
+    if rest:
+        block(full * lay.group, rest, not full)
+
+
+def _real_sum(lay, mplanes, rsum, n, p0):
+    """``R`` of one pixel tile from the real-bit planes (the masked path)."""
+    nt = len(lay.taps)
+    for i in range(lay.plan.vectors):
+        start = p0 + VECTOR * i
+        with T.serial(0, lay.cb) as cb:
+            total = None
+            for t in range(nt):
+                py, dx, off = lay.tap_plane(*lay.taps[t])
+                cnt = tirx.popcount(_load(mplanes, [n, cb, py, dx], start + off, VECTOR))
+                total = cnt if total is None else total + cnt
+            prev = tirx.Select(cb == 0, _bc(tirx.const(0, lay.acc), VECTOR), _load(rsum, [n], start, VECTOR))
+            _store(rsum, [n], start, VECTOR, prev + tirx.Cast(f"{lay.acc}x{VECTOR}", total))
+
+
+def _main_loop(lay, planes, mplanes, wb, acc, rsum):
+    """Pass 3, parallel over (image, pixel tile, output-channel chunk)."""
+    chunks, per = lay.plan.o_chunks, len(lay.oblocks) // lay.plan.o_chunks
+    with T.parallel(0, lay.n * lay.tiles * chunks) as task:
+        n, tl, ch = task // (lay.tiles * chunks), task // chunks % lay.tiles, task % chunks
+        p0 = tl * lay.tile
+        if mplanes is not None:
+            with T.If(ch == 0):
+                with T.Then():
+                    _real_sum(lay, mplanes, rsum, n, p0)
+        sizes = sorted({o1 - o0 for o0, o1 in lay.oblocks})
+        for size in sizes:  # a last, smaller block when O is not a multiple of Q
+            ids = [b for b, (o0, o1) in enumerate(lay.oblocks) if o1 - o0 == size]
+            lo, count = ids[0], len(ids)
+            if size == lay.plan.o_block:
+                with T.serial(0, per if chunks > 1 else count) as b:
+                    ob = (ch * per + b) if chunks > 1 else b
+                    with T.If(ob < lo + count):
+                        with T.Then():
+                            _tile(lay, planes, mplanes, wb, acc, n, p0, ob * size, size)
+            else:
+                with T.If(ch == chunks - 1):
+                    with T.Then():
+                        o0, o1 = lay.oblocks[lo]
+                        _tile(lay, planes, mplanes, wb, acc, n, p0, o0, o1 - o0)
+
+
+def _border_cols(g, wpop, acc, rsum):
+    """Columns with padded taps: per row, subtract those taps on real rows (rows' taps done)."""
+    cols = [ow for ow in range(g.ow) if not all(g.col_ok(ow, dx) for dx in range(g.kw))]
+    if not cols:
+        return
+    with T.parallel(0, g.n * g.o) as no:
+        n, o = no // g.o, no % g.o
+        with T.serial(0, g.oh) as oh:
+            for ow in cols:
+                fix = None
+                for t, (dy, dx) in enumerate(g.taps):
+                    if g.col_ok(ow, dx):
+                        continue
+                    y = oh * g.sh + dy - g.pt
+                    term = tirx.Select(tirx.all(y >= 0, y < g.h), wpop[o, t], tirx.const(0, "int32"))
+                    fix = term if fix is None else fix + term
+                at = oh * g.ow + ow
+                T.buffer_store(acc, acc[n, o, at] - tirx.Cast(g.acc, fix), [n, o, at])
+
+
+def _rsum_rows(g, rsum):
+    """``R = C * real taps`` for every pixel (fast path)."""
+    with T.parallel(0, g.n) as n:
+        with T.serial(0, g.oh) as oh:
+            rv = None
+            for dy in range(g.kh):
+                y = oh * g.sh + dy - g.pt
+                ok = tirx.Cast("int32", tirx.all(y >= 0, y < g.h))
+                rv = ok if rv is None else rv + ok
+            for x0, lanes in _chunks(0, g.ow):
+                cv = None
+                for dx in range(g.kw):
+                    xs = _ramp(x0 * g.sw + dx - g.pl, g.sw, lanes)
+                    ok = tirx.Cast(_vt("int32", lanes), (xs >= _bc(0, lanes)) & (xs < _bc(g.w, lanes)))
+                    cv = ok if cv is None else cv + ok
+                value = cv * _bc(rv * g.c, lanes)
+                _store(rsum, [n], oh * g.ow + x0, lanes, tirx.Cast(_vt(g.acc, lanes), value))
+
+
+def _row_fix(g, wpop, acc):
+    """Rows with padded taps: subtract those taps' weight popcounts (all columns)."""
+    rows = [oh for oh in range(g.oh) if not all(g.row_ok(oh, dy) for dy in range(g.kh))]
+    if not rows:
+        return
+    with T.parallel(0, g.n * g.o) as no:
+        n, o = no // g.o, no % g.o
+        for oh in rows:
+            fix = None
+            for t, (dy, dx) in enumerate(g.taps):
+                if not g.row_ok(oh, dy):
+                    fix = wpop[o, t] if fix is None else fix + wpop[o, t]
+            for x0, lanes in _chunks(0, g.ow):
+                at = oh * g.ow + x0
+                _store(acc, [n, o], at, lanes,
+                       _load(acc, [n, o], at, lanes) - _bc(tirx.Cast(g.acc, fix), lanes))
+
+
+def _checked_paths(lay, mode, data, shift, pad, planes, zflag, wb, acc, rsum, pshape, fast):
+    """ONNX ``Sign``: the fast path unless an activation was 0, else the masked path."""
+    n_, cb_ = lay.n, lay.cb
+    zeros = T.alloc_buffer([1], U8)
+    T.buffer_store(zeros, _u8(0), [0])
+    with T.serial(0, n_ * cb_) as i:
+        T.buffer_store(zeros, zeros[0] | zflag[i], [0])
+    with T.If(zeros[0] == _u8(0)):
+        with T.Then():
+            fast()
+        with T.Else():
+            mplanes = T.alloc_buffer(pshape, U8)
+            with T.parallel(0, n_ * cb_) as nc:
+                _binarize(lay, mode, data, shift, pad, None, nc // cb_, nc % cb_, "real")
+                _shifted_planes(lay, pad, mplanes, nc // cb_, nc % cb_)
+            _main_loop(lay, planes, mplanes, wb, acc, rsum)
+
+
+def _kernel_body(lay, mode, ins, outs, with_shift):
+    data, wbits = ins[0], ins[1]
+    shift = ins[2] if with_shift else None
+    acc, rsum = outs
+    n_, cb_ = lay.n, lay.cb
+    pshape = [n_, cb_, lay.phases, lay.kw, lay.prow * lay.ow]
+    with IRBuilder() as ib:
+        with T.seq_scope():
+            wb = T.alloc_buffer([lay.o, cb_ * len(lay.taps), VECTOR], U8)
+            wpop = T.alloc_buffer([lay.o, len(lay.taps)], "int32")
+            pad = T.alloc_buffer([n_, cb_, lay.hp, lay.wp], U8)
+            planes = T.alloc_buffer(pshape, U8)
+            zflag = T.alloc_buffer([n_ * cb_], U8) if mode == "sign" else None
+            _prepare_weights(lay, wbits, wb, wpop)
+            with T.parallel(0, n_ * cb_) as nc:
+                _binarize(lay, mode, data, shift, pad, zflag, nc // cb_, nc % cb_, "neg")
+                _shifted_planes(lay, pad, planes, nc // cb_, nc % cb_)
+
+            def fast():
+                _main_loop(lay, planes, None, wb, acc, rsum)
+                _rsum_rows(lay, rsum)
+                _row_fix(lay, wpop, acc)
+                _border_cols(lay, wpop, acc, rsum)
+
+            if zflag is None:
+                fast()
+            else:
+                _checked_paths(lay, mode, data, shift, pad, planes, zflag, wb, acc, rsum, pshape, fast)
+    return ib.get()
+
+
+def binary_conv2d_neon_compute(geom: ConvGeometry, mode: str, plan: NeonBinaryPlan | None = None,
+                               shift: bool = False):
+    """Define the NEON dense binary convolution (same parameters and result as the generic one).
+
+    Parameters
+    ----------
+    geom : ConvGeometry
+        A binary convolution with at most 31 taps (:func:`supports`).
+    mode : str
+        Binarizer rule (``sparks_tvm.reference.BINARIZE_MODES``).
+    plan : NeonBinaryPlan, optional
+        Tile and blocking (:func:`default_plan` when omitted).
+    shift : bool
+        Take a per-channel float32 ``shift`` added to the activations before binarization.
+
+    Returns
+    -------
+    list of te.Tensor
+        ``[data, wbits, (shift,) out]``, ``out`` int32 ``(N, O, OH*OW)`` (laid out NCHW by
+        :func:`binary_conv2d_neon_primfunc`).
+    """
+    geom.validate()
+    if not supports(geom):
+        raise ValueError(f"the NEON binary kernel takes at most {MAX_STEPS} taps, got kernel {geom.kernel}")
+    plan = plan or default_plan(geom)
+    if plan.vectors < 1 or plan.o_block < 1:
+        raise ValueError(f"bad NEON binary plan {plan}")
+    lay = _Layout(geom, plan)
+    shp = int64_shape
+    data = te.placeholder(shp(*geom.in_shape), "float32", name="data")
+    wbits = te.placeholder(shp(lay.o, num_words(lay.c), lay.kh, lay.kw), "uint32", name="wbits")
+    ins = [data, wbits]
+    if shift:
+        ins.append(te.placeholder(shp(lay.c), "float32", name="shift"))
+    out_shapes = [shp(lay.n, lay.o, lay.pp), shp(lay.n, lay.pp)]
+    acc, rsum = te.extern(out_shapes, ins, lambda i, o: _kernel_body(lay, mode, i, o, shift),
+                          name="binary_neon", dtype=[lay.acc, lay.acc],
+                          in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name, layout=None) for t in ins],
+                          out_buffers=[tirx.decl_buffer(s_, lay.acc, n_, layout=None)
+                                       for s_, n_ in zip(out_shapes, ("acc", "rsum"))])
+    out = te.compute(shp(lay.n, lay.o, lay.pixels),
+                     lambda n, o, p: tirx.Cast("int32", rsum[n, p]) - 2 * tirx.Cast("int32", acc[n, o, p]),
+                     name="out")
+    return ins + [out]
+
+
+def binary_conv2d_neon_primfunc(geom: ConvGeometry, mode: str, plan: NeonBinaryPlan | None = None,
+                                shift: bool = False):
+    """Unscheduled PrimFunc (NCHW output, epilogue-fusable ``out`` block)."""
+    func = te.create_prim_func(binary_conv2d_neon_compute(geom, mode, plan, shift))
+    return nchw_output(func, geom.out_width).with_attr({"tir.noalias": True})

@@ -1,0 +1,104 @@
+"""The NEON dense binary kernel (sparks_tvm.kernels.binary_conv2d_neon) against the numpy reference.
+
+The kernel is plain vector TIR, so it also builds for the x86 host: these run here, bit for
+bit, on shapes that break naive code (both of its paths: the padding-corrected one and the
+masked one taken when an activation is 0). tests/test_arm_emulated.py runs whole compiled
+layers with it on the emulated Pi.
+"""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir
+
+from schedules.arm import ArmSchedules, apply_neon_out_schedule
+from sparks_tvm import reference as ref
+from sparks_tvm.kernels import ConvGeometry, pack_binary_weights
+from sparks_tvm.kernels.binary_conv2d_neon import (NeonBinaryPlan, accumulator_dtype, binary_conv2d_neon_primfunc,
+                                                   default_plan, supports)
+from sparks_tvm.target import resolve_target
+
+HOST = resolve_target("llvm")
+
+
+def run(geom, mode, plan=None, zeros=0.0, shift=False, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(geom.in_shape).astype(np.float32)
+    x[rng.random(x.shape) < zeros] = 0.0  # exact zeros: Sign(0) = 0
+    w = np.where(rng.random((geom.out_channels, geom.in_channels, *geom.kernel)) < 0.5, -1, 1).astype(np.int8)
+    args = [x, pack_binary_weights(w)]
+    binarized = x
+    if shift:
+        b = rng.standard_normal(geom.in_channels).astype(np.float32)
+        binarized = x + b[None, :, None, None]  # the same float add as the kernel
+        args.append(b)
+    want = ref.binary_conv2d_ref(ref.binarize(binarized, mode), w, geom.stride, geom.padding)
+    func = binary_conv2d_neon_primfunc(geom, mode, plan, shift=shift)
+    func = apply_neon_out_schedule(s_tir.Schedule(func)).mod["main"]
+    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=HOST)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy(), want
+
+
+CASES = [
+    # odd sizes, padded borders, C not a multiple of 8 (a partial channel byte)
+    (ConvGeometry(1, 13, 6, 7, 5), "sign", None),
+    # stride 2, batch 2, odd width, O not a multiple of the output block
+    (ConvGeometry(2, 30, 9, 11, 7, stride=(2, 2)), "ge", None),
+    # asymmetric padding at stride 2, "gt" binarizer
+    (ConvGeometry(1, 5, 9, 13, 6, stride=(2, 2), padding=(0, 1, 2, 0)), "gt", None),
+    # no padding, batch 3, several channel byte blocks (C = 200: 25 bytes, blocks of 3)
+    (ConvGeometry(3, 200, 5, 5, 3, padding=(0, 0, 0, 0)), "sign", None),
+    # 1x1 kernel (31 channel bytes per block), stride 2
+    (ConvGeometry(1, 70, 8, 8, 9, kernel=(1, 1), stride=(2, 2), padding=(0, 0, 0, 0)), "ge", None),
+    # few pixels, output-channel chunks as tasks, tile of one vector
+    (ConvGeometry(1, 64, 7, 7, 24), "sign", NeonBinaryPlan(1, 4, 3)),
+    # 3-vector tile, 5-channel output block, one pixel
+    (ConvGeometry(1, 9, 1, 1, 11), "ge", NeonBinaryPlan(3, 5, 1)),
+]
+
+
+@pytest.mark.parametrize("zeros", [0.0, 0.2])
+@pytest.mark.parametrize("geom,mode,plan", CASES)
+def test_neon_binary_kernel_exact(geom, mode, plan, zeros):
+    got, want = run(geom, mode, plan, zeros=zeros)
+    assert np.array_equal(got, want), int((got != want).sum())
+
+
+def test_all_zero_input_and_folded_shift():
+    got, want = run(ConvGeometry(1, 4, 4, 4, 4), "sign", zeros=1.0)
+    assert np.array_equal(got, want) and not want.any()
+    got, want = run(ConvGeometry(2, 19, 11, 13, 21), "sign", shift=True)
+    assert np.array_equal(got, want)
+
+
+def test_default_plan_and_limits():
+    # 3136 pixels: 4 vectors (64 pixels) pad nothing.
+    assert default_plan(ConvGeometry(1, 64, 56, 56, 64)) == NeonBinaryPlan(4, 4, 1)
+    # 7x7 on 4 cores: one tile, so output blocks split into tasks.
+    plan = default_plan(ConvGeometry(1, 512, 7, 7, 512), cores=4)
+    assert plan.vectors == 4 and plan.o_chunks == 8
+    assert supports(ConvGeometry(1, 8, 9, 9, 8, kernel=(5, 5), padding=(2, 2, 2, 2)))
+    assert not supports(ConvGeometry(1, 8, 9, 9, 8, kernel=(7, 7), padding=(3, 3, 3, 3)))
+    with pytest.raises(ValueError, match="at most 31 taps"):
+        binary_conv2d_neon_primfunc(ConvGeometry(1, 8, 9, 9, 8, kernel=(7, 7), padding=(3, 3, 3, 3)), "sign")
+    with pytest.raises(ValueError, match="o_chunks"):
+        binary_conv2d_neon_primfunc(ConvGeometry(1, 8, 9, 9, 8), "sign", NeonBinaryPlan(1, 4, 3))
+    # mismatches <= C * taps: uint16 up to 7281 channels at 3x3
+    assert accumulator_dtype(ConvGeometry(1, 7281, 3, 3, 1)) == "uint16"
+    assert accumulator_dtype(ConvGeometry(1, 7282, 3, 3, 1)) == "int32"
+
+
+def test_arm_schedules_pick_the_neon_binary_kernel():
+    sched = ArmSchedules.for_target(resolve_target("arm_cpu"))
+    assert sched.tuned_kinds == ()
+    s_tir.Schedule(sched.schedule_binary_conv2d(ConvGeometry(1, 16, 8, 8, 16), "sign")).get_sblock("binary_neon")
+    # 7x7 binary kernels: the host core's kernel
+    wide = ConvGeometry(1, 16, 9, 9, 16, kernel=(7, 7), padding=(3, 3, 3, 3))
+    blocks = str(sched.schedule_binary_conv2d(wide, "sign"))
+    assert "binary_neon" not in blocks and "mismatch" in blocks
+    generic = ArmSchedules(neon_binary=False)
+    assert generic.tuned_kinds == ("binary",)
+    assert "binary_neon" not in str(generic.schedule_binary_conv2d(ConvGeometry(1, 16, 8, 8, 16), "sign"))
