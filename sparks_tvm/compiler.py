@@ -174,10 +174,9 @@ class CompiledModel:
     ``run`` and ``benchmark`` may be called from any number of threads at once: each thread
     gets its own TVM VirtualMachine on the shared executable (a VM keeps its registers and
     ``set_input`` state in the object, so one VM called from two threads returns wrong types
-    or crashes). Measured against one VM behind a lock, 8 threads x 100 runs on a 2-core
-    machine: 0.19-0.31 ms/run per-thread vs 0.50-5.96 ms/run locked (tiny model, input 16x16),
-    0.82-0.86 vs 0.91-1.30 ms/run (64x64); see docs/errors.md, "Threads". A thread's first
-    call creates its VM (about a millisecond once the executable is linked).
+    or crashes). Per-thread VMs beat one lock around the model in every round measured (8
+    threads x 100 runs, 2 cores: 1.4x-3.7x less time per run at load; docs/errors.md, "Threads",
+    ``scripts/bench_threads.py``). A thread's first call creates its VM.
 
     Attributes
     ----------

@@ -24,7 +24,7 @@ from tvm import relax, rpc
 
 from . import frontend, library
 from .compiler import CompiledModel, _flatten
-from .errors import SparksError
+from .errors import LibraryError, SparksError
 
 
 class RemoteError(SparksError):
@@ -239,6 +239,9 @@ def deploy(model, address: str | None = None, *, tracker: str | None = None, key
     if not os.path.exists(path):
         raise RemoteError(f"{path}: no such file")
     # The same checks as sparks_tvm.load: a damaged library must fail here, named, not on the device.
-    meta = library.read_sidecar(path)
-    library.check_library(path, meta)
+    try:
+        meta = library.read_sidecar(path)
+        library.check_library(path, meta)
+    except LibraryError as err:
+        raise RemoteError(str(err)) from None
     return RemoteModel(session, path, meta, timeout=max(timeout, session_timeout or timeout))

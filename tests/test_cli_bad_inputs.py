@@ -47,7 +47,9 @@ def files(tmp_path_factory):
              garbage_npz=str(d / "garbage.npz"))
     for name, meta, records in (("db_bad_meta", b"{oops", b""),
                                 ("db_bad_records", json.dumps({"target": target_json(host_target()), "tasks": {}}),
-                                 b"[1, 2]\n{damaged\n[3]\n")):
+                                 b"[1, 2]\n{damaged\n[3]\n"),
+                                ("db_not_records", json.dumps({"target": target_json(host_target()), "tasks": {}}),
+                                 b"[1, 2]\n")):
         w = d / name
         w.mkdir()
         (w / database.META_FILE).write_bytes(meta.encode() if isinstance(meta, str) else meta)
@@ -73,6 +75,7 @@ CASES = [
     ("compile-tuning-db-file", "compile {model} --tuning-db {file}", "no such directory"),
     ("compile-tuning-db-meta", "compile {model} --tuning-db {db_bad_meta}", "unreadable tuning metadata"),
     ("compile-tuning-db-records", "compile {model} --tuning-db {db_bad_records}", "not a JSON record"),
+    ("compile-tuning-db-not-records", "compile {model} --tuning-db {db_not_records}", "is corrupt"),
     # run
     ("run-missing", "run {dir}/nope.so", "nope.so: no such file"),
     ("run-directory", "run {dir}", "a directory"),
@@ -107,6 +110,7 @@ CASES = [
     ("tune-threads-zero", "tune {model} --work-dir {dir}/w --threads 0", "--threads: must be >= 1"),
     ("tune-work-dir-file", "tune {model} --work-dir {file}", "is a file, not a folder"),
     ("tune-corrupt-db", "tune {model} --work-dir {db_bad_records} --trials 1", "not a JSON record"),
+    ("tune-db-not-records", "tune {model} --work-dir {db_not_records} --trials 1", "is corrupt"),
     ("tune-target-json", "tune {model} --work-dir {dir}/w --target {{bad", "not valid JSON"),
     ("tune-rpc-key-alone", "tune {model} --work-dir {dir}/w --rpc-key rpi4b", "go together"),
     ("tune-directory", "tune {dir} --work-dir {dir}/w", "a directory"),
