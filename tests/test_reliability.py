@@ -273,8 +273,11 @@ def test_second_tune_on_a_locked_work_dir_fails_naming_the_holder(tmp_path, caps
     finally:
         holder.communicate("")  # closes its stdin: it exits, and the kernel drops the lock
     assert os.listdir(work) == [database.LOCK_FILE]  # the refused runs wrote nothing
-    with database.lock_work_dir(str(work)):  # free again
+    with database.lock_work_dir(str(work)):  # free again; another thread of ours is refused too
         assert (work / database.LOCK_FILE).read_text().strip() == str(os.getpid())
+        with ThreadPoolExecutor(1) as pool:
+            with pytest.raises(WorkDirLockedError, match=f"PID {os.getpid()}"):
+                pool.submit(lambda: database.lock_work_dir(str(work)).__enter__()).result()
 
 
 def test_two_concurrent_tunes_on_one_work_dir(tmp_path):

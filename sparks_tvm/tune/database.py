@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 
 from tvm.s_tir import meta_schedule as ms
 
@@ -132,8 +133,8 @@ def check_lines(path: str, lines: list) -> None:
                 "one, or delete that line if you know it is the only damage")
 
 
-#: Work dirs whose lock this process holds -> nesting depth (flock would refuse a second
-#: open file of the same process).
+#: (work dir, thread) holding the lock -> nesting depth (flock refuses a second open file
+#: even in the same process, which is what another thread should get).
 _HELD: dict = {}
 
 
@@ -145,10 +146,11 @@ def lock_work_dir(work_dir: str, wait: bool = False):
     overwrites the other's metadata. Without ``wait`` a second run fails at once with
     :class:`WorkDirLockedError` naming the holder; with it, it waits for the first to end.
     The lock is an ``flock``: the kernel releases it when its holder dies, however it dies.
-    Re-entrant within a process (:func:`tune` takes it before extracting the tasks, so a second
-    run fails before any work; :func:`tune_kernels` inside it takes it again).
+    Re-entrant within a thread (:func:`tune` takes it before extracting the tasks, so a second
+    run fails before any work; :func:`tune_kernels` inside it takes it again); another thread
+    of the same process is refused like another process.
     """
-    key = os.path.realpath(work_dir)
+    key = (os.path.realpath(work_dir), threading.get_ident())
     if _HELD.get(key):
         _HELD[key] += 1
         try:
