@@ -75,11 +75,12 @@ def test_all_zero_input_and_folded_shift():
 
 
 def test_default_plan_and_limits():
-    # 3136 pixels: 4 vectors (64 pixels) pad nothing.
-    assert default_plan(ConvGeometry(1, 64, 56, 56, 64)) == NeonBinaryPlan(4, 4, 1)
-    # 7x7 on 4 cores: one tile, so output blocks split into tasks.
+    # 3136 pixels: 2 vectors (32 pixels) pad nothing.
+    assert default_plan(ConvGeometry(1, 64, 56, 56, 64)) == NeonBinaryPlan(2, 4, 1)
+    # 7x7 on 4 cores: two tiles, so output blocks split into tasks; 3x3 pixels: one vector.
     plan = default_plan(ConvGeometry(1, 512, 7, 7, 512), cores=4)
-    assert plan.vectors == 4 and plan.o_chunks == 8
+    assert plan.vectors == 2 and plan.o_chunks == 4
+    assert default_plan(ConvGeometry(1, 8, 3, 3, 8)).vectors == 1
     assert supports(ConvGeometry(1, 8, 9, 9, 8, kernel=(5, 5), padding=(2, 2, 2, 2)))
     assert not supports(ConvGeometry(1, 8, 9, 9, 8, kernel=(7, 7), padding=(3, 3, 3, 3)))
     with pytest.raises(ValueError, match="at most 31 taps"):

@@ -63,7 +63,7 @@ class NeonBinaryPlan:
         Output-channel chunks run as separate parallel tasks (for layers of few pixel tiles).
     """
 
-    vectors: int = 4
+    vectors: int = 2
     o_block: int = 4
     o_chunks: int = 1
 
@@ -80,7 +80,9 @@ def supports(geom: ConvGeometry) -> bool:
 def default_plan(geom: ConvGeometry, cores: int = 1) -> NeonBinaryPlan:
     """The fewest padded pixels (then the longest tile), and enough tasks for ``cores``."""
     pixels = geom.out_height * geom.out_width
-    vectors = min((4, 2, 1), key=lambda v: (padded(pixels, VECTOR * v), -v))
+    # 2 x 4 tiles: 34 instructions per 8 vector-steps; 4 x 4 would be 3.5 per step but its 16
+    # byte accumulators, 4 activation and weight vectors spill on 32 registers.
+    vectors = min((2, 4, 1), key=lambda v: padded(pixels, VECTOR * v))
     q = 4 if geom.out_channels >= 4 else geom.out_channels
     tiles = geom.batch * padded(pixels, VECTOR * vectors) // (VECTOR * vectors)
     blocks = -(-geom.out_channels // q)
@@ -141,6 +143,7 @@ class _Layout:
         self.sh, self.sw = geom.stride
         self.pt, self.pl, self.pb, self.pr = geom.padding
         self.cb = -(-self.c // 8)
+        self.cw = -(-self.c // 32)
         self.hp = self.h + self.pt + self.pb
         self.wp = max(self.w + self.pl + self.pr, self.sw * (self.ow - 1) + self.kw)
         self.taps = [(dy, dx) for dy in range(self.kh) for dx in range(self.kw)]
@@ -151,7 +154,6 @@ class _Layout:
         # Plane rows read: pixel rows of the padded pixel count plus the taps' row offsets.
         self.prow = -(-self.pp // self.ow) + (self.kh - 1) // self.sh
         self.phases = min(self.sh, self.kh)
-        self.group = max(1, MAX_STEPS // len(self.taps))  # channel bytes per byte block
         self.acc = accumulator_dtype(geom)
         q = plan.o_block
         self.oblocks = [(b * q, min(self.o, (b + 1) * q)) for b in range(-(-self.o // q))]
@@ -171,21 +173,19 @@ class _Layout:
         return 0 <= x < self.w
 
 
-def _prepare_weights(lay, wbits, wb, wpop):
-    """Weight bytes ``wb[o, cb * T + t, :]`` (pad channels cleared), each broadcast to a whole
-    vector (a plain load in the micro-kernel: ``ld1r`` takes no offset), and popcounts per tap."""
+def _weight_popcounts(lay, wbits, wpop):
+    """``wpop[o, t]``: the weight's -1 channels at tap ``t`` (what a +1 padding tap mismatches).
+
+    The packed words carry 0 in pad channels (:func:`.encoding.pack_binary_weights`).
+    """
     nt = len(lay.taps)
+    words = T.decl_buffer([lay.o * lay.cw * nt], "uint32", data=wbits.data)
     with T.parallel(0, lay.o) as o:
-        for t, (dy, dx) in enumerate(lay.taps):
-            total = None
-            for cb in range(lay.cb):
-                word = wbits[o, cb // 4, dy, dx] >> tirx.const(8 * (cb % 4), "uint32")
-                keep = (1 << min(8, lay.c - 8 * cb)) - 1
-                byte = tirx.Cast(U8, word & tirx.const(keep, "uint32"))
-                _store(wb, [o, cb * nt + t], 0, VECTOR, _bc(byte, VECTOR))
-                bits = tirx.Cast("int32", tirx.popcount(byte))
-                total = bits if total is None else total + bits
-            T.buffer_store(wpop, total, [o, t])
+        total = None
+        for cw in range(lay.cw):
+            bits = tirx.Cast(_vt("int32", nt), tirx.popcount(_load(words, [], (o * lay.cw + cw) * nt, nt)))
+            total = bits if total is None else total + bits
+        _store(wpop, [o], 0, nt, total)
 
 
 def _byte(lay, mode, data, shift, n, cb, y, x, lanes, plane):
@@ -253,45 +253,99 @@ def _shifted_planes(lay, pad, planes, n, cb):
                     _store(planes, [n, cb, py, dx], r * lay.ow + x0, lanes, src & inside)
 
 
-def _tile(lay, planes, mplanes, wb, acc, n, p0, o0, q):
-    """Mismatch counts of one pixel tile and output-channel block, byte-accumulated in registers."""
-    nt, P = len(lay.taps), lay.plan.vectors
-    bacc = T.alloc_buffer([q * P * VECTOR], U8, scope="local")
-    full, rest = divmod(lay.cb, lay.group)
+def _blocks(lay):
+    """Byte-accumulator blocks: runs of at most 31 steps ``(word, tap, byte)`` in the packed
+    weights' memory order (bytes of one word at one tap are adjacent), over ``words`` words.
 
-    def block(cb0, count, first_block):
-        for k in range(count * nt):
-            cbi, t = divmod(k, nt)
-            cb = cb0 + cbi
+    Returns ``[(words, [[(w, t, k), ...], ...]), ...]``: a loop over groups of ``words`` full
+    words, each group split into the listed blocks; a last group for the words left over
+    (the last one possibly with fewer than four real channel bytes).
+    """
+    nt = len(lay.taps)
+    full_words, tail_bytes = divmod(lay.cb, 4)
+
+    def steps(words, last_bytes):
+        out = []
+        for w in range(words):
+            kk = last_bytes if (w == words - 1 and last_bytes) else 4
+            out += [(w, t, k) for t in range(nt) for k in range(kk)]
+        return out
+
+    def split(run):
+        parts = -(-len(run) // MAX_STEPS)
+        size = -(-len(run) // parts)
+        return [run[i:i + size] for i in range(0, len(run), size)]
+
+    per = max(1, MAX_STEPS // (4 * nt))  # words per group
+    groups = []
+    if full_words >= per:
+        groups.append((per, full_words // per, split(steps(per, 0))))
+    left = full_words % per if full_words >= per else full_words
+    if left or tail_bytes:
+        groups.append((left + (1 if tail_bytes else 0), 1, split(steps(left + (1 if tail_bytes else 0), tail_bytes))))
+    return groups
+
+
+def _tile(lay, planes, mplanes, wbits, acc, n, p0, o0, q):
+    """Mismatch counts of one pixel tile and output-channel block, byte-accumulated in registers.
+
+    Weight bytes are read from the packed words themselves (a little-endian uint32 holds
+    channel bytes 0..3): one vector load per row of a block, one lane ``dup`` per step.
+    """
+    nt, P = len(lay.taps), lay.plan.vectors
+    wb8 = T.decl_buffer([lay.o * lay.cw * nt * 4], U8, data=wbits.data)
+    bacc = T.alloc_buffer([q * P * VECTOR], U8, scope="local")
+    first_group = True
+
+    def block(cw0, run, first):
+        rows = {}
+        for j in range(q):
+            for w in sorted({w for w, _, _ in run}):
+                lo = min(t * 4 + k for ww, t, k in run if ww == w)
+                hi = max(t * 4 + k for ww, t, k in run if ww == w) + 1
+                base = (((o0 + j) * lay.cw + cw0 + w) * nt) * 4
+                rows[j, w] = (T.bind(_load(wb8, [], base + lo, hi - lo)), lo, hi - lo)
+        for step, (w, t, k) in enumerate(run):
+            cb = (cw0 + w) * 4 + k
             py, dx, off = lay.tap_plane(*lay.taps[t])
             a = [_load(planes, [n, cb, py, dx], p0 + off + VECTOR * i, VECTOR) for i in range(P)]
             if mplanes is not None:
                 m = [_load(mplanes, [n, cb, py, dx], p0 + off + VECTOR * i, VECTOR) for i in range(P)]
             for j in range(q):
-                w = _load(wb, [o0 + j, cb * nt + t], 0, VECTOR)
+                vec, lo, lanes = rows[j, w]
+                lane = t * 4 + k - lo
+                # a splat of one lane (``dup v.16b, v.b[i]``); Shuffle wants as many input lanes as out
+                copies = [vec] * -(-VECTOR // lanes)
+                wv = _bc(vec, VECTOR) if lanes == 1 else tirx.Shuffle(copies, [tirx.IntImm("int32", lane)] * VECTOR)
                 for i in range(P):
-                    x = a[i] ^ w
+                    x = a[i] ^ wv
                     if mplanes is not None:
                         x = x & m[i]
                     cnt = tirx.popcount(x)
                     at = (j * P + i) * VECTOR
-                    _store(bacc, [], at, VECTOR, cnt if k == 0 else _load(bacc, [], at, VECTOR) + cnt)
+                    _store(bacc, [], at, VECTOR, cnt if step == 0 else _load(bacc, [], at, VECTOR) + cnt)
         for j in range(q):
             for i in range(P):
                 sums = tirx.Cast(f"{lay.acc}x{VECTOR}", _load(bacc, [], (j * P + i) * VECTOR, VECTOR))
                 at = p0 + i * VECTOR
-                if first_block is not True:
+                if first is not True:
                     prev = _load(acc, [n, o0 + j], at, VECTOR)
-                    if first_block is not False:  # a runtime first iteration
-                        prev = tirx.Select(first_block, _bc(tirx.const(0, lay.acc), VECTOR), prev)
+                    if first is not False:  # a runtime first iteration
+                        prev = tirx.Select(first, _bc(tirx.const(0, lay.acc), VECTOR), prev)
                     sums = prev + sums
                 _store(acc, [n, o0 + j], at, VECTOR, sums)
 
-    if full:
-        with T.serial(0, full) as g:
-            block(g * lay.group, lay.group, True if full == 1 else g == 0)
-    if rest:
-        block(full * lay.group, rest, not full)
+    cw_start = 0
+    for words, count, runs in _blocks(lay):
+        if count == 1:
+            for r, run in enumerate(runs):
+                block(cw_start, run, first_group and r == 0)
+        else:
+            with T.serial(0, count) as g:
+                for r, run in enumerate(runs):
+                    block(cw_start + g * words, run, (g == 0) if (first_group and r == 0) else False)
+        first_group = False
+        cw_start += words * count
 
 
 def _real_sum(lay, mplanes, rsum, n, p0):
@@ -309,7 +363,7 @@ def _real_sum(lay, mplanes, rsum, n, p0):
             _store(rsum, [n], start, VECTOR, prev + tirx.Cast(f"{lay.acc}x{VECTOR}", total))
 
 
-def _main_loop(lay, planes, mplanes, wb, acc, rsum):
+def _main_loop(lay, planes, mplanes, wbits, acc, rsum):
     """Pass 3, parallel over (image, pixel tile, output-channel chunk)."""
     chunks, per = lay.plan.o_chunks, len(lay.oblocks) // lay.plan.o_chunks
     with T.parallel(0, lay.n * lay.tiles * chunks) as task:
@@ -328,12 +382,12 @@ def _main_loop(lay, planes, mplanes, wb, acc, rsum):
                     ob = (ch * per + b) if chunks > 1 else b
                     with T.If(ob < lo + count):
                         with T.Then():
-                            _tile(lay, planes, mplanes, wb, acc, n, p0, ob * size, size)
+                            _tile(lay, planes, mplanes, wbits, acc, n, p0, ob * size, size)
             else:
                 with T.If(ch == chunks - 1):
                     with T.Then():
                         o0, o1 = lay.oblocks[lo]
-                        _tile(lay, planes, mplanes, wb, acc, n, p0, o0, o1 - o0)
+                        _tile(lay, planes, mplanes, wbits, acc, n, p0, o0, o1 - o0)
 
 
 def _border_cols(g, wpop, acc, rsum):
@@ -393,7 +447,7 @@ def _row_fix(g, wpop, acc):
                        _load(acc, [n, o], at, lanes) - _bc(tirx.Cast(g.acc, fix), lanes))
 
 
-def _checked_paths(lay, mode, data, shift, pad, planes, zflag, wb, acc, rsum, pshape, fast):
+def _checked_paths(lay, mode, data, shift, pad, planes, zflag, wbits, acc, rsum, pshape, fast):
     """ONNX ``Sign``: the fast path unless an activation was 0, else the masked path."""
     n_, cb_ = lay.n, lay.cb
     zeros = T.alloc_buffer([1], U8)
@@ -408,7 +462,7 @@ def _checked_paths(lay, mode, data, shift, pad, planes, zflag, wb, acc, rsum, ps
             with T.parallel(0, n_ * cb_) as nc:
                 _binarize(lay, mode, data, shift, pad, None, nc // cb_, nc % cb_, "real")
                 _shifted_planes(lay, pad, mplanes, nc // cb_, nc % cb_)
-            _main_loop(lay, planes, mplanes, wb, acc, rsum)
+            _main_loop(lay, planes, mplanes, wbits, acc, rsum)
 
 
 def _kernel_body(lay, mode, ins, outs, with_shift):
@@ -419,18 +473,17 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
     pshape = [n_, cb_, lay.phases, lay.kw, lay.prow * lay.ow]
     with IRBuilder() as ib:
         with T.seq_scope():
-            wb = T.alloc_buffer([lay.o, cb_ * len(lay.taps), VECTOR], U8)
             wpop = T.alloc_buffer([lay.o, len(lay.taps)], "int32")
             pad = T.alloc_buffer([n_, cb_, lay.hp, lay.wp], U8)
             planes = T.alloc_buffer(pshape, U8)
             zflag = T.alloc_buffer([n_ * cb_], U8) if mode == "sign" else None
-            _prepare_weights(lay, wbits, wb, wpop)
+            _weight_popcounts(lay, wbits, wpop)
             with T.parallel(0, n_ * cb_) as nc:
                 _binarize(lay, mode, data, shift, pad, zflag, nc // cb_, nc % cb_, "neg")
                 _shifted_planes(lay, pad, planes, nc // cb_, nc % cb_)
 
             def fast():
-                _main_loop(lay, planes, None, wb, acc, rsum)
+                _main_loop(lay, planes, None, wbits, acc, rsum)
                 _rsum_rows(lay, rsum)
                 _row_fix(lay, wpop, acc)
                 _border_cols(lay, wpop, acc, rsum)
@@ -438,7 +491,7 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
             if zflag is None:
                 fast()
             else:
-                _checked_paths(lay, mode, data, shift, pad, planes, zflag, wb, acc, rsum, pshape, fast)
+                _checked_paths(lay, mode, data, shift, pad, planes, zflag, wbits, acc, rsum, pshape, fast)
     return ib.get()
 
 
