@@ -14,6 +14,7 @@ Every failure is one line on stderr naming the bad thing, exit status 2 for bad 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -100,7 +101,7 @@ def _cmd_run(args) -> int:
         flat = out.reshape(out.shape[0], -1) if out.ndim > 1 else out.reshape(1, -1)
         print(f"{name}: shape {out.shape} dtype {out.dtype} argmax {np.argmax(flat, axis=1).tolist()}")
     if args.outputs:
-        with open(args.outputs, "wb") as fh:  # a file object: np.savez would append .npz to the name
+        with named_write(args.outputs, "wb") as fh:  # a file object: np.savez would append .npz to the name
             np.savez(fh, **dict(zip(onames, outputs)))
         print(f"wrote {args.outputs}")
     if args.repeat:
@@ -116,7 +117,7 @@ def _cmd_inspect(args) -> int:
     text = result.to_json() if args.json else str(result)
     if args.output:
         check_output_file(args.output)
-        with open(args.output, "w") as fh:
+        with named_write(args.output, "w") as fh:
             fh.write(text + "\n")
         print(f"wrote {args.output}")
     else:
@@ -183,6 +184,16 @@ def _cmd_tune(args) -> int:
             print(f"tuning curve: {result.curve_png}")
         print(f"use the records: sparks-tvm compile {args.model} --target ... --tuning-db {args.work_dir}")
     return 0
+
+
+@contextlib.contextmanager
+def named_write(path: str, mode: str):
+    """``open(path, mode)`` whose write and close errors (a full disk) name ``path``."""
+    try:
+        with open(path, mode) as fh:
+            yield fh
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, err.filename or path) from None
 
 
 def check_output_file(path: str) -> None:
@@ -339,6 +350,7 @@ def main(argv=None) -> int:
     except OSError as err:  # a full disk, a folder that vanished, a closed pipe
         where = f"{err.filename}: " if getattr(err, "filename", None) else ""
         if err.errno in (errno.ENOSPC, errno.EPIPE):
+            where = where or "writing standard output: "  # our own files' errors carry their names
             _silence_stdout()
         return _fail(args, f"{where}{err.strerror or err}", 1)
     except Exception as err:  # noqa: BLE001 - the last guard: one line, traceback with --debug

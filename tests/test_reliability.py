@@ -340,14 +340,16 @@ def test_log_file_on_a_full_disk_says_so_once(capsys):
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
 
 
-def test_cli_output_on_a_full_disk_is_one_line(tmp_path):
+def test_cli_output_on_a_full_disk_is_one_line(tmp_path, capsys):
     model = layer_onnx(tmp_path / "layer.onnx")
-    for cmd in (["inspect", model], ["inspect", model, "-o", "/dev/full"]):
-        with open("/dev/full", "w") as full:
-            res = subprocess.run([sys.executable, "-m", "sparks_tvm.cli", *cmd], stdout=full, stderr=subprocess.PIPE,
-                                 text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
-        assert res.returncode == 1, res.stderr
-        assert res.stderr.count("\n") == 1 and "No space left on device" in res.stderr, res.stderr
+    assert cli.main(["inspect", model, "-o", "/dev/full"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/dev/full: No space left on device" in err, err
+    with open("/dev/full", "w") as full:  # stdout itself full: the interpreter must not add its own message
+        res = subprocess.run([sys.executable, "-m", "sparks_tvm.cli", "inspect", model], stdout=full,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.count("\n") == 1 and "No space left on device" in res.stderr, res.stderr
 
 
 def test_zip_member_damage_is_an_input_file_error(tmp_path):
