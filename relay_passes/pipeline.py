@@ -41,6 +41,7 @@ from schedules.target_info import TargetInfo
 
 from .lower_binary_conv2d import LoweringOptions, lower_binary_conv2d
 from .lower_float_conv2d import LowerFloatConv2d
+from .lower_max_pool2d import LowerMaxPool2d
 from .schedule_fused_kernels import ScheduleFusedKernels
 
 #: The phases, in order (see the module docstring).
@@ -129,6 +130,7 @@ def lower(mod: tvm.IRModule, options: PipelineOptions, until: str = "lower_float
         return mod, records
     # The float convs left (stem, shortcuts) get a real schedule too: stock TVM has none on CPUs.
     mod = LowerFloatConv2d(sched)(mod)
+    mod = LowerMaxPool2d(sched)(mod)  # targets with their own pooling kernel (ARM)
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
     dump_ir(mod, options.dump_dir, 2, "lower_float")
     return mod, records

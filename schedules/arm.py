@@ -24,7 +24,7 @@ dense binary kernel instead, which tuning (MetaSchedule) can search.
 from __future__ import annotations
 
 from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
-from sparks_tvm.kernels import binary_conv2d_neon
+from sparks_tvm.kernels import binary_conv2d_neon, max_pool2d_neon
 from sparks_tvm.kernels.sparks_conv2d_neon import default_plan, sparks_conv2d_neon_primfunc
 
 from .host import HostSchedules, groups_per_block, output_chunks, register_deferred_kind
@@ -134,6 +134,10 @@ class ArmSchedules(HostSchedules):
         plan = binary_conv2d_neon.default_plan(geom, self.cores)
         func = binary_conv2d_neon.binary_conv2d_neon_primfunc(geom, mode, plan, shift=shift)
         return self._finish(func, {"kind": "binary_neon", "lanes": OUT_LANES})
+
+    def schedule_max_pool2d(self, in_shape, kernel, stride, padding, out_shape):
+        """The NEON max pool (:mod:`sparks_tvm.kernels.max_pool2d_neon`), already scheduled."""
+        return max_pool2d_neon.max_pool2d_neon_primfunc(in_shape, kernel, stride, padding, out_shape)
 
     @property
     def int8_lanes(self) -> int:
