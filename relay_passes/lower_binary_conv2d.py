@@ -310,7 +310,10 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
             record.codewords = k
             record.bits_per_weight = bits_per_weight(k)
             record.sparks_bops = sparks_bops(geom.in_channels, geom.out_channels, pixels, k)
-            if sparks_is_cheaper(geom.in_channels, geom.out_channels, pixels, k):
+            # A target may model its own kernels (ARM: instructions); else the BOPs model.
+            model = getattr(self.options.schedules, "sparks_is_cheaper", None)
+            if (model(geom, k) if model is not None
+                    else sparks_is_cheaper(geom.in_channels, geom.out_channels, pixels, k)):
                 kind = "sparks"
         else:
             record.bits_per_weight = 1.0

@@ -135,6 +135,35 @@ class ArmSchedules(HostSchedules):
         func = binary_conv2d_neon.binary_conv2d_neon_primfunc(geom, mode, plan, shift=shift)
         return self._finish(func, {"kind": "binary_neon", "lanes": OUT_LANES})
 
+    #: Whole-layer aarch64 instruction model of the two NEON kernels, least-squares fitted to
+    #: the 21 counted layers of ``benchmarks/results/arm_icount.json`` (7 ResNet-18 shapes x K
+    #: 16/32/64; it picks the cheaper kernel on all 21). Sparks: per ``C*K*P64`` (stage 1),
+    #: ``C*O*P64`` (stage 2), input element (binarize, triples). Dense: per 16-pixel x
+    #: channel-byte x tap x output step, input element, output element (no per-call term:
+    #: with one, the fit extrapolates to small layers badly).
+    SPARKS_MODEL = (0.3557, 0.1858, 4.554)
+    DENSE_MODEL = (4.564, 3.613, 0.3135)
+
+    def estimated_instructions(self, geom, num_codewords: int | None) -> float:
+        """Modelled instructions of one whole layer (Sparks with ``num_codewords``, else dense)."""
+        pixels = geom.out_height * geom.out_width * geom.batch
+        inputs = geom.batch * geom.in_channels * geom.height * geom.width
+        c, o = geom.in_channels, geom.out_channels
+        if num_codewords is not None:
+            p64 = -(-pixels // 64) * 64
+            a, b, e = self.SPARKS_MODEL
+            return a * c * num_codewords * p64 + b * c * o * p64 + e * inputs
+        taps = geom.kernel[0] * geom.kernel[1]
+        p32 = -(-pixels // 32) * 32
+        a, e, g = self.DENSE_MODEL
+        return a * p32 / 16 * o * -(-c // 8) * taps + e * inputs + g * o * pixels
+
+    def sparks_is_cheaper(self, geom, num_codewords: int) -> bool:
+        """Sparks or dense for one layer on NEON, by :meth:`estimated_instructions`."""
+        if not (self.neon_binary and binary_conv2d_neon.supports(geom)):
+            return True  # the host core's dense kernel is 2-7x the NEON Sparks kernel
+        return self.estimated_instructions(geom, num_codewords) < self.estimated_instructions(geom, None)
+
     def schedule_max_pool2d(self, in_shape, kernel, stride, padding, out_shape):
         """The NEON max pool (:mod:`sparks_tvm.kernels.max_pool2d_neon`), already scheduled."""
         return max_pool2d_neon.max_pool2d_neon_primfunc(in_shape, kernel, stride, padding, out_shape)

@@ -12,6 +12,7 @@ import tvm
 from tvm import s_tir
 
 from schedules.arm import ArmSchedules, apply_neon_out_schedule
+from schedules.host import HostSchedules
 from sparks_tvm import reference as ref
 from sparks_tvm.kernels import ConvGeometry, pack_binary_weights
 from sparks_tvm.kernels.binary_conv2d_neon import (NeonBinaryPlan, accumulator_dtype, binary_conv2d_neon_primfunc,
@@ -103,3 +104,36 @@ def test_arm_schedules_pick_the_neon_binary_kernel():
     generic = ArmSchedules(neon_binary=False)
     assert generic.tuned_kinds == ("binary",)
     assert "binary_neon" not in str(generic.schedule_binary_conv2d(ConvGeometry(1, 16, 8, 8, 16), "sign"))
+
+
+def test_arm_picks_sparks_or_dense_by_its_instruction_model():
+    """The ARM model reproduces the counted choice (benchmarks/results/arm_icount.json) and
+    the lowering follows it; the host keeps the BOPs model."""
+    from relay_passes import pipeline
+    from sparks_tvm import frontend
+    from sparks_tvm.cost import RESNET18_BINARY_LAYERS
+    from sparks_tvm.models import random_codebook
+
+    sched = ArmSchedules()
+    geoms = [ConvGeometry(1, c, s, s, o, stride=(st, st)) for c, o, s, st in RESNET18_BINARY_LAYERS]
+    assert all(sched.sparks_is_cheaper(g, 16) for g in geoms)  # K=16: Sparks everywhere
+    assert not sched.sparks_is_cheaper(geoms[0], 32) and not sched.sparks_is_cheaper(geoms[0], 64)
+    assert sched.sparks_is_cheaper(geoms[-1], 64)  # 512->512 7x7: Sparks even at K=64
+    assert ArmSchedules(neon_binary=False).sparks_is_cheaper(geoms[0], 64)
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = random_codebook(rng, 32)[rng.integers(0, 32, size=(64, 64))].astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Sign", ["input"], ["a"]), helper.make_node("Conv", ["a", "w"], ["output"], pads=[1] * 4)],
+        "layer", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 64, 56, 56])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 64, 56, 56])], [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    kinds = {}
+    for name, target_sched in (("arm", ArmSchedules()), ("host", HostSchedules())):
+        _, records = pipeline.lower(frontend.import_graph(proto, frontend.input_specs(proto)),
+                                    pipeline.PipelineOptions(schedules=target_sched))
+        kinds[name] = [r.kind for r in records]
+    assert kinds == {"arm": ["binary"], "host": ["sparks"]}  # K=32 64->64: BOPs say Sparks, NEON counts dense
