@@ -36,9 +36,11 @@ def test_one_cell_writes_the_table_layout_and_is_deterministic(script, tmp_path)
     assert script.main(TINY + ["--rows", "sparks16", "--seeds", "1", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     assert got["data"]["train"] == 384 and got["data"]["test"] == 1000
-    assert list(got["rows"]) == ["sparks16"]
+    assert isinstance(got["rows"], dict) and list(got["rows"]) == ["sparks16"]
     row = got["rows"]["sparks16"]
-    assert row["seeds"] == [1] and len(row["acc"]) == 1 and 0 <= row["acc"][0] <= 100
+    # accuracies in percent, aligned with the seeds: the table's cell and this one compare directly
+    assert row["seeds"] == [1] and len(row["acc"]) == 1 and 1 < row["acc"][0] <= 100
+    assert row["acc"][0] == pytest.approx(row["epoch_acc"][0][-1])
     assert len(row["epoch_acc"][0]) == 3 and row["bits_per_weight"] == pytest.approx(4 / 9)
     # The Sparks model was exported, compiled and run on every test image.
     check = got["compiled"]["sparks16/seed1"]
@@ -65,3 +67,49 @@ def test_table_rows_share_a_seed_stage_one_and_report_goals(script, tmp_path):
     assert any(g.startswith("sparks16 - snn16") for g in got["goals"])
     assert (tmp_path / "mnist_table.png").stat().st_size > 1000
     assert "| sparks16 | 16 |" in (tmp_path / "mnist_table.md").read_text()
+
+    # A table from several invocations: a cell does not depend on which other rows ran with it,
+    # so one seed of two rows, run alone, merges with the table above by row and seed.
+    one = tmp_path / "one.json"
+    assert script.main(TINY + ["--rows", "sparks16", "dense", "--seeds", "2", "--no-compile", "--json", str(one)]) == 0
+    merged_dir = tmp_path / "merged"
+    assert script.main(["--merge", str(one), str(tmp_path / "mnist_table.json"), "--note", "merged",
+                        "--out", str(merged_dir)]) == 0
+    merged = json.loads((merged_dir / "mnist_table.json").read_text())
+    assert list(merged["rows"]) == ["float", "dense", "snn16", "sparks16", "topk16"]  # the default row order
+    for name, row in got["rows"].items():
+        assert merged["rows"][name]["seeds"] == [0, 2]
+        assert merged["rows"][name]["acc"] == row["acc"]
+        assert merged["rows"][name]["acc_mean"] == pytest.approx(row["acc_mean"])
+    assert len(merged["merged_from"]) == 2
+    reordered = {name: got["rows"][name] for name in merged["rows"]}
+    assert merged["goals"] == script.goals(reordered, got["compiled"])
+    assert "**Note:** merged" in (merged_dir / "mnist_table.md").read_text()
+    bad = json.loads(one.read_text())
+    bad["rows"]["dense"]["acc"][0] += 1.0
+    with pytest.raises(ValueError, match="dense seed 2"):
+        script.merge_tables([got, bad])
+
+
+def _row(kind, acc, spread=0.1, seeds=(0, 1, 2)):
+    return {"kind": kind, "seeds": list(seeds), "acc": [acc] * len(seeds), "acc_mean": acc, "acc_std": 0.0,
+            "last3_spread_max": spread}
+
+
+def test_goals_say_by_how_much_a_goal_is_missed(script):
+    rows = {"float": _row("float", 98.9), "dense": _row("dense", 97.0), "snn16": _row("snn", 96.0),
+            "sparks16": _row("sparks", 96.7, spread=0.5), "sparks32": _row("sparks", 96.8),
+            "sparks64": _row("sparks", 96.75)}
+    compiled = {f"sparks{k}/seed{s}": {"default": {"n": 10, "prediction_mismatches": 0, "layer_problems": []}}
+                for k in (16, 32, 64) for s in (0, 1, 2)}
+    g = script.goals(rows, compiled)
+    text = "\n".join(g)
+    assert "float >= 99.0 %: 98.90 % (not met by 0.10 points)" in g
+    assert "sparks16 - snn16 = +0.70 points (goal >= +0.5, stretch +1.0: met, stretch missed by 0.30 points)" in g
+    assert "dense - sparks16 = +0.30 points (goal <= 1.0, stretch 0.5: met, stretch met)" in g
+    assert "sparks16 <= sparks32 <= sparks64 <= dense (96.70, 96.80, 96.75, 97.00): not met by 0.05 points" in g
+    assert "not met by 0.20 points; over 0.3: sparks16 0.50" in text
+    assert g[-1].startswith("compiled = trained: 9 of 9 Sparks models") and g[-1].endswith(": met")
+    del compiled["sparks64/seed2"]
+    compiled["sparks16/seed0"]["default"]["prediction_mismatches"] = 1
+    assert script.goals(rows, compiled)[-1].endswith("not met (sparks64/seed2, sparks16/seed0)")
