@@ -14,7 +14,10 @@ host scheduling core (:mod:`schedules.host`). This file fixes what differs on an
   counting instructions on the emulated Pi; only tuning tasks build that kernel on ARM.
 
 The dense binary conv is :mod:`sparks_tvm.kernels.binary_conv2d_neon` (a register-tiled
-XOR-popcount micro-kernel) wherever it applies (at most 31 taps), else the host core's kernel.
+XOR-popcount micro-kernel) wherever it applies (at most 31 taps), else the host core's kernel;
+the float convs :mod:`sparks_tvm.kernels.float_conv2d_neon` (column strides 1 and 2), max
+pooling :mod:`sparks_tvm.kernels.max_pool2d_neon`; which of Sparks and dense a layer gets
+follows an instruction model of the two NEON kernels (:meth:`ArmSchedules.sparks_is_cheaper`).
 
 The NEON kernels have no tuning space yet: ``tuned_kinds`` leaves them out, so compile keeps
 them whatever a work dir holds. ``ArmSchedules(neon_binary=False)`` builds the host core's
@@ -24,7 +27,8 @@ dense binary kernel instead, which tuning (MetaSchedule) can search.
 from __future__ import annotations
 
 from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
-from sparks_tvm.kernels import binary_conv2d_neon, max_pool2d_neon
+from sparks_tvm.cost import sparks_is_cheaper
+from sparks_tvm.kernels import binary_conv2d_neon, float_conv2d_neon, max_pool2d_neon
 from sparks_tvm.kernels.sparks_conv2d_neon import default_plan, sparks_conv2d_neon_primfunc
 
 from .host import HostSchedules, groups_per_block, output_chunks, register_deferred_kind
@@ -54,6 +58,7 @@ def apply_neon_out_schedule(sch, lanes: int = OUT_LANES):
 
 register_deferred_kind("sparks_neon", lambda sch, spec: apply_neon_out_schedule(sch, int(spec["lanes"])))
 register_deferred_kind("binary_neon", lambda sch, spec: apply_neon_out_schedule(sch, int(spec["lanes"])))
+register_deferred_kind("float_neon", lambda sch, spec: apply_neon_out_schedule(sch, int(spec["lanes"])))
 
 
 class ArmSchedules(HostSchedules):
@@ -162,7 +167,22 @@ class ArmSchedules(HostSchedules):
         """Sparks or dense for one layer on NEON, by :meth:`estimated_instructions`."""
         if not (self.neon_binary and binary_conv2d_neon.supports(geom)):
             return True  # the host core's dense kernel is 2-7x the NEON Sparks kernel
+        if geom.in_channels < 64 or geom.out_height * geom.out_width < 49:
+            # outside the fitted layers (ResNet-18's): the BOPs model, which favours the codebook
+            pixels = geom.batch * geom.out_height * geom.out_width
+            return sparks_is_cheaper(geom.in_channels, geom.out_channels, pixels, num_codewords)
         return self.estimated_instructions(geom, num_codewords) < self.estimated_instructions(geom, None)
+
+    @property
+    def float_lanes(self) -> int:
+        """Output channels per float tile: 8 (two NEON registers; the packed weights' V)."""
+        return float_conv2d_neon.LANES
+
+    def schedule_float_conv2d(self, geom):
+        """The NEON float conv (``fmla`` by element over an 8x8 register tile) where it applies."""
+        if not float_conv2d_neon.supports(geom):
+            return super().schedule_float_conv2d(geom)
+        return self._finish(float_conv2d_neon.float_conv2d_neon_primfunc(geom), {"kind": "float_neon", "lanes": OUT_LANES})
 
     def schedule_max_pool2d(self, in_shape, kernel, stride, padding, out_shape):
         """The NEON max pool (:mod:`sparks_tvm.kernels.max_pool2d_neon`), already scheduled."""
