@@ -462,6 +462,7 @@ def test_corrupt_or_foreign_tuning_db_is_reported(db_cases, tmp_path):
     foreign = _tuning_db(_db_model(c=12, o=16, k=3, seed=1), str(tmp_path / "foreign"), host_target())
     cases.append({"name": "foreign_model", "path": str(tmp_path / "m.onnx"), "tuning_db": foreign})
     outcomes = run_cases(tmp_path, cases)
-    expected = {name: "error:TuningError" for name in edits}
-    expected["foreign_model"] = "ok"
-    assert outcomes == expected
+    # TuningDatabaseError (a TuningError) names damage inside the database files.
+    allowed = {"error:TuningError", "error:TuningDatabaseError"}
+    assert outcomes.pop("foreign_model") == "ok"
+    assert set(outcomes) == set(edits) and all(v in allowed for v in outcomes.values()), outcomes
