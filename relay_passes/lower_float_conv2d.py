@@ -17,11 +17,11 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from sparks_tvm.kernels import ConvGeometry, pack_float_weights
 
 from .binarizer_patterns import constant_array
+from .call_rewriter import rewrite_calls
 
 
 def _static_shape(expr: relax.Expr):
@@ -86,32 +86,18 @@ class LowerFloatConv2d:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not hasattr(self.schedules, "schedule_float_conv2d"):
             return mod
-        rewriter = _FloatConvRewriter(mod, self.schedules)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        self.lowered = rewriter.count
-        return rewriter.builder_.get()
+        mod, self.lowered = rewrite_calls(mod, self._rewrite)
+        return mod
 
-
-@mutator
-class _FloatConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
-    def __init__(self, mod, schedules):
-        super().__init__(mod)
-        self.schedules = schedules
-        self.count = 0
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
-        call = self.visit_expr_post_order(call)
+    def _rewrite(self, rewriter, call):
         if not match_float_conv(call):
-            return call
-        checked = check_float_conv(call, self.lookup_binding)
+            return None
+        checked = check_float_conv(call, rewriter.lookup_binding)
         if isinstance(checked, str):
-            return call
+            return None
         geom, weight = checked
-        symbol = f"float_conv2d_{self.count}"
-        self.count += 1
+        symbol = f"float_conv2d_{rewriter.count}"
         func = self.schedules.schedule_float_conv2d(geom).with_attr("global_symbol", symbol)
-        gvar = self.builder_.add_func(func, symbol)
+        gvar = rewriter.builder_.add_func(func, symbol)
         wpack = relax.const(pack_float_weights(weight, self.schedules.float_lanes), "float32")
         return relax.call_tir(gvar, [call.args[0], wpack], relax.TensorType(geom.out_shape, "float32"))

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from sparks_tvm.kernels import max_pool2d_neon
 
+from .call_rewriter import rewrite_calls
 from .lower_float_conv2d import _static_shape
 
 
@@ -59,30 +59,16 @@ class LowerMaxPool2d:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not hasattr(self.schedules, "schedule_max_pool2d"):
             return mod
-        rewriter = _MaxPoolRewriter(mod, self.schedules)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-        self.lowered = rewriter.count
-        return rewriter.builder_.get()
+        mod, self.lowered = rewrite_calls(mod, self._rewrite)
+        return mod
 
-
-@mutator
-class _MaxPoolRewriter(PyExprMutator):  # pylint: disable=abstract-method
-    def __init__(self, mod, schedules):
-        super().__init__(mod)
-        self.schedules = schedules
-        self.count = 0
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:  # pylint: disable=arguments-renamed
-        call = self.visit_expr_post_order(call)
+    def _rewrite(self, rewriter, call):
         if not match_max_pool(call):
-            return call
+            return None
         checked = check_max_pool(call)
         if isinstance(checked, str):
-            return call
-        symbol = f"max_pool2d_{self.count}"
-        self.count += 1
+            return None
+        symbol = f"max_pool2d_{rewriter.count}"
         func = self.schedules.schedule_max_pool2d(*checked).with_attr("global_symbol", symbol)
-        gvar = self.builder_.add_func(func, symbol)
+        gvar = rewriter.builder_.add_func(func, symbol)
         return relax.call_tir(gvar, [call.args[0]], relax.TensorType(checked[-1], "float32"))

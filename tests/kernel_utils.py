@@ -57,3 +57,12 @@ def kernel_bodies(src: str, prefix: str) -> dict:
         if name.startswith(prefix):
             bodies[name] = src[pos:end]
     return bodies
+
+
+def run_on_host(func, args, out_shape, dtype="int32"):
+    """Build ``func`` (inputs ``args``, then one output) for the host and return its output."""
+    lib = build(func, "llvm")
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(out_shape, dtype), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
+    return out.numpy()

@@ -6,13 +6,13 @@ cross-compiled inside the whole model (stem and shortcuts).
 
 import numpy as np
 import pytest
-import tvm
 from tvm import s_tir
+
+from kernel_utils import run_on_host
 
 from schedules.arm import ArmSchedules, apply_neon_out_schedule
 from sparks_tvm.kernels import ConvGeometry, pack_float_weights
 from sparks_tvm.kernels.float_conv2d_neon import float_conv2d_neon_primfunc, supports
-from sparks_tvm.target import resolve_target
 
 
 def conv_ref(x, w, stride, padding):
@@ -43,10 +43,8 @@ def test_neon_float_conv_matches_reference(geom):
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
     w = rng.standard_normal((geom.out_channels, geom.in_channels, *geom.kernel)).astype(np.float32)
     func = apply_neon_out_schedule(s_tir.Schedule(float_conv2d_neon_primfunc(geom))).mod["main"]
-    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=resolve_target("llvm"))
-    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.float32))
-    lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pack_float_weights(w, 8)), out)
-    np.testing.assert_allclose(out.numpy(), conv_ref(x, w, geom.stride, geom.padding), rtol=1e-4, atol=1e-4)
+    got = run_on_host(func, [x, pack_float_weights(w, 8)], geom.out_shape, "float32")
+    np.testing.assert_allclose(got, conv_ref(x, w, geom.stride, geom.padding), rtol=1e-4, atol=1e-4)
 
 
 def test_arm_schedules_pick_the_neon_float_conv():

@@ -10,6 +10,7 @@ import pytest
 import tvm
 from tvm import relax
 
+from kernel_utils import run_on_host
 from relay_passes import LowerMaxPool2d
 from schedules.arm import ArmSchedules
 from schedules.host import HostSchedules
@@ -36,12 +37,10 @@ CASES = [
 @pytest.mark.parametrize("shape,k,s,p", CASES)
 def test_neon_max_pool_exact(shape, k, s, p):
     osh = out_shape(shape, k, s, p)
-    lib = tvm.compile(max_pool2d_neon_primfunc(shape, k, s, p, osh).with_attr("global_symbol", "main"), target=HOST)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     x[0, 0, 0, :3] = -np.inf  # edges that must not win
-    out = tvm.runtime.tensor(np.zeros(osh, np.float32))
-    lib["main"](tvm.runtime.tensor(x), out)
-    assert np.array_equal(out.numpy(), max_pool2d_ref(x, k, s, p, osh))
+    got = run_on_host(max_pool2d_neon_primfunc(shape, k, s, p, osh), [x], osh, "float32")
+    assert np.array_equal(got, max_pool2d_ref(x, k, s, p, osh))
 
 
 def test_windows_outside_the_image_are_refused():

@@ -8,8 +8,9 @@ layers with it on the emulated Pi.
 
 import numpy as np
 import pytest
-import tvm
 from tvm import s_tir
+
+from kernel_utils import run_on_host
 
 from schedules.arm import ArmSchedules, apply_neon_out_schedule
 from schedules.host import HostSchedules
@@ -36,11 +37,7 @@ def run(geom, mode, plan=None, zeros=0.0, shift=False, seed=0):
     want = ref.binary_conv2d_ref(ref.binarize(binarized, mode), w, geom.stride, geom.padding)
     func = binary_conv2d_neon_primfunc(geom, mode, plan, shift=shift)
     func = apply_neon_out_schedule(s_tir.Schedule(func)).mod["main"]
-    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=HOST)
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
-    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
-    return out.numpy(), want
+    return run_on_host(func, args, geom.out_shape), want
 
 
 CASES = [
@@ -121,7 +118,6 @@ def test_arm_picks_sparks_or_dense_by_its_instruction_model():
     assert sched.sparks_is_cheaper(geoms[-1], 64)  # 512->512 7x7: Sparks even at K=64
     assert ArmSchedules(neon_binary=False).sparks_is_cheaper(geoms[0], 64)
 
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

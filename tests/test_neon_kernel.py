@@ -7,8 +7,9 @@ cross-compiled on the emulated Pi, through the ARM schedules.
 
 import numpy as np
 import pytest
-import tvm
 from tvm import s_tir
+
+from kernel_utils import run_on_host
 
 from schedules.arm import ArmSchedules, apply_neon_out_schedule
 from sparks_tvm import reference as ref
@@ -36,11 +37,7 @@ def run(geom, k, mode, plan=None, zeros=0.2, shift=False, seed=0):
     want = ref.sparks_conv2d_ref(ref.binarize(binarized, mode), codebook, idx, geom.stride, geom.padding)
     func = sparks_conv2d_neon_primfunc(geom, k, mode, plan, shift=shift)
     func = apply_neon_out_schedule(s_tir.Schedule(func)).mod["main"]
-    lib = tvm.compile(func.with_attr("global_symbol", "main"), target=HOST)
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(geom.out_shape, np.int32), dev)
-    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
-    return out.numpy(), want
+    return run_on_host(func, args, geom.out_shape), want
 
 
 CASES = [

@@ -39,10 +39,9 @@ from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
 from .encoding import num_words
+from .vector_tir import U8, VECTOR, extern, padded, ramp as _ramp
+from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
-U8 = "uint8"
-#: NEON register width in bytes.
-VECTOR = 16
 #: Pixels binarized per vector step (8 float32 registers per channel byte at most).
 BINARIZE_LANES = 16
 #: Steps summed in one byte lane: cnt <= 8, 31 * 8 = 248.
@@ -66,10 +65,6 @@ class NeonBinaryPlan:
     vectors: int = 2
     o_block: int = 4
     o_chunks: int = 1
-
-
-def padded(pixels: int, tile: int) -> int:
-    return -(-pixels // tile) * tile
 
 
 def supports(geom: ConvGeometry) -> bool:
@@ -96,39 +91,6 @@ def default_plan(geom: ConvGeometry, cores: int = 1) -> NeonBinaryPlan:
 def accumulator_dtype(geom: ConvGeometry) -> str:
     """Narrowest accumulator of the mismatch count (at most ``C * KH * KW``)."""
     return "uint16" if geom.in_channels * geom.kernel[0] * geom.kernel[1] <= 65535 else "int32"
-
-
-def _u8(v):
-    return tirx.const(v, U8)
-
-
-def _ramp(start, stride, lanes):
-    return tirx.Ramp(start, stride, lanes) if lanes > 1 else start
-
-
-def _bc(value, lanes):
-    return tirx.Broadcast(value, lanes) if lanes > 1 else value
-
-
-def _vt(dtype, lanes):
-    return f"{dtype}x{lanes}" if lanes > 1 else dtype
-
-
-def _load(buf, prefix, start, lanes):
-    return tirx.BufferLoad(buf, [*prefix, _ramp(start, 1, lanes)])
-
-
-def _store(buf, prefix, start, lanes, value):
-    T.buffer_store(buf, value, [*prefix, _ramp(start, 1, lanes)])
-
-
-def _chunks(lo, hi, step=VECTOR):
-    """``[lo, hi)`` as (start, lanes) vectors of ``step`` lanes and one shorter tail."""
-    out, x = [], lo
-    while x < hi:
-        out.append((x, min(step, hi - x)))
-        x += step
-    return out
 
 
 class _Layout:
@@ -530,11 +492,8 @@ def binary_conv2d_neon_compute(geom: ConvGeometry, mode: str, plan: NeonBinaryPl
     if shift:
         ins.append(te.placeholder(shp(lay.c), "float32", name="shift"))
     out_shapes = [shp(lay.n, lay.o, lay.pp), shp(lay.n, lay.pp)]
-    acc, rsum = te.extern(out_shapes, ins, lambda i, o: _kernel_body(lay, mode, i, o, shift),
-                          name="binary_neon", dtype=[lay.acc, lay.acc],
-                          in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name, layout=None) for t in ins],
-                          out_buffers=[tirx.decl_buffer(s_, lay.acc, n_, layout=None)
-                                       for s_, n_ in zip(out_shapes, ("acc", "rsum"))])
+    acc, rsum = extern("binary_neon", ins, out_shapes, [lay.acc] * 2, ["acc", "rsum"],
+                       lambda i, o: _kernel_body(lay, mode, i, o, shift))
     out = te.compute(shp(lay.n, lay.o, lay.pixels),
                      lambda n, o, p: tirx.Cast("int32", rsum[n, p]) - 2 * tirx.Cast("int32", acc[n, o, p]),
                      name="out")

@@ -21,6 +21,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
+from .vector_tir import chunks as _chunks, extern
 
 #: Output channels per weight vector pair (two float32 registers).
 LANES = 8
@@ -106,10 +107,6 @@ def _tile(geom, pad, wpack, conv, n, ob, oh, ow0, cols):
     return None
 
 
-def _chunks(lo, hi, step=16):
-    return [(x, min(step, hi - x)) for x in range(lo, hi, step)]
-
-
 def _store_row(buf, index, lo, hi, value_of):
     for x0, lanes in _chunks(lo, hi):
         ramp = tirx.Ramp(x0, 1, lanes) if lanes > 1 else x0
@@ -169,11 +166,8 @@ def float_conv2d_neon_primfunc(geom: ConvGeometry):
     data = te.placeholder(shp(*geom.in_shape), F32, name="data")
     wpack = te.placeholder(shp(blocks, geom.in_channels, *geom.kernel, LANES), F32, name="wpack")
     pixels = geom.out_height * geom.out_width
-    conv = te.extern([shp(geom.batch, geom.out_channels, pixels)], [data, wpack],
-                     lambda i, o: _body(geom, i, o), name="float_neon", dtype=F32,
-                     in_buffers=[tirx.decl_buffer(t.shape, F32, t.op.name, layout=None) for t in (data, wpack)],
-                     out_buffers=[tirx.decl_buffer(shp(geom.batch, geom.out_channels, pixels), F32, "conv",
-                                                   layout=None)])
+    (conv,) = extern("float_neon", [data, wpack], [shp(geom.batch, geom.out_channels, pixels)], [F32], ["conv"],
+                     lambda i, o: _body(geom, i, o))
     out = te.compute(conv.shape, lambda n, o, p: conv[n, o, p], name="out")
     func = te.create_prim_func([data, wpack, out])
     return nchw_output(func, geom.out_width).with_attr({"tir.noalias": True})

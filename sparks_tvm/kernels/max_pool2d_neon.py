@@ -21,6 +21,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .common import int64_shape
+from .vector_tir import extern
 
 #: Output columns per vector step (two float32 registers).
 LANES = 8
@@ -126,10 +127,7 @@ def max_pool2d_neon_primfunc(in_shape, kernel, stride, padding, out_shape):
     if not supports(in_shape, kernel, stride, padding, out_shape):
         raise ValueError(f"max pool {kernel} stride {stride} padding {padding}: a window lies outside the image")
     x = te.placeholder(int64_shape(*in_shape), "float32", name="x")
-    out = te.extern([int64_shape(*out_shape)], [x],
-                    lambda i, o: _body(i[0], o[0], in_shape, kernel, stride, padding, out_shape),
-                    name="max_pool_neon", dtype="float32",
-                    in_buffers=[tirx.decl_buffer(x.shape, "float32", "x", layout=None)],
-                    out_buffers=[tirx.decl_buffer(int64_shape(*out_shape), "float32", "out", layout=None)])
+    (out,) = extern("max_pool_neon", [x], [int64_shape(*out_shape)], ["float32"], ["out"],
+                    lambda i, o: _body(i[0], o[0], in_shape, kernel, stride, padding, out_shape))
     func = te.create_prim_func([x, out])
     return func.with_attr({"tir.noalias": True, "tirx.is_scheduled": True})

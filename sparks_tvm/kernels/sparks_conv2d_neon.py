@@ -53,12 +53,11 @@ from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
 from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
+from .vector_tir import U8, VECTOR, extern, padded
+from .vector_tir import bc as _bc, load as _load, store as _store, u8 as _u8
 
-U8 = "uint8"
 #: Channels summed in one byte: u <= 9 per channel, 28 * 9 = 252.
 MAX_BLOCK = 28
-#: NEON register width in bytes.
-VECTOR = 16
 #: Pixel tiles the default plan chooses from.
 TILES = (16, 32, 64, 128)
 
@@ -91,10 +90,6 @@ class NeonSparksPlan:
     o_chunks: int = 1
 
 
-def padded(pixels: int, tile: int) -> int:
-    return -(-pixels // tile) * tile
-
-
 def default_plan(geom: ConvGeometry, num_codewords: int, cores: int = 1) -> NeonSparksPlan:
     """Tile with the least padding waste and the fewest per-row overheads; balanced channel blocks.
 
@@ -117,22 +112,6 @@ def default_plan(geom: ConvGeometry, num_codewords: int, cores: int = 1) -> Neon
         want = -(-2 * cores // tiles)
         o_chunks = max(d for d in range(1, min(want, geom.out_channels) + 1) if geom.out_channels % d == 0)
     return NeonSparksPlan(tile, chunk, block, o_chunks)
-
-
-def _u8(v):
-    return tirx.const(v, U8)
-
-
-def _bc(v, lanes):
-    return tirx.Broadcast(v, lanes)
-
-
-def _load(buf, prefix, start, lanes):
-    return tirx.BufferLoad(buf, [*prefix, tirx.Ramp(start, 1, lanes)])
-
-
-def _store(buf, prefix, start, lanes, value):
-    T.buffer_store(buf, value, [*prefix, tirx.Ramp(start, 1, lanes)])
 
 
 class _Layout:
@@ -431,13 +410,9 @@ def sparks_conv2d_neon_compute(geom: ConvGeometry, num_codewords: int, mode: str
     ins = [data, codes, idx]
     if shift:
         ins.append(te.placeholder(shp(lay.c), "float32", name="shift"))
-    # Plain buffers (no symbolic element offset, te.extern's default): Relax's FuseTIR maps the
-    # kernel's parameters onto the buffers of the graph and needs their types equal.
     out_shapes = [shp(lay.n, lay.o, lay.pp), shp(lay.n, lay.pp)]
-    acc, rsum = te.extern(out_shapes, ins, lambda i, o: _kernel_body(lay, mode, i, o, shift),
-                          name="sparks_neon", dtype=[lay.acc, lay.acc],
-                          in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name, layout=None) for t in ins],
-                          out_buffers=[tirx.decl_buffer(s_, lay.acc, n_, layout=None) for s_, n_ in zip(out_shapes, ("acc", "rsum"))])
+    acc, rsum = extern("sparks_neon", ins, out_shapes, [lay.acc] * 2, ["acc", "rsum"],
+                       lambda i, o: _kernel_body(lay, mode, i, o, shift))
     out = te.compute(shp(lay.n, lay.o, lay.pixels),
                      lambda n, o, p: 2 * tirx.Cast("int32", acc[n, o, p]) - tirx.Cast("int32", rsum[n, p]),
                      name="out")

@@ -1,0 +1,61 @@
+"""Building blocks of the hand-written vector TIR kernels (the NEON ones).
+
+Whole-vector loads and stores over a flat index, lane-count-agnostic constructors (a 1-lane
+"vector" is a scalar: TIR refuses 1-lane ramps and broadcasts), vector chunking of a range,
+and the ``te.extern`` wrapper whose plain buffers Relax's FuseTIR can map.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.script.ir_builder import tirx as T
+
+U8 = "uint8"
+#: NEON register width in bytes.
+VECTOR = 16
+
+
+def u8(value):
+    return tirx.const(value, U8)
+
+
+def padded(pixels: int, tile: int) -> int:
+    """``pixels`` rounded up to a multiple of ``tile``."""
+    return -(-pixels // tile) * tile
+
+
+def ramp(start, stride, lanes):
+    return tirx.Ramp(start, stride, lanes) if lanes > 1 else start
+
+
+def bc(value, lanes):
+    return tirx.Broadcast(value, lanes) if lanes > 1 else value
+
+
+def vt(dtype: str, lanes: int) -> str:
+    return f"{dtype}x{lanes}" if lanes > 1 else dtype
+
+
+def load(buf, prefix, start, lanes):
+    """``buf[*prefix, start : start + lanes]``."""
+    return tirx.BufferLoad(buf, [*prefix, ramp(start, 1, lanes)])
+
+
+def store(buf, prefix, start, lanes, value):
+    """``buf[*prefix, start : start + lanes] = value``."""
+    T.buffer_store(buf, value, [*prefix, ramp(start, 1, lanes)])
+
+
+def chunks(lo: int, hi: int, step: int = VECTOR) -> list:
+    """``[lo, hi)`` as ``(start, lanes)`` vectors of ``step`` lanes and one shorter tail."""
+    return [(x, min(step, hi - x)) for x in range(lo, hi, step)]
+
+
+def extern(name: str, ins: list, out_shapes: list, dtypes: list, out_names: list, body):
+    """``te.extern`` of a hand-written body with plain buffers (``layout=None``, no symbolic
+    element offset: te.extern's default ones make Relax's FuseTIR refuse the kernel)."""
+    outs = te.extern(out_shapes, ins, body, name=name, dtype=list(dtypes),
+                     in_buffers=[tirx.decl_buffer(t.shape, t.dtype, t.op.name, layout=None) for t in ins],
+                     out_buffers=[tirx.decl_buffer(s, d, n, layout=None)
+                                  for s, d, n in zip(out_shapes, dtypes, out_names)])
+    return outs if isinstance(outs, (list, tuple)) else [outs]
