@@ -10,9 +10,11 @@ import os as _os
 from typing import TYPE_CHECKING
 
 # TVM's CPU thread pool defaults to one thread on some VMs; use every core we may run on.
+# The value set here is remembered so that ``compile`` can tell it from a user's choice.
+_DEFAULT_TVM_NUM_THREADS = None
 if "TVM_NUM_THREADS" not in _os.environ:
     try:
-        _os.environ["TVM_NUM_THREADS"] = str(len(_os.sched_getaffinity(0)))
+        _DEFAULT_TVM_NUM_THREADS = _os.environ["TVM_NUM_THREADS"] = str(len(_os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover
         pass
 

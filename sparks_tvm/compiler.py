@@ -22,10 +22,19 @@ from relay_passes import pipeline
 from relay_passes.pipeline import relax_pipeline
 
 from . import frontend, library, toolchain
-from .errors import CompileError, ExportError, LibraryError, SparksError, TuningError
+from .errors import CompileError, ExportError, LibraryError, ShapeError, SparksError, TuningError
 from .library import SIDECAR_SUFFIX
 from .report import Report
-from .target import is_aarch64, resolve_target, target_json
+from .target import (
+    HOST_ALIASES,
+    THREADS_ENV,
+    host_cpu_count,
+    host_threads,
+    is_aarch64,
+    resolve_target,
+    runs_here,
+    target_json,
+)
 from .tune.database import tuned_schedules
 
 logger = logging.getLogger("sparks_tvm")
@@ -139,6 +148,7 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
         frontend.check_supported_ops(proto)
         specs = frontend.input_specs(proto, shapes)
         tgt = resolve_target(target)
+        thread_plan = _thread_plan(target, tgt)
         kernel_schedules = None if tuning_db is None else _tuned_schedules(tuning_db, tgt)
     dump_dir = os.environ.get(pipeline.DUMP_ENV) or None
     mod, report = build_relax(proto, specs, tgt, strict=strict, force_kind=force_kind,
@@ -163,9 +173,37 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
         "target": target_json(tgt),
         "report": json.loads(report.to_json()),
     }
+    meta["threads"] = thread_plan
     model = CompiledModel(ex, meta, report, tgt)
     model.phase_times = dict(timer.times)
     return model
+
+
+def _thread_plan(target, tgt) -> dict:
+    """``{"count", "source"}``: the CPU threads ``tgt``'s kernels split their work for.
+
+    ``count`` is None for a target without CPU kernels (CUDA) or without ``num-cores``.
+    Logged at INFO; a WARNING when the kernels will not run on as many threads here.
+    """
+    if tgt.kind.name != "llvm":
+        return {"count": None, "source": f"none ({tgt.kind.name} target)"}
+    cores = int(tgt.attrs["num-cores"]) if "num-cores" in tgt.attrs else None
+    if isinstance(target, str) and target in HOST_ALIASES:
+        # resolve_target read the same host_threads(): ask again only for its source.
+        count, source = host_threads()
+    else:
+        count, source = cores, "target num-cores" if cores is not None else "none (the target has no num-cores)"
+        if runs_here(tgt) and cores is not None:
+            threads, why = host_threads()
+            if threads != cores:
+                logger.warning("the target's num-cores=%d splits the kernels for %d threads, but TVM runs %d here "
+                               "(%s): set TVM_NUM_THREADS=%d, or compile with target='llvm'", cores, cores, threads,
+                               why, cores)
+    logger.info("compiling for %s CPU thread(s) (%s)", count, source)
+    if count is not None and source == THREADS_ENV and count > host_cpu_count():
+        logger.warning("%s=%d is more than the %d core(s) this process may use: threads will share cores",
+                       THREADS_ENV, count, host_cpu_count())
+    return {"count": count, "source": source}
 
 
 class CompiledModel:
@@ -176,7 +214,7 @@ class CompiledModel:
     ``set_input`` state in the object, so one VM called from two threads returns wrong types
     or crashes). Per-thread VMs beat one lock around the model in every round measured (8
     threads x 100 runs, 2 cores: 1.4x-3.7x less time per run at load; docs/errors.md, "Threads",
-    ``scripts/bench_threads.py``). A thread's first call creates its VM.
+    ``scripts/bench_threads.py``). A thread's first call creates its VM and its input buffers.
 
     Attributes
     ----------
@@ -186,6 +224,13 @@ class CompiledModel:
         Name, shape and dtype of each input, in order.
     phase_times : dict
         Seconds per phase of :data:`PHASES` (``compile``'s; ``link`` after an export).
+    num_threads : int or None
+        The CPU threads the kernels split their work for (the target's ``num-cores``; for
+        ``target="llvm"`` ``TVM_NUM_THREADS`` when set, else the usable cores). None for a
+        CUDA target, or a library exported before this was recorded.
+    threads_source : str
+        Where ``num_threads`` came from: ``"TVM_NUM_THREADS"``, ``"host cores"``,
+        ``"target num-cores"`` or ``"none (...)"``.
     """
 
     def __init__(self, executable, meta: dict, report: Report, target=None):
@@ -194,9 +239,17 @@ class CompiledModel:
         self.report = report
         self.target = target
         self.phase_times = {}
+        plan = meta.get("threads") if isinstance(meta.get("threads"), dict) else {}
+        self.num_threads = plan.get("count")
+        self.threads_source = plan.get("source", "none (not recorded)")
         self._local = threading.local()
         # Creating the first VM links the executable (Executable.jit), which is not thread-safe.
         self._vm_lock = threading.Lock()
+        specs = self._specs()
+        self._input_specs = tuple((s.name, tuple(int(d) for d in s.shape), np.dtype(s.dtype)) for s in specs)
+        # Which outputs are the VM's own storage (a constant the model returns as it is), the
+        # same for every call of the executable: learnt by each thread's first two calls.
+        self._persistent = None
 
     @property
     def inputs(self) -> list:
@@ -209,17 +262,22 @@ class CompiledModel:
     @property
     def vm(self):
         """This thread's VirtualMachine (created on the thread's first use)."""
-        vm = getattr(self._local, "vm", None)
-        if vm is None:
+        return self._runner().vm
+
+    def _runner(self) -> "_Runner":
+        runner = getattr(self._local, "runner", None)
+        if runner is None:
             if _default_cross_compiler(self.target):
                 # Running foreign machine code in-process would crash, not raise.
                 raise SparksError(
                     f"this model was compiled for {self.target.attrs.get('mtriple')}, not this machine: export it "
                     "and run it on the device (sparks_tvm.rpc.RemoteModel, or `sparks-tvm run --rpc host:port`)"
                 )
+            dev = self.device
             with self._vm_lock:
-                vm = self._local.vm = relax.VirtualMachine(self._ex, self.device)
-        return vm
+                vm = relax.VirtualMachine(self._ex, dev)
+            runner = self._local.runner = _Runner(vm, dev, self._input_specs)
+        return runner
 
     @property
     def device(self):
@@ -253,13 +311,124 @@ class CompiledModel:
     def _specs(self):
         return [frontend.InputSpec(d["name"], tuple(d["shape"]), d["dtype"]) for d in self._meta["inputs"]]
 
-    def run(self, *arrays) -> list:
-        """Run on numpy inputs (positional, in model order); returns a list of numpy arrays."""
+    def empty_inputs(self) -> list:
+        """New numpy arrays of the inputs' shapes and dtypes that :meth:`run` reads in place.
 
-        arrays = frontend.as_input_arrays(self._specs(), arrays)
-        dev = self.device
-        out = self.vm["main"](*[tvm.runtime.tensor(a, dev) for a in arrays])
-        return _flatten(out)
+        TVM's kernels assume 64-byte aligned data, which numpy does not promise (its arrays
+        are usually 16-byte aligned), so ``run`` copies an input unless it is aligned. Fill
+        these arrays and pass them to skip that copy (it matters for large inputs only: a
+        1x3x224x224 float32 input is a 0.6 MB copy).
+
+        Returns
+        -------
+        list of numpy.ndarray
+            One zero-filled, C-contiguous, 64-byte aligned array per input, in model order.
+        """
+        return [_aligned_empty(shape, dtype) for _, shape, dtype in self._input_specs]
+
+    def run(self, *arrays, out=None) -> list:
+        """Run on numpy inputs (positional, in model order); returns a list of numpy arrays.
+
+        Parameters
+        ----------
+        *arrays : array_like
+            One per input, of the compiled shape; a dtype that casts safely (``same_kind``)
+            to the compiled one is converted. An input that is a C-contiguous, writeable,
+            64-byte aligned numpy array of exactly the compiled shape and dtype is read in
+            place (no copy; :meth:`empty_inputs` makes such arrays, so do ``torch`` CPU
+            tensors); any other is copied into this thread's input buffer. The model never
+            writes its inputs.
+        out : sequence of numpy.ndarray, optional
+            One array per output, of its shape and dtype: the results are copied into them
+            and ``out`` is returned as a list (for results that must live in memory of the
+            caller's choosing).
+
+        Returns
+        -------
+        list of numpy.ndarray
+            One per output. Each is a fresh array (a view of the output tensor the VM
+            allocated for this call, without a copy) that no later call, other output, input
+            or the model itself shares or overwrites: results stay valid and may be changed
+            freely.
+
+        Raises
+        ------
+        ShapeError
+            Wrong number of inputs, or an input (named) of the wrong shape or dtype; an
+            ``out`` array of the wrong count, shape or dtype.
+        InputValueError
+            A float input holds NaN or inf.
+        """
+        runner = self._runner()
+        if runner.views is None:  # a GPU: inputs and outputs cross to the device and back
+            arrays = frontend.as_input_arrays(self._specs(), arrays)
+            values = _flatten(runner.main(*[tvm.runtime.tensor(a, runner.device) for a in arrays]))
+            return values if out is None else self._into(out, values)
+        tensors, spans = runner.bind(self._checked(arrays))
+        result = runner.main(*tensors)
+        outputs = [result] if isinstance(result, tvm.runtime.Tensor) else _flatten_tensors(result)
+        values = self._results(runner, outputs, spans)
+        return values if out is None else self._into(out, values)
+
+    def _checked(self, arrays) -> tuple:
+        """``arrays`` if each is an exact, finite numpy input; else ``as_input_arrays``'s conversion.
+
+        The slow path is the only one that raises, so every error keeps its message.
+        """
+        specs = self._input_specs
+        if len(arrays) == len(specs):
+            for arr, (_, shape, dtype) in zip(arrays, specs):
+                if not (isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.shape == shape):
+                    break
+                # Tried against a sum and a dot product (overflow warnings, slower on large
+                # inputs): the mask is the fastest exact check.
+                if dtype.kind == "f" and not np.isfinite(arr).all():
+                    break
+            else:
+                return arrays
+        return frontend.as_input_arrays(self._specs(), arrays)
+
+    def _results(self, runner, outputs: list, spans: list) -> list:
+        """Numpy views of the outputs, copied where the memory is not this call's alone.
+
+        A VM returns an input's own buffer for an output that is the input (``Identity``),
+        one tensor for two outputs that are the same value, and its constant for a constant
+        output: views of those would change with the next call, each other, or the model.
+        """
+        persistent = self._persistent
+        if persistent is None:
+            persistent = runner.learn_persistent(outputs)
+            if persistent is not None:
+                self._persistent = persistent
+        values = []
+        for i, tensor in enumerate(outputs):
+            if persistent is None or persistent[i][0]:
+                values.append(tensor.numpy())
+                continue
+            lo = tensor.data_ptr()
+            hi = lo + persistent[i][1]
+            shared = any(lo < b and a < hi for a, b in spans)
+            if not shared:
+                spans.append((lo, hi))
+            values.append(_to_numpy(tensor, copy=shared))
+        return values
+
+    def _into(self, out, values: list) -> list:
+        names = self.output_names
+        if isinstance(out, np.ndarray) or len(out) != len(values):
+            got = "one array" if isinstance(out, np.ndarray) else f"{len(out)}"
+            raise ShapeError(f"out: the model has {len(values)} output(s) {names}, got {got}; pass a list of arrays")
+        for i, (dst, val) in enumerate(zip(out, values)):
+            name = names[i] if i < len(names) else f"#{i}"
+            if not isinstance(dst, np.ndarray):
+                raise ShapeError(f"out[{i}] (output {name!r}): expected a numpy array, got {type(dst).__name__}")
+            if dst.shape != val.shape or dst.dtype != val.dtype:
+                raise ShapeError(f"out[{i}] (output {name!r}): expected shape {val.shape} and dtype {val.dtype}, "
+                                 f"got {dst.shape} {dst.dtype}")
+            if not dst.flags.writeable:
+                raise ShapeError(f"out[{i}] (output {name!r}): the array is read-only")
+            np.copyto(dst, val)
+        return list(out)
 
     def benchmark(self, *arrays, repeat: int = 20, number: int = 1) -> dict:
         """Median/mean latency in ms with TVM's time evaluator (after a warm-up run)."""
@@ -393,6 +562,104 @@ def _walk_modules(mod):
     yield mod
     for sub in mod.imports:
         yield from _walk_modules(sub)
+
+
+class _Runner:
+    """One thread's VM, its ``main`` and the input buffers its calls reuse (CPU only).
+
+    Looking ``main`` up costs about 1 us per call and a new input tensor (``tvm.runtime.tensor``)
+    about 25 us, as much as a tiny model's kernels: both are done once per thread.
+    """
+
+    __slots__ = ("vm", "device", "main", "buffers", "views", "spans", "_probe")
+
+    def __init__(self, vm, device, specs):
+        self.vm = vm
+        self.device = device
+        self.main = vm["main"]
+        self._probe = None
+        if device.dlpack_device_type() != tvm.cpu().dlpack_device_type():
+            self.buffers = self.views = self.spans = None
+            return
+        self.buffers = [tvm.runtime.empty(shape, str(dtype), device) for _, shape, dtype in specs]
+        self.views = [np.from_dlpack(b) for b in self.buffers]
+        self.spans = [_span(v) for v in self.views]
+
+    def bind(self, arrays) -> tuple:
+        """The VM arguments for ``arrays`` and the memory they occupy (``[(lo, hi)]``).
+
+        An aligned, contiguous, writeable array is passed as it is (DLPack); any other is
+        copied into this thread's buffer for that input.
+        """
+        tensors, spans = [], []
+        for i, arr in enumerate(arrays):
+            flags = arr.flags
+            # Reading the address (arr.ctypes) costs more than copying a small input.
+            if arr.nbytes >= ZERO_COPY_MIN_BYTES and flags.c_contiguous and flags.writeable \
+                    and arr.ctypes.data % ALIGNMENT == 0:
+                ptr = arr.ctypes.data
+                tensors.append(tvm.runtime.from_dlpack(arr))
+                spans.append((ptr, ptr + arr.nbytes))
+            else:
+                np.copyto(self.views[i], arr)
+                tensors.append(self.buffers[i])
+                spans.append(self.spans[i])
+        return tensors, spans
+
+    def learn_persistent(self, outputs: list):
+        """Per output ``(is the VM's own storage, bytes)``; None until a thread's second call.
+
+        The first call's outputs are kept alive over the second, so an output at the same
+        address in both is not a reused pool block but storage the VM keeps (a constant).
+        Outputs have static shapes, so their sizes are learnt once too.
+        """
+        if self._probe is None:
+            self._probe = [t.data_ptr() for t in outputs], list(outputs)
+            return None
+        first, _ = self._probe
+        self._probe = None
+        return [(t.data_ptr() == p, t.numel() * t.dtype.itemsize) for t, p in zip(outputs, first)]
+
+
+#: The data alignment TVM's generated code assumes for its tensor arguments (bytes).
+ALIGNMENT = 64
+
+#: Inputs smaller than this are always copied into the thread's buffer (a copy of up to
+#: 32 KiB takes about as long as checking that an array may be read in place).
+ZERO_COPY_MIN_BYTES = 32 * 1024
+
+
+def _span(arr: np.ndarray) -> tuple:
+    ptr = arr.ctypes.data
+    return ptr, ptr + arr.nbytes
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """A zero-filled numpy array of ``shape`` whose data is :data:`ALIGNMENT`-byte aligned."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % ALIGNMENT
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _to_numpy(tensor, copy: bool) -> np.ndarray:
+    """The CPU ``tensor`` as numpy: a view when ``copy`` is False (it keeps the tensor alive)."""
+    if not copy:
+        try:
+            return np.from_dlpack(tensor)
+        except (BufferError, TypeError, ValueError):  # a dtype DLPack/numpy cannot share
+            pass
+    return tensor.numpy()
+
+
+def _flatten_tensors(value) -> list:
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value]
+    out = []
+    for item in value:
+        out.extend(_flatten_tensors(item))
+    return out
 
 
 def _flatten(value) -> list:

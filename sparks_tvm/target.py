@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
+import sys
 
 import tvm
 from tvm.target import codegen
@@ -21,18 +23,81 @@ def host_cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def host_target() -> tvm.target.Target:
+#: The environment variable TVM's CPU thread pool reads when it starts.
+THREADS_ENV = "TVM_NUM_THREADS"
+
+
+def host_threads() -> tuple:
+    """How many CPU threads kernels compiled for this machine will run on, and why.
+
+    ``TVM_NUM_THREADS`` sizes TVM's thread pool, so the kernels' parallel split
+    (``num-cores``) must match it: a model split for 16 cores but run on one thread does
+    16 chunks in a row, each with its own loop and cache overheads. ``import sparks_tvm``
+    sets the variable to the usable cores when it is unset; that default is reported as
+    ``"host cores"``, a value set by the user as ``"TVM_NUM_THREADS"``.
+
+    Returns
+    -------
+    count : int
+        Threads (at least 1).
+    source : str
+        ``"TVM_NUM_THREADS"`` or ``"host cores"``.
+
+    Raises
+    ------
+    SparksError
+        ``TVM_NUM_THREADS`` is set but is not a positive integer.
+    """
+    raw = os.environ.get(THREADS_ENV)
+    package = sys.modules.get(__package__)
+    if raw is None or raw == getattr(package, "_DEFAULT_TVM_NUM_THREADS", None):
+        return host_cpu_count(), "host cores"
+    try:
+        count = int(raw.strip())
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise SparksError(
+            f"{THREADS_ENV}={raw!r} is not a positive integer: it is the number of CPU threads TVM runs the "
+            f"kernels on, and compile splits the kernels' work for it; unset it (all {host_cpu_count()} usable "
+            f"cores) or set e.g. {THREADS_ENV}=1"
+        )
+    return count, THREADS_ENV
+
+
+#: The aliases that mean this machine's CPU (their ``num-cores`` is :func:`host_threads`).
+HOST_ALIASES = ("llvm", "host", "cpu")
+
+
+def runs_here(target: tvm.target.Target) -> bool:
+    """True for an LLVM target whose code this machine runs in-process (no other triple)."""
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", ""))
+    return not triple or triple.split("-")[0] == platform.machine() or (
+        triple.startswith(("aarch64", "arm64")) and platform.machine() in ("aarch64", "arm64"))
+
+
+def host_target(cores: int | None = None) -> tvm.target.Target:
     """This machine's CPU, with its real vector and popcount instructions.
 
     TVM's bare ``"llvm"`` is a generic x86-64 with neither; ``mcpu`` comes from LLVM's
     host detection instead.
+
+    Parameters
+    ----------
+    cores : int, optional
+        ``num-cores``, the thread count the kernels split their work for (default:
+        :func:`host_threads`, i.e. ``TVM_NUM_THREADS`` when set, else the usable cores).
     """
+    if cores is None:
+        cores, _ = host_threads()
     return tvm.target.Target(
-        {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": host_cpu_count()}
+        {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": int(cores)}
     )
 
 
-ALIASES = {"llvm": host_target, "host": host_target, "cpu": host_target}
+ALIASES = {name: host_target for name in HOST_ALIASES}
 
 
 def _aarch64(mcpu: str, cores: int = 4, model: str | None = None, mattr=("+neon",)):
