@@ -56,12 +56,20 @@ CASES = [
     (ConvGeometry(1, 45, 7, 7, 12), 5, "ge", NeonSparksPlan(16, 16, 12, o_chunks=3)),
     # all-zero input: every tap masked
     (ConvGeometry(1, 4, 4, 4, 4), 16, "sign", NeonSparksPlan(32, 32, 4)),
+    # padding 2 on top and right, none at the bottom: border classes of the mask-free path
+    (ConvGeometry(2, 20, 9, 9, 8, stride=(2, 2), padding=(2, 1, 0, 2)), 7, "sign", None),
+    # probe lanes at the end of a chunk that is not the tile's first (tile 128, chunk 32)
+    (ConvGeometry(1, 12, 10, 10, 5), 16, "ge", NeonSparksPlan(128, 32, 12)),
 ]
 
 
+@pytest.mark.parametrize("zeros", [0.0, 0.2], ids=["no-zeros", "zeros"])
 @pytest.mark.parametrize("geom,k,mode,plan", CASES)
-def test_neon_kernel_exact(geom, k, mode, plan):
-    zeros = 1.0 if geom.in_channels == 4 else 0.2
+def test_neon_kernel_exact(geom, k, mode, plan, zeros):
+    # Sign with a zero takes the masked path, without one the mask-free path (padding
+    # corrected from the probe lanes); ge/gt never see a zero, so both runs are mask-free.
+    if geom.in_channels == 4:
+        zeros = 1.0
     got, want = run(geom, k, mode, plan, zeros=zeros)
     assert np.array_equal(got, want), int((got != want).sum())
 
@@ -72,9 +80,10 @@ def test_neon_kernel_with_folded_shift_exact():
 
 
 def test_default_plan_choices():
-    # 56x56 = 3136 pixels: tile 128 (3200 padded) beats 64 (exact) on per-row overheads.
+    # 56x56 = 3136 pixels (+ 10 probe lanes): tile 128 (3200 padded) beats 64 (3200) on
+    # per-row overheads; stage 1 runs the whole tile as one chunk.
     plan = default_plan(ConvGeometry(1, 64, 56, 56, 64), 16)
-    assert (plan.tile, plan.chunk, plan.block, plan.o_chunks) == (128, 64, 22, 1)
+    assert (plan.tile, plan.chunk, plan.block, plan.o_chunks) == (128, 128, 22, 1)
     # 7x7: one tile of 64; on 4 cores the output channels split into tasks.
     plan = default_plan(ConvGeometry(1, 512, 7, 7, 512), 16, cores=4)
     assert plan.tile == 64 and plan.o_chunks == 8 and plan.block % 2 == 0 and plan.block <= 28
@@ -105,3 +114,14 @@ def test_arm_schedules_use_the_neon_kernel():
     sch = s_tir.Schedule(func)
     sch.get_sblock("sparks_neon")  # raises if the lowering built another kernel
     assert func.attrs["tirx.is_scheduled"]
+
+
+def test_probe_lanes_fit_in_one_chunk():
+    from sparks_tvm.kernels.sparks_conv2d_neon import VIRTUAL, padded_pixels, virtual_base
+
+    for pixels in range(1, 400):
+        for tile, chunk in ((16, 16), (64, 32), (128, 128), (128, 16)):
+            pp = padded_pixels(pixels, tile, chunk)
+            v = virtual_base(pixels, pp, chunk)
+            assert pp % tile == 0 and v is not None and v >= pixels and v + VIRTUAL <= pp
+            assert v // chunk == (v + VIRTUAL - 1) // chunk

@@ -14,6 +14,9 @@
  *                                            is the number of executed instructions whose
  *                                            address is in [lo, hi) since the last reset
  *
+ * With profile=PATH as well, each report also appends "tag offset n_insns executions" (offset
+ * from lo in hex) per executed block in range: where in the disassembly the count comes from.
+ *
  * Counts are exact and repeatable for single-threaded guests (the counters are plain adds:
  * run the measured code on one thread). aarch64 instructions are 4 bytes and a block's
  * instructions are contiguous, so the in-range part of a block follows from its first
@@ -71,6 +74,7 @@ struct chunk {
 static struct chunk *chunks;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static FILE *out;
+static FILE *profile; /* optional: per-block executions of each report, for disassembly */
 
 static struct block *new_block(void)
 {
@@ -117,8 +121,17 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, uint
         uint64_t total = 0;
         for (struct chunk *c = chunks; c; c = c->next)
             for (size_t i = 0; i < c->used; i++)
-                if (c->blocks[i].execs) total += c->blocks[i].execs * insns_in(&c->blocks[i], a2, a3);
+                if (c->blocks[i].execs) {
+                    uint64_t n = insns_in(&c->blocks[i], a2, a3);
+                    total += c->blocks[i].execs * n;
+                    if (profile && n) {
+                        uint64_t first = c->blocks[i].vaddr > a2 ? c->blocks[i].vaddr : a2;
+                        fprintf(profile, "%" PRIu64 " %" PRIx64 " %" PRIu64 " %" PRIu64 "\n", a4, first - a2, n,
+                                c->blocks[i].execs);
+                    }
+                }
         fprintf(out, "%" PRIu64 " %" PRIu64 "\n", a4, total);
+        if (profile) fflush(profile);
         fflush(out);
     }
     pthread_mutex_unlock(&lock);
@@ -127,6 +140,7 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu, int64_t num, uint
 static void at_exit(qemu_plugin_id_t id, void *p)
 {
     if (out && out != stderr) fclose(out);
+    if (profile) fclose(profile);
 }
 
 __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
@@ -140,8 +154,14 @@ __attribute__((visibility("default"))) int qemu_plugin_install(qemu_plugin_id_t 
                 fprintf(stderr, "icount: cannot open %s\n", argv[i] + 4);
                 return -1;
             }
+        } else if (strncmp(argv[i], "profile=", 8) == 0) {
+            profile = fopen(argv[i] + 8, "a");
+            if (!profile) {
+                fprintf(stderr, "icount: cannot open %s\n", argv[i] + 8);
+                return -1;
+            }
         } else {
-            fprintf(stderr, "icount: unknown argument %s (expected out=PATH)\n", argv[i]);
+            fprintf(stderr, "icount: unknown argument %s (expected out=PATH or profile=PATH)\n", argv[i]);
             return -1;
         }
     }

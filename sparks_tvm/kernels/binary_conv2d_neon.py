@@ -39,6 +39,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
 from .encoding import num_words
+from .neon_padding import PaddedTaps, correct_padding
 from .vector_tir import U8, VECTOR, extern, padded, ramp as _ramp
 from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
@@ -93,7 +94,7 @@ def accumulator_dtype(geom: ConvGeometry) -> str:
     return "uint16" if geom.in_channels * geom.kernel[0] * geom.kernel[1] <= 65535 else "int32"
 
 
-class _Layout:
+class _Layout(PaddedTaps):
     """Derived sizes of one layer."""
 
     def __init__(self, geom: ConvGeometry, plan: NeonBinaryPlan):
@@ -108,7 +109,6 @@ class _Layout:
         self.cw = -(-self.c // 32)
         self.hp = self.h + self.pt + self.pb
         self.wp = max(self.w + self.pl + self.pr, self.sw * (self.ow - 1) + self.kw)
-        self.taps = [(dy, dx) for dy in range(self.kh) for dx in range(self.kw)]
         self.tile = VECTOR * plan.vectors
         self.pixels = self.oh * self.ow
         self.pp = padded(self.pixels, self.tile)
@@ -125,14 +125,6 @@ class _Layout:
     def tap_plane(self, dy, dx):
         """(row phase, column tap, pixel offset) of tap (dy, dx) in the shifted planes."""
         return dy % self.sh, dx, (dy // self.sh) * self.ow
-
-    def row_ok(self, oh, dy):
-        y = oh * self.sh + dy - self.pt
-        return 0 <= y < self.h
-
-    def col_ok(self, ow, dx):
-        x = ow * self.sw + dx - self.pl
-        return 0 <= x < self.w
 
 
 def _weight_popcounts(lay, wbits, wpop):
@@ -352,63 +344,6 @@ def _main_loop(lay, planes, mplanes, wbits, acc, rsum):
                         _tile(lay, planes, mplanes, wbits, acc, n, p0, o0, o1 - o0)
 
 
-def _border_cols(g, wpop, acc, rsum):
-    """Columns with padded taps: per row, subtract those taps on real rows (rows' taps done)."""
-    cols = [ow for ow in range(g.ow) if not all(g.col_ok(ow, dx) for dx in range(g.kw))]
-    if not cols:
-        return
-    with T.parallel(0, g.n * g.o) as no:
-        n, o = no // g.o, no % g.o
-        with T.serial(0, g.oh) as oh:
-            for ow in cols:
-                fix = None
-                for t, (dy, dx) in enumerate(g.taps):
-                    if g.col_ok(ow, dx):
-                        continue
-                    y = oh * g.sh + dy - g.pt
-                    term = tirx.Select(tirx.all(y >= 0, y < g.h), wpop[o, t], tirx.const(0, "int32"))
-                    fix = term if fix is None else fix + term
-                at = oh * g.ow + ow
-                T.buffer_store(acc, acc[n, o, at] - tirx.Cast(g.acc, fix), [n, o, at])
-
-
-def _rsum_rows(g, rsum):
-    """``R = C * real taps`` for every pixel (fast path)."""
-    with T.parallel(0, g.n) as n:
-        with T.serial(0, g.oh) as oh:
-            rv = None
-            for dy in range(g.kh):
-                y = oh * g.sh + dy - g.pt
-                ok = tirx.Cast("int32", tirx.all(y >= 0, y < g.h))
-                rv = ok if rv is None else rv + ok
-            for x0, lanes in _chunks(0, g.ow):
-                cv = None
-                for dx in range(g.kw):
-                    xs = _ramp(x0 * g.sw + dx - g.pl, g.sw, lanes)
-                    ok = tirx.Cast(_vt("int32", lanes), (xs >= _bc(0, lanes)) & (xs < _bc(g.w, lanes)))
-                    cv = ok if cv is None else cv + ok
-                value = cv * _bc(rv * g.c, lanes)
-                _store(rsum, [n], oh * g.ow + x0, lanes, tirx.Cast(_vt(g.acc, lanes), value))
-
-
-def _row_fix(g, wpop, acc):
-    """Rows with padded taps: subtract those taps' weight popcounts (all columns)."""
-    rows = [oh for oh in range(g.oh) if not all(g.row_ok(oh, dy) for dy in range(g.kh))]
-    if not rows:
-        return
-    with T.parallel(0, g.n * g.o) as no:
-        n, o = no // g.o, no % g.o
-        for oh in rows:
-            fix = None
-            for t, (dy, dx) in enumerate(g.taps):
-                if not g.row_ok(oh, dy):
-                    fix = wpop[o, t] if fix is None else fix + wpop[o, t]
-            for x0, lanes in _chunks(0, g.ow):
-                at = oh * g.ow + x0
-                _store(acc, [n, o], at, lanes,
-                       _load(acc, [n, o], at, lanes) - _bc(tirx.Cast(g.acc, fix), lanes))
-
-
 def _checked_paths(lay, mode, data, shift, pad, planes, zflag, wbits, acc, rsum, pshape, fast):
     """ONNX ``Sign``: the fast path unless an activation was 0, else the masked path."""
     n_, cb_ = lay.n, lay.cb
@@ -446,9 +381,7 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
 
             def fast():
                 _main_loop(lay, planes, None, wbits, acc, rsum)
-                _rsum_rows(lay, rsum)
-                _row_fix(lay, wpop, acc)
-                _border_cols(lay, wpop, acc, rsum)
+                correct_padding(lay, wpop, acc, rsum)
 
             if zflag is None:
                 fast()

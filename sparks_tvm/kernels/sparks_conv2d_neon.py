@@ -19,28 +19,41 @@ ninth tap's match, which depends on the codeword only through its bit 8: one of 
 precomputed planes (``t9[0]``, ``t9[1]``). Stage 1 runs over the codewords sorted by that bit
 (two loops), so the plane stays in registers across a loop.
 
+Two paths, chosen per call, as in the dense NEON kernel:
+
+- mask-free (no activation is 0: always for the ``ge``/``gt`` binarizers, checked at run
+  time for ONNX ``Sign``): padding reads as +1 and every tap is real, so
+  ``u = cnt(n8 ^ agree) + (tap 8 agrees)``, three instructions per codeword and 16 pixels.
+  The padding is corrected afterwards (:mod:`.neon_padding`) from ``pop[o, t]``, the
+  channels whose codeword is +1 at tap ``t``. Those come from the kernel itself: ten *probe
+  lanes* past the last pixel of the last tile get fixed patches (all +1, then each tap alone
+  -1) in place of the bounded garbage they would hold, and stage 2 sums them with the pixels
+  at no extra gather (:func:`_probe_popcounts`);
+- masked (some activation is 0): a second plane of real taps masks every match,
+  ``u = cnt((n8 ^ agree) & m8) + (tap 8 agrees and is real)``, and ``R`` is its popcount.
+
 Passes (one call):
 
 1. per call: gather offsets ``off[o, c]`` (row of ``(c, idx[o, c])`` in a stage-1 block) and
    the codewords' ``~code & 0xFF`` bytes and bit-8 order;
-2. per input channel: binarize into padded 0/1 planes (``neg``, ``real``), then horizontal
-   tap triples (3 bits per output column and padded row; at column stride 2 the loop reads
-   interleaved bytes, which LLVM turns into ``ld2``);
-3. per pixel vector: patch planes ``n8``, ``m8``, ``t9`` from three triple rows, and ``R``
-   (uint8 per group of channels, widened once per group);
+2. per input channel: binarize into a padded 0/1 plane of -1 taps (and whether a 0 was
+   seen), then horizontal tap triples (3 bits per output column and padded row; at column
+   stride 2 from 16-bit column pairs); the masked path does the same for the real taps;
+3. per pixel chunk: patch planes ``n8`` (and ``m8``) and the ninth tap from three triple rows;
 4. per (image, pixel tile, output-channel chunk), a parallel task: for each block of at most
    28 channels, stage 1 writes ``u`` rows of the tile into a task-local block (K rows per
    channel, contiguous pixels), then for each output channel the block's rows are gathered
    and summed in one byte-vector expression (the sum stays in registers) and widened into
    the uint16 (int32 past C = 7281) accumulator;
-5. ``out = 2 * acc - R`` as a TE block named ``out``: the epilogue Relax fuses after the conv
+5. mask-free: ``R`` of every pixel and the padded taps out of the accumulator;
+6. ``out = 2 * acc - R`` as a TE block named ``out``: the epilogue Relax fuses after the conv
    is inlined into it, then scheduled (``schedules.arm``).
 
 Flattened pixels. As in the generic kernel, output pixels are flattened (``p = oh * OW + ow``)
 and padded to a multiple of the tile; at row stride 1 the triple rows are flat too (pixel
 ``p``'s patch row ``dy`` is triple ``p + dy * OW``), so passes 3-4 run in whole vectors
 whatever the width. Pixels past ``OH * OW`` hold bounded garbage (each ``u`` <= 9 lane-wise
-whatever bytes the planes hold there) and are never stored.
+whatever bytes the planes hold there) and are never stored; ten of them are the probe lanes.
 """
 
 from __future__ import annotations
@@ -52,14 +65,19 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
+from .neon_padding import PaddedTaps, correct_padding
 from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
 from .vector_tir import U8, VECTOR, extern, padded
-from .vector_tir import bc as _bc, load as _load, store as _store, u8 as _u8
+from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
 #: Channels summed in one byte: u <= 9 per channel, 28 * 9 = 252.
 MAX_BLOCK = 28
 #: Pixel tiles the default plan chooses from.
 TILES = (16, 32, 64, 128)
+#: Pixels per stage-1 pass at most (their planes stay in registers across the codewords).
+CHUNK = 128
+#: Probe lanes past the last pixel (mask-free path): all +1, then tap t alone -1, t = 0..8.
+VIRTUAL = 10
 
 
 def accumulator_dtype(in_channels: int) -> str:
@@ -100,13 +118,13 @@ def default_plan(geom: ConvGeometry, num_codewords: int, cores: int = 1) -> Neon
     (48, 96 lanes) into much longer code.
     """
     pixels = geom.out_height * geom.out_width
-    tile = min(TILES, key=lambda t: (padded(pixels, t) * (1.5 + t / 32 + t / 16) / t, -t))
-    chunk = min(tile, 64)
+    tile = min(TILES, key=lambda t: (padded_pixels(pixels, t, min(t, CHUNK)) * (1.5 + t / 32 + t / 16) / t, -t))
+    chunk = min(tile, CHUNK)
     bits = index_bits(num_codewords)
     per = 8 // bits if bits < 8 else 1  # a block starts on a packed index byte
     nblk = -(-geom.in_channels // MAX_BLOCK)
     block = min(MAX_BLOCK // per * per, -(-(-(-geom.in_channels // nblk)) // per) * per)
-    tiles = geom.batch * padded(pixels, tile) // tile
+    tiles = geom.batch * padded_pixels(pixels, tile, chunk) // tile
     o_chunks = 1
     if cores > 1 and tiles < 2 * cores:
         want = -(-2 * cores // tiles)
@@ -114,22 +132,40 @@ def default_plan(geom: ConvGeometry, num_codewords: int, cores: int = 1) -> Neon
     return NeonSparksPlan(tile, chunk, block, o_chunks)
 
 
-class _Layout:
+def virtual_base(pixels: int, pp: int, chunk: int):
+    """First of the :data:`VIRTUAL` probe lanes: past the pixels, inside one stage-1 chunk."""
+    for v in range(pixels, pp - VIRTUAL + 1):
+        if v // chunk == (v + VIRTUAL - 1) // chunk:
+            return v
+    return None
+
+
+def padded_pixels(pixels: int, tile: int, chunk: int) -> int:
+    """Pixels per image in whole tiles, with room for the probe lanes."""
+    pp = padded(pixels + VIRTUAL, tile)
+    return pp if virtual_base(pixels, pp, chunk) is not None else pp + tile
+
+
+class _Layout(PaddedTaps):
     """Derived sizes of one layer (kept apart from the builder functions for readability)."""
 
     def __init__(self, geom: ConvGeometry, num_codewords: int, plan: NeonSparksPlan):
         self.geom, self.k, self.plan = geom, num_codewords, plan
         self.n, self.c, self.h, self.w = geom.in_shape
         self.o = geom.out_channels
+        self.kh, self.kw = 3, 3
         self.oh, self.ow = geom.out_height, geom.out_width
         self.sh, self.sw = geom.stride
         self.pt, self.pl, self.pb, self.pr = geom.padding
         self.pixels = self.oh * self.ow
-        self.pp = padded(self.pixels, plan.tile)
+        self.pp = padded_pixels(self.pixels, plan.tile, plan.chunk)
         self.tiles = self.pp // plan.tile
+        # Probe lanes (mask-free path): in the last tile's chunk ``vchunk``, lanes ``vlane ..``.
+        vbase = virtual_base(self.pixels, self.pp, plan.chunk) - (self.tiles - 1) * plan.tile
+        self.vchunk, self.vlane = divmod(vbase, plan.chunk)
+        self.vbase = (self.tiles - 1) * plan.tile + vbase
         self.flat = self.sh == 1
         hp = self.h + self.pt + self.pb
-        # Flat triple rows are read up to pixel PP - 1 + 2 * OW: rows past the image are padding.
         # Flat triple rows are read up to pixel PP - 1 + 2 * OW: rows past the image are padding.
         self.rows = max(hp, -(-self.pp // self.ow) + 2) if self.flat else hp
         self.binrows = self.rows if self.flat else hp
@@ -177,32 +213,48 @@ def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
                     T.buffer_store(count0, count0[slot] + 1, [slot])
 
 
-def _binarize_rows(lay, mode, data, shift, neg, real, n, c):
-    """Pass 2a: one channel's padded 0/1 planes (zero padding after binarization)."""
+def _binarize_rows(lay, mode, data, shift, plane, which, zflag, n, c):
+    """Pass 2a: one channel's padded 0/1 plane (zero padding after binarization).
+
+    ``which`` is ``"neg"`` (the -1 taps) or ``"real"`` (the non-zero ones); with ``zflag``
+    (ONNX ``Sign``, neg plane) also whether the channel held a 0, i.e. needs the masked path.
+    """
     zero = _u8(0)
     for ylo, yhi in ((0, lay.pt), (lay.pt + lay.h, lay.binrows)):
         if yhi > ylo:
             with T.serial(ylo, yhi) as y:
                 with T.vectorized(0, lay.cols) as x:
-                    T.buffer_store(neg, zero, [n, c, y, x])
-                    T.buffer_store(real, zero, [n, c, y, x])
+                    T.buffer_store(plane, zero, [n, c, y, x])
     side = list(range(lay.pl)) + list(range(lay.pl + lay.w, lay.cols))
+    f0 = tirx.const(0.0, "float32")
+    zl = None
+    if zflag is not None:
+        zl = T.alloc_buffer([VECTOR], U8, scope="local")
+        _store(zl, [], 0, VECTOR, _bc(zero, VECTOR))
     with T.serial(0, lay.h) as y:
         for x in side:
-            T.buffer_store(neg, zero, [n, c, y + lay.pt, x])
-            T.buffer_store(real, zero, [n, c, y + lay.pt, x])
-        with T.vectorized(0, lay.w) as x:
-            v = data[n, c, y, x]
+            T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+        for x0, lanes in _chunks(0, lay.w):
+            v = _load(data, [n, c, y], x0, lanes)
             if shift is not None:
-                v = v + shift[c]
-            f0 = tirx.const(0.0, "float32")
-            is_neg = v <= f0 if mode == "gt" else v < f0
-            is_real = v != f0 if mode == "sign" else tirx.const(True, "bool")
-            T.buffer_store(neg, tirx.Cast(U8, is_neg), [n, c, y + lay.pt, x + lay.pl])
-            T.buffer_store(real, tirx.Cast(U8, is_real), [n, c, y + lay.pt, x + lay.pl])
+                v = v + _bc(shift[c], lanes)
+            fz = _bc(f0, lanes)
+            if which == "real":
+                bit = v != fz
+            else:
+                bit = v <= fz if mode == "gt" else v < fz
+            _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, tirx.Cast(_vt(U8, lanes), bit))
+            if zl is not None:
+                z = tirx.Cast(_vt(U8, lanes), v == fz)
+                _store(zl, [], 0, lanes, _load(zl, [], 0, lanes) | z)
+    if zl is not None:
+        total = zl[0]
+        for i in range(1, VECTOR):
+            total = total | zl[i]
+        T.buffer_store(zflag, total, [n * lay.c + c])
 
 
-def _triples(lay, neg, real, tneg, treal, n, c):
+def _triples(lay, pairs, n, c):
     """Pass 2b: horizontal tap triples, laid out so that each patch row is a flat pixel vector.
 
     Bits 0..2 of a triple are taps dx = 0..2 of one output column in one padded input row.
@@ -215,12 +267,12 @@ def _triples(lay, neg, real, tneg, treal, n, c):
         # Column pairs (2w, 2w + 1) as one 16-bit lane: the three taps of column w are the
         # low and high bytes of pair w and the low byte of pair w + 1, all contiguous loads
         # (a vector loop over bytes at stride 2 would load lane by lane).
-        pairs = {b: T.decl_buffer([lay.n * lay.c * lay.binrows * lay.cols // 2], "uint16", data=b.data)
-                 for b in (neg, real)}
+        words = {b: T.decl_buffer([lay.n * lay.c * lay.binrows * lay.cols // 2], "uint16", data=b.data)
+                 for b, _ in pairs}
 
         def triple(b, y, w):
             base = ((n * lay.c + c) * lay.binrows + y) * (lay.cols // 2)
-            lo, hi = pairs[b][base + w], pairs[b][base + w + 1]
+            lo, hi = words[b][base + w], words[b][base + w + 1]
             one = tirx.const(1, "uint16")
             word = (lo & one) | ((lo >> tirx.const(8, "uint16")) << one) | ((hi & one) << tirx.const(2, "uint16"))
             return tirx.Cast(U8, word)
@@ -233,19 +285,19 @@ def _triples(lay, neg, real, tneg, treal, n, c):
     if lay.flat:
         with T.serial(0, lay.rows) as y:
             with loop(0, ow) as w:
-                T.buffer_store(tneg, triple(neg, y, w), [n, c, y * ow + w])
-                T.buffer_store(treal, triple(real, y, w), [n, c, y * ow + w])
+                for plane, tplane in pairs:
+                    T.buffer_store(tplane, triple(plane, y, w), [n, c, y * ow + w])
         return
     with T.serial(0, lay.oh) as r:
         for dy in range(3):
             with loop(0, ow) as w:
-                T.buffer_store(tneg, triple(neg, r * lay.sh + dy, w), [n, c, dy, r * ow + w])
-                T.buffer_store(treal, triple(real, r * lay.sh + dy, w), [n, c, dy, r * ow + w])
+                for plane, tplane in pairs:
+                    T.buffer_store(tplane, triple(plane, r * lay.sh + dy, w), [n, c, dy, r * ow + w])
     if lay.pp > lay.pixels:  # pixels past OH * OW: defined values, never stored
         for dy in range(3):
             with T.vectorized(0, lay.pp - lay.pixels) as p:
-                T.buffer_store(tneg, _u8(0), [n, c, dy, lay.pixels + p])
-                T.buffer_store(treal, _u8(0), [n, c, dy, lay.pixels + p])
+                for _, tplane in pairs:
+                    T.buffer_store(tplane, _u8(0), [n, c, dy, lay.pixels + p])
 
 
 def _patch_rows(lay, buf, n, c, start, lanes):
@@ -256,7 +308,7 @@ def _patch_rows(lay, buf, n, c, start, lanes):
 
 
 def _block_stage1(lay, tneg, treal, agree, rows, count0, s1, s1_base, rsum, rpre, n, p0, c0, c1, first):
-    """Stage 1 of one channel block and pixel tile, with its patch planes and R.
+    """Stage 1 of one channel block and pixel tile, masked path (some activation is 0).
 
     Per channel and pixel chunk: the planes from three triple rows, R += the real taps, then
     ``u`` rows ``s1[(c - c0) * K + k, 0:T]`` for the codewords with bit 8 clear, then set
@@ -287,6 +339,61 @@ def _block_stage1(lay, tneg, treal, agree, rows, count0, s1, s1_base, rsum, rpre
                     _store(s1, [], s1_base + (c - c0) * k_ * tile + rows[j] + sc * chunk, L, u)
 
 
+def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c1, probes):
+    """Stage 1 of one channel block and pixel tile, mask-free path (no activation is 0).
+
+    Padding reads as +1 and every tap is real, so ``u = cnt(n8 ^ agree) + (tap 8 agrees)``.
+    With ``probes`` (the last tile), chunk ``vchunk`` carries the probe lanes' fixed patches
+    in place of pixels past the image: their sums give the padding correction.
+    """
+    tile, chunk, k_ = lay.plan.tile, lay.plan.chunk, lay.k
+    L = chunk
+    three, six, two, one = _bc(_u8(3), L), _bc(_u8(6), L), _bc(_u8(2), L), _bc(_u8(1), L)
+    with T.serial(c0, c1) as c:
+        for sc in range(tile // chunk):
+            start = p0 + sc * chunk
+            t = _patch_rows(lay, tneg, n, c, start, L)
+            nv = t[0] | (t[1] << three) | (t[2] << six)
+            n9 = t[2] >> two
+            if probes is not None and sc == lay.vchunk:
+                keep, p8, p9 = (_load(b, [], 0, L) for b in probes)
+                nv, n9 = (nv & keep) | p8, (n9 & keep) | p9
+            nv, n9 = T.bind(nv), T.bind(n9)
+            # Tap 8 agrees with a codeword whose bit 8 (its -1) is b when neg == b.
+            for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
+                tv = T.bind(n9 ^ one if b == 0 else n9)
+                with T.serial(lo, hi) as j:
+                    u = tirx.popcount(nv ^ _bc(agree[j], L)) + tv
+                    _store(s1, [], s1_base + (c - c0) * k_ * tile + rows[j] + sc * chunk, L, u)
+
+
+def _probe_patterns(lay, probes):
+    """The probe lanes of chunk ``vchunk``: lane ``vlane`` all +1, lane ``vlane + 1 + t`` tap t -1."""
+    keep, p8, p9 = probes
+    L = lay.plan.chunk
+    _store(keep, [], 0, L, _bc(_u8(0xFF), L))
+    _store(p8, [], 0, L, _bc(_u8(0), L))
+    _store(p9, [], 0, L, _bc(_u8(0), L))
+    for i in range(VIRTUAL):
+        T.buffer_store(keep, _u8(0), [lay.vlane + i])
+    for t in range(8):
+        T.buffer_store(p8, _u8(1 << t), [lay.vlane + 1 + t])
+    T.buffer_store(p9, _u8(1), [lay.vlane + 9])
+
+
+def _probe_popcounts(lay, acc, pop):
+    """``pop[o, t]``: channels whose codeword is +1 at tap t (what a +1 padding tap matches).
+
+    A probe differing from the all-+1 probe in tap t alone changes each channel's ``u`` by
+    ``1 - 2 [codeword +1 at t]``, so its sum differs by ``C - 2 pop[o, t]``.
+    """
+    with T.parallel(0, lay.o) as o:
+        base = tirx.Cast("int32", acc[0, o, lay.vbase])
+        for t in range(9):
+            diff = tirx.Cast("int32", acc[0, o, lay.vbase + 1 + t]) - base
+            T.buffer_store(pop, (lay.c - diff) // 2, [o, t])
+
+
 def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
     """Stage 2 of one channel block: per output channel, the sum of its gathered rows."""
     tile = lay.plan.tile
@@ -302,18 +409,21 @@ def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
         _store(acc, [n, o], p0, tile, wide)
 
 
-def _tasks_by_tile(lay, tneg, treal, agree, rows, count0, off, acc, rsum):
-    """Pass 4, one parallel task per (image, pixel tile): stage 1 of each block, then stage 2."""
+def _tasks_by_tile(lay, stage1, off, acc):
+    """Pass 4, one parallel task per (image, pixel tile): stage 1 of each block, then stage 2.
+
+    ``stage1(s1, s1_base, n, p0, block, c0, c1, rsum_at, last)`` writes a block's rows.
+    """
     plan, k_ = lay.plan, lay.k
     with T.parallel(0, lay.n * lay.tiles) as task:
         n, p0 = task // lay.tiles, task % lay.tiles * plan.tile
         s1 = T.alloc_buffer([plan.block * k_ * plan.tile], U8)
         for i, (c0, c1) in enumerate(lay.blocks):
-            _block_stage1(lay, tneg, treal, agree, rows, count0, s1, 0, rsum, [n], n, p0, c0, c1, i == 0)
+            stage1(s1, 0, n, p0, i, c0, c1, [n], task % lay.tiles == lay.tiles - 1)
             _stage2(lay, s1, 0, off, acc, n, 0, lay.o, p0, c0, c1, first=i == 0)
 
 
-def _tasks_by_output_chunk(lay, tneg, treal, agree, rows, count0, off, acc, rsum):
+def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
     """Pass 4 for layers of few pixel tiles (7x7): parallel over output-channel chunks.
 
     Stage 1 of every block first (parallel over blocks, into one buffer for the whole call),
@@ -322,26 +432,33 @@ def _tasks_by_output_chunk(lay, tneg, treal, agree, rows, count0, off, acc, rsum
     plan, k_, n_ = lay.plan, lay.k, lay.n
     nb, rows_b = len(lay.blocks), plan.block * k_ * plan.tile
     s1 = T.alloc_buffer([n_ * lay.tiles * nb * rows_b], U8)
-    rpart = T.alloc_buffer([n_, nb, lay.pp], lay.acc)
+    rpart = T.alloc_buffer([n_, nb, lay.pp], lay.acc) if masked else None
     with T.parallel(0, n_ * lay.tiles * nb) as task:
         n, t, b = task // (lay.tiles * nb), task // nb % lay.tiles, task % nb
         for i, (c0, c1) in enumerate(lay.blocks):
             with T.If(b == i):
                 with T.Then():
-                    _block_stage1(lay, tneg, treal, agree, rows, count0, s1, task * rows_b, rpart, [n, i], n,
-                                  t * plan.tile, c0, c1, True)
+                    stage1(s1, task * rows_b, n, t * plan.tile, i, c0, c1, [n, i], t == lay.tiles - 1, rpart)
     chunk_o = lay.o // plan.o_chunks
     with T.parallel(0, n_ * lay.tiles * plan.o_chunks) as task:
         n, t, oc = task // (lay.tiles * plan.o_chunks), task // plan.o_chunks % lay.tiles, task % plan.o_chunks
         for i, (c0, c1) in enumerate(lay.blocks):
             base = ((n * lay.tiles + t) * nb + i) * rows_b
             _stage2(lay, s1, base, off, acc, n, oc * chunk_o, chunk_o, t * plan.tile, c0, c1, first=i == 0)
-    with T.parallel(0, n_) as n:
-        with T.vectorized(0, lay.pp) as p:
-            total = rpart[n, 0, p]
-            for i in range(1, nb):
-                total = total + rpart[n, i, p]
-            T.buffer_store(rsum, total, [n, p])
+    if masked:
+        with T.parallel(0, n_) as n:
+            with T.vectorized(0, lay.pp) as p:
+                total = rpart[n, 0, p]
+                for i in range(1, nb):
+                    total = total + rpart[n, i, p]
+                T.buffer_store(rsum, total, [n, p])
+
+
+def _pass4(lay, stage1, off, acc, rsum, masked):
+    if lay.plan.o_chunks == 1:
+        _tasks_by_tile(lay, lambda *a: stage1(*a, rsum), off, acc)
+    else:
+        _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked)
 
 
 def _kernel_body(lay, mode, ins, outs, with_shift):
@@ -350,24 +467,62 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
     acc, rsum = outs
     n_, c_, k_, plan = lay.n, lay.c, lay.k, lay.plan
     tshape = [n_, c_, lay.rows * lay.ow] if lay.flat else [n_, c_, 3, lay.pp]
+    pshape = [n_, c_, lay.binrows, lay.cols]
     with IRBuilder() as ib:
         with T.seq_scope():
             off = T.alloc_buffer([lay.o, lay.per, -(-c_ // lay.per)], "int32")
             agree = T.alloc_buffer([k_], U8)
             rows = T.alloc_buffer([k_], "int32")
             count0 = T.alloc_buffer([2], "int32")
-            neg = T.alloc_buffer([n_, c_, lay.binrows, lay.cols], U8)
-            real = T.alloc_buffer([n_, c_, lay.binrows, lay.cols], U8)
+            neg = T.alloc_buffer(pshape, U8)
             tneg = T.alloc_buffer(tshape, U8)
-            treal = T.alloc_buffer(tshape, U8)
+            zflag = T.alloc_buffer([n_ * c_], U8) if mode == "sign" else None
             _prepare_codewords(lay, codes, idx, off, agree, rows, count0)
             with T.parallel(0, n_ * c_) as nc:
-                _binarize_rows(lay, mode, data, shift, neg, real, nc // c_, nc % c_)
-                _triples(lay, neg, real, tneg, treal, nc // c_, nc % c_)
-            if plan.o_chunks == 1:
-                _tasks_by_tile(lay, tneg, treal, agree, rows, count0, off, acc, rsum)
+                _binarize_rows(lay, mode, data, shift, neg, "neg", zflag, nc // c_, nc % c_)
+                _triples(lay, [(neg, tneg)], nc // c_, nc % c_)
+
+            def fast():
+                probes = [T.alloc_buffer([plan.chunk], U8) for _ in range(3)]
+                pop = T.alloc_buffer([lay.o, 9], "int32")
+                _probe_patterns(lay, probes)
+
+                def stage1(s1, base, n, p0, i, c0, c1, rpre, last, rsum_buf):
+                    with T.If(last):
+                        with T.Then():
+                            _block_stage1_fast(lay, tneg, agree, rows, count0, s1, base, n, p0, c0, c1, probes)
+                        with T.Else():
+                            _block_stage1_fast(lay, tneg, agree, rows, count0, s1, base, n, p0, c0, c1, None)
+
+                _pass4(lay, stage1, off, acc, rsum, masked=False)
+                _probe_popcounts(lay, acc, pop)
+                correct_padding(lay, pop, acc, rsum)
+
+            def masked():
+                real = T.alloc_buffer(pshape, U8)
+                treal = T.alloc_buffer(tshape, U8)
+                with T.parallel(0, n_ * c_) as nc:
+                    _binarize_rows(lay, mode, data, shift, real, "real", None, nc // c_, nc % c_)
+                    _triples(lay, [(real, treal)], nc // c_, nc % c_)
+
+                def stage1(s1, base, n, p0, i, c0, c1, rpre, last, rsum_buf):
+                    _block_stage1(lay, tneg, treal, agree, rows, count0, s1, base, rsum_buf, rpre, n, p0, c0, c1,
+                                  first=(i == 0) if plan.o_chunks == 1 else True)
+
+                _pass4(lay, stage1, off, acc, rsum, masked=True)
+
+            if zflag is None:
+                fast()
             else:
-                _tasks_by_output_chunk(lay, tneg, treal, agree, rows, count0, off, acc, rsum)
+                zeros = T.alloc_buffer([1], U8)
+                T.buffer_store(zeros, _u8(0), [0])
+                with T.serial(0, n_ * c_) as i:
+                    T.buffer_store(zeros, zeros[0] | zflag[i], [0])
+                with T.If(zeros[0] == _u8(0)):
+                    with T.Then():
+                        fast()
+                    with T.Else():
+                        masked()
     return ib.get()
 
 
