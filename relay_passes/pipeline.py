@@ -10,8 +10,10 @@ through these phases, in order::
                   each binary conv rewritten to a call_tir of its kernel; the per-conv report
     lower_float   LowerFloatConv2d (the float convs left: stem, shortcuts) and dead code removal
     ---- the rest runs inside ``tvm.compile`` (:func:`relax_pipeline`) ----
-    fuse          TVM's library dispatch and legalization: LegalizeOps, FuseOps, FuseTIR (the
-                  elementwise epilogue of each conv fused into its kernel)
+    fuse          LLVM: inference BatchNorm decomposed, FoldAffineChains (constant arithmetic
+                  chains as one multiply-add); TVM's library dispatch and legalization:
+                  LegalizeOps, FuseOps, FuseTIR (the elementwise epilogue of each conv fused
+                  into its kernel)
     schedule      LLVM: ScheduleFusedKernels (deferred kernel schedules, epilogue inlined) then
                   the InjectiveFallback dlight rule; CUDA: the WindowReduction rule, then TVM's
                   dlight defaults
@@ -39,6 +41,7 @@ from schedules.cpu_fallback import InjectiveFallback
 from schedules.cuda_window_reduction import WindowReduction
 from schedules.target_info import TargetInfo
 
+from .fold_affine import FoldAffineChains
 from .lower_binary_conv2d import LoweringOptions, lower_binary_conv2d
 from .lower_float_conv2d import LowerFloatConv2d
 from .lower_max_pool2d import LowerMaxPool2d
@@ -160,7 +163,9 @@ def host_phases(target) -> list:
         # Inference BatchNorm as a multiply-add (legalized whole, it is an unfusable multi-output
         # op run as scalar code: 1.05 M of a 5.1 M-instruction 56x56 ARM layer); as elementwise
         # ops it fuses into the conv kernel's epilogue.
-        ("fuse", [relax.transform.DecomposeOpsForInference()]
+        # Then each chain of constant arithmetic (BatchNorm after a conv's scale) as one
+        # multiply-add: the epilogue of every conv kernel runs it per output.
+        ("fuse", [relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant(), FoldAffineChains()]
          + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
          # FuseTIR leaves the unfused originals behind: drop them before scheduling.
          + [relax.transform.DeadCodeElimination(["main"])]),
