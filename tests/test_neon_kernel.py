@@ -58,6 +58,11 @@ CASES = [
     (ConvGeometry(1, 4, 4, 4, 4), 16, "sign", NeonSparksPlan(32, 32, 4)),
     # padding 2 on top and right, none at the bottom: border classes of the mask-free path
     (ConvGeometry(2, 20, 9, 9, 8, stride=(2, 2), padding=(2, 1, 0, 2)), 7, "sign", None),
+    # stride 2, 19 output columns: whole 16-lane ld2 triples and an overlapping last vector
+    (ConvGeometry(1, 9, 40, 37, 6, stride=(2, 2)), 16, "sign", None),
+    # 12 output columns (8-lane vectors), batch 2; row stride 1 with column stride 2 (flat)
+    (ConvGeometry(2, 11, 21, 23, 5, stride=(2, 2)), 9, "sign", None),
+    (ConvGeometry(1, 6, 8, 20, 4, stride=(1, 2)), 16, "ge", None),
     # probe lanes at the end of a chunk that is not the tile's first (tile 128, chunk 32)
     (ConvGeometry(1, 12, 10, 10, 5), 16, "ge", NeonSparksPlan(128, 32, 12)),
 ]

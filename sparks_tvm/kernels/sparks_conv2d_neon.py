@@ -263,41 +263,67 @@ def _triples(lay, pairs, n, c):
     directly (each input row written once per patch row it serves).
     """
     sw, ow = lay.sw, lay.ow
-    if sw == 2:
-        # Column pairs (2w, 2w + 1) as one 16-bit lane: the three taps of column w are the
-        # low and high bytes of pair w and the low byte of pair w + 1, all contiguous loads
-        # (a vector loop over bytes at stride 2 would load lane by lane).
-        words = {b: T.decl_buffer([lay.n * lay.c * lay.binrows * lay.cols // 2], "uint16", data=b.data)
-                 for b, _ in pairs}
 
-        def triple(b, y, w):
-            base = ((n * lay.c + c) * lay.binrows + y) * (lay.cols // 2)
-            lo, hi = words[b][base + w], words[b][base + w + 1]
+    def row(plane, tplane, y, dst):
+        """The triples of input row ``y`` for every output column, stored from ``dst``."""
+        if sw == 2 and ow >= 8:
+            # Columns 2w, 2w + 1 and 2w + 2 are the even and odd lanes of one contiguous load
+            # and the even lanes of the next (``ld2``): no lane-by-lane strided loads. Whole
+            # 16- or 8-lane vectors, the last one overlapping the one before (other lane
+            # counts legalize into lane-by-lane moves).
+            step = VECTOR if ow >= VECTOR else 8
+            starts = list(range(0, ow - step + 1, step))
+            if ow % step:
+                starts.append(ow - step)
+            for w0, lanes in [(w, step) for w in starts]:
+                def lanes_of(start, parity):
+                    pair = _load(plane, [n, c, y], start, 2 * lanes)
+                    return tirx.Shuffle([pair], [tirx.IntImm("int32", 2 * i + parity) for i in range(lanes)])
+                even, odd = lanes_of(2 * w0, 0), lanes_of(2 * w0, 1)
+                # Column 2w + 2: the even lanes one further (``ext`` with the next pair's).
+                later = lanes_of(2 * w0 + 2 * lanes, 0)
+                next_even = tirx.Shuffle([even, later], [tirx.IntImm("int32", i + 1) for i in range(lanes)])
+                value = even | (odd << _bc(_u8(1), lanes)) | (next_even << _bc(_u8(2), lanes))
+                _store(tplane, [], dst + w0, lanes, value)
+            return
+        if sw == 2:  # fewer than 8 columns: column pairs (2w, 2w + 1) as 16-bit lanes
+            words = T.decl_buffer([_size(plane) // 2], "uint16", data=plane.data)
             one = tirx.const(1, "uint16")
-            word = (lo & one) | ((lo >> tirx.const(8, "uint16")) << one) | ((hi & one) << tirx.const(2, "uint16"))
-            return tirx.Cast(U8, word)
-    else:
-        def triple(b, y, w):
-            return b[n, c, y, w * sw] | (b[n, c, y, w * sw + 1] << _u8(1)) | (b[n, c, y, w * sw + 2] << _u8(2))
+            with T.vectorized(0, ow) as w:
+                at = ((n * lay.c + c) * plane.shape[2] + y) * (lay.cols // 2) + w
+                lo, hi = words[at], words[at + 1]
+                word = (lo & one) | ((lo >> tirx.const(8, "uint16")) << one) | ((hi & one) << tirx.const(2, "uint16"))
+                T.buffer_store(tplane, tirx.Cast(U8, word), [dst + w])
+            return
+        # Column stride 1: a vector loop of contiguous loads; larger strides stay scalar.
+        with (T.vectorized if sw == 1 else T.serial)(0, ow) as w:
+            value = (plane[n, c, y, w * sw] | (plane[n, c, y, w * sw + 1] << _u8(1))
+                     | (plane[n, c, y, w * sw + 2] << _u8(2)))
+            T.buffer_store(tplane, value, [dst + w])
 
-    # Column stride 1 or 2: vector loops of contiguous loads; larger strides stay scalar.
-    loop = T.vectorized if sw <= 2 else T.serial
+    flats = [(plane, T.decl_buffer([_size(tplane)], U8, data=tplane.data))
+             for plane, tplane in pairs]
     if lay.flat:
         with T.serial(0, lay.rows) as y:
-            with loop(0, ow) as w:
-                for plane, tplane in pairs:
-                    T.buffer_store(tplane, triple(plane, y, w), [n, c, y * ow + w])
+            for plane, flat in flats:
+                row(plane, flat, y, (n * lay.c + c) * lay.rows * ow + y * ow)
         return
     with T.serial(0, lay.oh) as r:
         for dy in range(3):
-            with loop(0, ow) as w:
-                for plane, tplane in pairs:
-                    T.buffer_store(tplane, triple(plane, r * lay.sh + dy, w), [n, c, dy, r * ow + w])
+            for plane, flat in flats:
+                row(plane, flat, r * lay.sh + dy, ((n * lay.c + c) * 3 + dy) * lay.pp + r * ow)
     if lay.pp > lay.pixels:  # pixels past OH * OW: defined values, never stored
         for dy in range(3):
             with T.vectorized(0, lay.pp - lay.pixels) as p:
                 for _, tplane in pairs:
                     T.buffer_store(tplane, _u8(0), [n, c, dy, lay.pixels + p])
+
+
+def _size(buf):
+    total = 1
+    for d in buf.shape:
+        total *= int(d)
+    return total
 
 
 def _patch_rows(lay, buf, n, c, start, lanes):
@@ -467,7 +493,8 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
     acc, rsum = outs
     n_, c_, k_, plan = lay.n, lay.c, lay.k, lay.plan
     tshape = [n_, c_, lay.rows * lay.ow] if lay.flat else [n_, c_, 3, lay.pp]
-    pshape = [n_, c_, lay.binrows, lay.cols]
+    # A spare row at column stride 2: the last row's ``ld2`` of the next pair reads past it.
+    pshape = [n_, c_, lay.binrows + (lay.sw == 2), lay.cols]
     with IRBuilder() as ib:
         with T.seq_scope():
             off = T.alloc_buffer([lay.o, lay.per, -(-c_ // lay.per)], "int32")
