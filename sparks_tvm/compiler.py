@@ -119,7 +119,11 @@ def compile(model, target="llvm", shapes: dict | None = None, strict: bool = Tru
     model : str, os.PathLike, bytes or onnx.ModelProto
         The ONNX model.
     target : str, dict or tvm.target.Target
-        ``"llvm"`` (default) means this machine's CPU with its vector/popcount instructions.
+        ``"llvm"`` (default) means this machine's CPU with its vector/popcount instructions,
+        its kernels split for ``TVM_NUM_THREADS`` threads when that is set, else for all
+        usable cores (``CompiledModel.num_threads`` and ``threads_source`` say which; a
+        ``TVM_NUM_THREADS`` that is not a positive integer is a :class:`SparksError`). A
+        target's own ``num-cores`` is kept (a warning when TVM runs another count here).
     shapes : dict, optional
         ``{input_name: shape}`` for inputs whose shape the model leaves dynamic.
     strict : bool
