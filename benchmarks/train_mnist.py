@@ -158,7 +158,7 @@ class Runner:
                            selection_end=over.pop("selection_end", a.selection_end),
                            kd_weight=kd, kd_temperature=a.kd_temperature,
                            recalibrate_bn=over.pop("recalibrate_bn", True),
-                           recalibrate_images=a.recalibrate_images)
+                           recalibrate_images=a.recalibrate_images, ema_decay=over.pop("ema_decay", a.ema_decay))
 
     def fit(self, net, cfg, teacher=None):
         from sparks_tvm.torch import train
@@ -166,12 +166,51 @@ class Runner:
         s = self.split
         return train(net, s.x_train, s.y_train, cfg, s.x_test, s.y_test, log=self.log, teacher=teacher)
 
+    def _cache_path(self, what, seed, **key):
+        """Where ``--cache`` keeps a trained teacher / stage-1 net, named by what determines it."""
+        import hashlib
+
+        a = self.args
+        ident = {"what": what, "seed": seed, "data": a.data, "train_subset": a.train_subset,
+                 "widths": a.widths, "blocks": a.blocks, "batch_size": a.batch_size, "threads": a.threads,
+                 "recalibrate_images": a.recalibrate_images, "n_train": int(len(self.split.y_train)), **key}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+        return os.path.join(a.cache, f"{what}_seed{seed}_{digest}.pt"), ident
+
+    def _cached(self, what, seed, make, **key):
+        """``make()`` -> (net, TrainResult), or the copy ``--cache`` saved from an identical run.
+
+        Training is deterministic on the CPU (same data, recipe, seed and thread count), so a
+        saved net is the net ``make`` would train again; it only saves the time.
+        """
+        import torch
+
+        from sparks_tvm.torch import TrainResult
+
+        if not self.args.cache:
+            return make()
+        path, ident = self._cache_path(what, seed, **key)
+        if os.path.exists(path):
+            blob = torch.load(path, weights_only=False)
+            net = self.net(blob["kind"], None, seed)
+            net.load_state_dict(blob["state"])
+            self.log(f"{what}, seed {seed}: loaded from {path}")
+            return net, TrainResult(**blob["result"])
+        net, res = make()
+        os.makedirs(self.args.cache, exist_ok=True)
+        torch.save({"kind": net.kind, "state": net.state_dict(), "result": vars(res), "ident": ident}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return net, res
+
     def teacher(self, seed):
         if seed not in self.teachers:
-            self.log(f"float teacher, seed {seed}")
-            net = self.net("float", None, seed)
-            res = self.fit(net, self.config(seed, self.args.epochs_float, self.args.lr, 0.0))
-            self.teachers[seed] = (net, res)
+            def make():
+                self.log(f"float teacher, seed {seed}")
+                net = self.net("float", None, seed)
+                return net, self.fit(net, self.config(seed, self.args.epochs_float, self.args.lr, 0.0, ema_decay=0.0))
+
+            self.teachers[seed] = self._cached("teacher", seed, make, epochs=self.args.epochs_float,
+                                               lr=self.args.lr)
         return self.teachers[seed]
 
     def kd_teacher(self, seed, kd):
@@ -181,11 +220,17 @@ class Runner:
         kd = self.args.kd_weight if kd is None else kd
         key = (seed, kd)
         if key not in self.stage1:
-            teacher = self.kd_teacher(seed, kd)
-            self.log(f"stage 1 (dense BNN), seed {seed}")
-            net = self.net("dense", None, seed)
-            res = self.fit(net, self.config(seed, self.args.epochs_stage1, self.args.lr, kd), teacher)
-            self.stage1[key] = (net, res)
+            a = self.args
+
+            def make():
+                teacher = self.kd_teacher(seed, kd)
+                self.log(f"stage 1 (dense BNN), seed {seed}")
+                net = self.net("dense", None, seed)
+                return net, self.fit(net, self.config(seed, a.epochs_stage1, a.lr, kd, ema_decay=0.0), teacher)
+
+            self.stage1[key] = self._cached(
+                "stage1", seed, make, epochs=a.epochs_stage1, lr=a.lr, kd=kd, kd_temperature=a.kd_temperature,
+                teacher=None if kd <= 0 else {"epochs": a.epochs_float, "lr": a.lr})
         return self.stage1[key]
 
     def cell(self, row, seed, **recipe):
@@ -500,7 +545,8 @@ def ablation_markdown(out) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also used by tests and scripts that drive :class:`Runner`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(DEFAULT_ROWS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -524,9 +570,13 @@ def main(argv=None) -> int:
     ap.add_argument("--t1", type=float, default=0.1)
     ap.add_argument("--noise0", type=float, default=0.05)
     ap.add_argument("--noise-end", type=float, default=0.3)
+    ap.add_argument("--ema", dest="ema_decay", type=float, default=0.0,
+                    help="stage 2: evaluate and keep an exponential moving average of the parameters (decay; 0 = off)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--recalibrate-images", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=None, metavar="DIR",
+                    help="save/reuse trained float teachers and stage-1 nets here (keyed by what determines them)")
     ap.add_argument("--compile-batch", type=int, default=100)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled = trained check")
     ap.add_argument("--ablation", action="store_true", help="run the recipe ablation instead of the table")
@@ -538,7 +588,11 @@ def main(argv=None) -> int:
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="merge table JSONs of several invocations (same recipe) by row and seed into --out")
     ap.add_argument("--note", default=None, help="with --from-json or --merge: a note at the top of the table")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.from_json or args.merge:
         tables = []
         for path in ([args.from_json] if args.from_json else args.merge):
@@ -579,7 +633,7 @@ def main(argv=None) -> int:
         "data": {"train": int(len(split.y_train)), "test": int(len(split.y_test)), "source": source,
                  "normalisation": {"mean": split.mean, "std": split.std}},
         "config": {k: v for k, v in vars(args).items()
-                   if k not in ("out", "json", "rows", "ablation_steps", "merge", "note", "from_json")},
+                   if k not in ("out", "json", "rows", "ablation_steps", "merge", "note", "from_json", "cache")},
         "n_block_convs": sum(args.blocks),
     }
 

@@ -113,3 +113,21 @@ def test_goals_say_by_how_much_a_goal_is_missed(script):
     del compiled["sparks64/seed2"]
     compiled["sparks16/seed0"]["default"]["prediction_mismatches"] = 1
     assert script.goals(rows, compiled)[-1].endswith("not met (sparks64/seed2, sparks16/seed0)")
+
+
+def test_cache_reuses_the_teacher_and_stage_one_only_when_they_would_be_the_same(script, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cell = TINY + ["--rows", "dense", "--seeds", "0", "--no-compile", "--cache", str(cache)]
+    assert script.main(cell + ["--json", str(tmp_path / "a.json")]) == 0
+    first = capsys.readouterr().out
+    assert "loaded from" not in first and len(list(cache.iterdir())) == 2  # teacher, stage 1
+    assert script.main(cell + ["--json", str(tmp_path / "b.json")]) == 0
+    again = capsys.readouterr().out
+    assert again.count("loaded from") == 2 and "float teacher, seed" not in again
+    a, b = (json.loads((tmp_path / f).read_text())["rows"]["dense"] for f in ("a.json", "b.json"))
+    assert a["epoch_acc"] == b["epoch_acc"] and a["stage1_acc"] == b["stage1_acc"]
+    # Another stage-1 recipe is another net: trained, not loaded.
+    assert script.main(cell + ["--epochs-stage1", "2"]) == 0  # the last occurrence of a flag wins
+    other = capsys.readouterr().out
+    assert other.count("loaded from") == 1 and "stage 1 (dense BNN)" in other
+    assert len(list(cache.iterdir())) == 3

@@ -255,3 +255,37 @@ def test_frozen_batchnorm_keeps_the_statistics_it_was_frozen_with(split):
         if isinstance(a, torch.nn.BatchNorm2d):
             torch.testing.assert_close(a.running_var, b.running_var)
     assert not torch.equal(net.fc.weight, start.fc.weight)
+
+
+def test_parameter_average_is_evaluated_and_kept_without_changing_the_trajectory(split):
+    with pytest.raises(SparksError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    x, y = split.x_train[:256], split.y_train[:256]
+    runs = {}
+    for decay in (0.0, 0.9):
+        net = tiny_net("sparks", seed=4)
+        cfg = TrainConfig(epochs=2, batch_size=64, seed=1, ema_decay=decay, recalibrate_images=128)
+        runs[decay] = (net, train(net, x, y, cfg, split.x_test[::10], split.y_test[::10]))
+    (plain, res0), (avg, res1) = runs[0.0], runs[0.9]
+    # The average is swapped in only to evaluate: the training steps, hence the losses, are the
+    # live parameters' and identical with and without it.
+    assert res1.losses == res0.losses
+    # ...and it is what the run returns: not the live (last-step) parameters.
+    assert not torch.equal(avg.blocks[0].conv.weight, plain.blocks[0].conv.weight)
+
+
+def test_parameter_average_arithmetic():
+    from sparks_tvm.torch.train import _ParameterAverage
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = _ParameterAverage([p], 0.5)
+    with torch.no_grad():
+        p.fill_(4.0)
+    ema.update()  # 0.5 * 0 + 0.5 * 4
+    with torch.no_grad():
+        p.fill_(8.0)
+    ema.update()  # 0.5 * 2 + 0.5 * 8
+    ema.swap()
+    assert torch.equal(p.detach(), torch.full((3,), 5.0))
+    ema.swap()
+    assert torch.equal(p.detach(), torch.full((3,), 8.0))
