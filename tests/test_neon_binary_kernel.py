@@ -79,6 +79,8 @@ def test_default_plan_and_limits():
     plan = default_plan(ConvGeometry(1, 512, 7, 7, 512), cores=4)
     assert plan.vectors == 2 and plan.o_chunks == 4
     assert default_plan(ConvGeometry(1, 8, 3, 3, 8)).vectors == 1
+    # 784 pixels: 800 in 2-vector tiles beat 784 in 1-vector tiles (cheaper per pixel).
+    assert default_plan(ConvGeometry(1, 64, 56, 56, 128, stride=(2, 2))).vectors == 2
     assert supports(ConvGeometry(1, 8, 9, 9, 8, kernel=(5, 5), padding=(2, 2, 2, 2)))
     assert not supports(ConvGeometry(1, 8, 9, 9, 8, kernel=(7, 7), padding=(3, 3, 3, 3)))
     with pytest.raises(ValueError, match="at most 31 taps"):

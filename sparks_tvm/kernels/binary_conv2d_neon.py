@@ -47,6 +47,9 @@ from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _s
 BINARIZE_LANES = 16
 #: Steps summed in one byte lane: cnt <= 8, 31 * 8 = 248.
 MAX_STEPS = 31
+#: Relative cost per pixel of a P x 4 tile, by P (emulated Pi, 64->128 stride 2 at 28x28:
+#: P = 1 reloads the weight lanes for half the pixels; 784 pixels as 800 at P = 2 cost 5% less).
+STEP_COST = {1: 1.0, 2: 0.8}
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,12 @@ def supports(geom: ConvGeometry) -> bool:
 
 
 def default_plan(geom: ConvGeometry, cores: int = 1) -> NeonBinaryPlan:
-    """The fewest padded pixels (then the longest tile), and enough tasks for ``cores``."""
+    """The fewest padded pixels weighted by the tile's cost per pixel, and enough tasks for ``cores``."""
     pixels = geom.out_height * geom.out_width
     # 2 x 4 tiles: 34 instructions per 8 vector-steps; 4 x 4 would be 3.5 per step but its 16
-    # byte accumulators, 4 activation and weight vectors spill on 32 registers.
-    vectors = min((2, 4, 1), key=lambda v: padded(pixels, VECTOR * v))
+    # byte accumulators, 4 activation and weight vectors spill on 32 registers. A 1 x 4 tile
+    # is worth 2% fewer pixels only when it saves more than STEP_COST's 20% (28x28 keeps 2).
+    vectors = min((2, 1), key=lambda v: padded(pixels, VECTOR * v) * STEP_COST[v])
     q = 4 if geom.out_channels >= 4 else geom.out_channels
     tiles = geom.batch * padded(pixels, VECTOR * vectors) // (VECTOR * vectors)
     blocks = -(-geom.out_channels // q)

@@ -213,45 +213,50 @@ def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
                     T.buffer_store(count0, count0[slot] + 1, [slot])
 
 
-def _binarize_rows(lay, mode, data, shift, plane, which, zflag, n, c):
-    """Pass 2a: one channel's padded 0/1 plane (zero padding after binarization).
+def _binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
+    """Pass 2a: one channel's padded 0/1 planes (zero padding after binarization).
 
-    ``which`` is ``"neg"`` (the -1 taps) or ``"real"`` (the non-zero ones); with ``zflag``
-    (ONNX ``Sign``, neg plane) also whether the channel held a 0, i.e. needs the masked path.
+    ``planes`` maps ``"neg"`` (the -1 taps) and, for ONNX ``Sign``, ``"real"`` (the non-zero
+    ones) to their buffers; with ``zflag`` also whether the channel held a 0 (the AND of its
+    real bits is 0), i.e. whether the call needs the masked path. The real plane costs about
+    what a separate zero test would, and the masked path then needs no second pass.
     """
     zero = _u8(0)
     for ylo, yhi in ((0, lay.pt), (lay.pt + lay.h, lay.binrows)):
         if yhi > ylo:
             with T.serial(ylo, yhi) as y:
                 with T.vectorized(0, lay.cols) as x:
-                    T.buffer_store(plane, zero, [n, c, y, x])
+                    for plane in planes.values():
+                        T.buffer_store(plane, zero, [n, c, y, x])
     side = list(range(lay.pl)) + list(range(lay.pl + lay.w, lay.cols))
     f0 = tirx.const(0.0, "float32")
     zl = None
     if zflag is not None:
         zl = T.alloc_buffer([VECTOR], U8, scope="local")
-        _store(zl, [], 0, VECTOR, _bc(zero, VECTOR))
+        _store(zl, [], 0, VECTOR, _bc(_u8(1), VECTOR))
     with T.serial(0, lay.h) as y:
         for x in side:
-            T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+            for plane in planes.values():
+                T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
         for x0, lanes in _chunks(0, lay.w):
             v = _load(data, [n, c, y], x0, lanes)
             if shift is not None:
                 v = v + _bc(shift[c], lanes)
             fz = _bc(f0, lanes)
-            if which == "real":
-                bit = v != fz
-            else:
-                bit = v <= fz if mode == "gt" else v < fz
-            _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, tirx.Cast(_vt(U8, lanes), bit))
-            if zl is not None:
-                z = tirx.Cast(_vt(U8, lanes), v == fz)
-                _store(zl, [], 0, lanes, _load(zl, [], 0, lanes) | z)
+            for which, plane in planes.items():
+                if which == "real":
+                    bit = v != fz
+                else:
+                    bit = v <= fz if mode == "gt" else v < fz
+                byte = tirx.Cast(_vt(U8, lanes), bit)
+                _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, byte)
+                if which == "real" and zl is not None:
+                    _store(zl, [], 0, lanes, _load(zl, [], 0, lanes) & byte)
     if zl is not None:
         total = zl[0]
         for i in range(1, VECTOR):
-            total = total | zl[i]
-        T.buffer_store(zflag, total, [n * lay.c + c])
+            total = total & zl[i]
+        T.buffer_store(zflag, total ^ _u8(1), [n * lay.c + c])
 
 
 def _triples(lay, pairs, n, c):
@@ -504,9 +509,11 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
             neg = T.alloc_buffer(pshape, U8)
             tneg = T.alloc_buffer(tshape, U8)
             zflag = T.alloc_buffer([n_ * c_], U8) if mode == "sign" else None
+            real = T.alloc_buffer(pshape, U8) if mode == "sign" else None
             _prepare_codewords(lay, codes, idx, off, agree, rows, count0)
+            planes = {"neg": neg} if real is None else {"neg": neg, "real": real}
             with T.parallel(0, n_ * c_) as nc:
-                _binarize_rows(lay, mode, data, shift, neg, "neg", zflag, nc // c_, nc % c_)
+                _binarize_rows(lay, mode, data, shift, planes, zflag, nc // c_, nc % c_)
                 _triples(lay, [(neg, tneg)], nc // c_, nc % c_)
 
             def fast():
@@ -526,10 +533,8 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
                 correct_padding(lay, pop, acc, rsum)
 
             def masked():
-                real = T.alloc_buffer(pshape, U8)
                 treal = T.alloc_buffer(tshape, U8)
                 with T.parallel(0, n_ * c_) as nc:
-                    _binarize_rows(lay, mode, data, shift, real, "real", None, nc // c_, nc % c_)
                     _triples(lay, [(real, treal)], nc // c_, nc % c_)
 
                 def stage1(s1, base, n, p0, i, c0, c1, rpre, last, rsum_buf):
