@@ -47,7 +47,7 @@ def child(threads: int, shape: tuple, rounds: int, number: int) -> dict:
     sys.path.insert(0, ROOT)
     import sparks_tvm
     from sparks_tvm import frontend, models
-    from sparks_tvm.compiler import _flatten
+    from sparks_tvm.vm_runner import flatten as _flatten
 
     data = models.export_onnx(models.sparks_resnet_tiny(k=4, widths=(8, 12)), shape)
     model = sparks_tvm.compile(data)

@@ -18,7 +18,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 
 import sparks_tvm
-from sparks_tvm import compiler, models
+from sparks_tvm import compiler, models, vm_runner
 from sparks_tvm.errors import InputValueError, ShapeError, SparksError
 from sparks_tvm.target import host_cpu_count, host_target, host_threads
 
@@ -62,7 +62,7 @@ def test_every_input_path_gives_the_old_values(tiny, monkeypatch):
     monkeypatch.setattr(tvm.runtime, "from_dlpack", lambda a: bound.append(a) or real(a))
     for force_zero_copy in (False, True):
         if force_zero_copy:  # a 588-byte input is copied by default; read it in place here
-            monkeypatch.setattr(compiler, "ZERO_COPY_MIN_BYTES", 0)
+            monkeypatch.setattr(vm_runner, "ZERO_COPY_MIN_BYTES", 0)
         for x, w in zip(xs, want):
             aligned[...] = x
             readonly = x.copy()
@@ -177,7 +177,7 @@ ALIASING_MODELS = {
 
 @pytest.mark.parametrize("kind", sorted(ALIASING_MODELS))
 def test_outputs_the_vm_shares_are_copied(kind, monkeypatch):
-    monkeypatch.setattr(compiler, "ZERO_COPY_MIN_BYTES", 0)  # the identity output would be the caller's array
+    monkeypatch.setattr(vm_runner, "ZERO_COPY_MIN_BYTES", 0)  # the identity output would be the caller's array
     model = sparks_tvm.compile(ALIASING_MODELS[kind]())
     rng = np.random.default_rng(5)
     held = []

@@ -1,0 +1,139 @@
+"""Pass 2 of the NEON Sparks kernel (:mod:`.sparks_conv2d_neon`): binarized planes, tap triples.
+
+Per input channel: the padded 0/1 planes of its -1 taps (and, for ONNX ``Sign``, of its real
+taps, with whether it held a 0), then the horizontal tap triples stage 1 builds its patch
+planes from (:func:`patch_rows`). ``lay`` is the kernel's layout object.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import tirx as T
+
+from .vector_tir import U8, VECTOR
+from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
+
+
+def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
+    """Pass 2a: one channel's padded 0/1 planes (zero padding after binarization).
+
+    ``planes`` maps ``"neg"`` (the -1 taps) and, for ONNX ``Sign``, ``"real"`` (the non-zero
+    ones) to their buffers; with ``zflag`` also whether the channel held a 0 (the AND of its
+    real bits is 0), i.e. whether the call needs the masked path. The real plane costs about
+    what a separate zero test would, and the masked path then needs no second pass.
+    """
+    zero = _u8(0)
+    for ylo, yhi in ((0, lay.pt), (lay.pt + lay.h, lay.binrows)):
+        if yhi > ylo:
+            with T.serial(ylo, yhi) as y:
+                with T.vectorized(0, lay.cols) as x:
+                    for plane in planes.values():
+                        T.buffer_store(plane, zero, [n, c, y, x])
+    side = list(range(lay.pl)) + list(range(lay.pl + lay.w, lay.cols))
+    f0 = tirx.const(0.0, "float32")
+    zl = None
+    if zflag is not None:
+        zl = T.alloc_buffer([VECTOR], U8, scope="local")
+        _store(zl, [], 0, VECTOR, _bc(_u8(1), VECTOR))
+    with T.serial(0, lay.h) as y:
+        for x in side:
+            for plane in planes.values():
+                T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+        for x0, lanes in _chunks(0, lay.w):
+            v = _load(data, [n, c, y], x0, lanes)
+            if shift is not None:
+                v = v + _bc(shift[c], lanes)
+            fz = _bc(f0, lanes)
+            for which, plane in planes.items():
+                if which == "real":
+                    bit = v != fz
+                else:
+                    bit = v <= fz if mode == "gt" else v < fz
+                byte = tirx.Cast(_vt(U8, lanes), bit)
+                _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, byte)
+                if which == "real" and zl is not None:
+                    _store(zl, [], 0, lanes, _load(zl, [], 0, lanes) & byte)
+    if zl is not None:
+        total = zl[0]
+        for i in range(1, VECTOR):
+            total = total & zl[i]
+        T.buffer_store(zflag, total ^ _u8(1), [n * lay.c + c])
+
+
+def triples(lay, pairs, n, c):
+    """Pass 2b: horizontal tap triples, laid out so that each patch row is a flat pixel vector.
+
+    Bits 0..2 of a triple are taps dx = 0..2 of one output column in one padded input row.
+    Row stride 1: ``t[y * OW + w]`` for every padded row y, and patch row dy of pixel p is
+    triple ``p + dy * OW``. Row stride > 1: ``t[dy, p]`` holds patch row dy of pixel p
+    directly (each input row written once per patch row it serves).
+    """
+    sw, ow = lay.sw, lay.ow
+
+    def row(plane, tplane, y, dst):
+        """The triples of input row ``y`` for every output column, stored from ``dst``."""
+        if sw == 2 and ow >= 8:
+            # Columns 2w, 2w + 1 and 2w + 2 are the even and odd lanes of one contiguous load
+            # and the even lanes of the next (``ld2``): no lane-by-lane strided loads. Whole
+            # 16- or 8-lane vectors, the last one overlapping the one before (other lane
+            # counts legalize into lane-by-lane moves).
+            step = VECTOR if ow >= VECTOR else 8
+            starts = list(range(0, ow - step + 1, step))
+            if ow % step:
+                starts.append(ow - step)
+            for w0, lanes in [(w, step) for w in starts]:
+                def lanes_of(start, parity):
+                    pair = _load(plane, [n, c, y], start, 2 * lanes)
+                    return tirx.Shuffle([pair], [tirx.IntImm("int32", 2 * i + parity) for i in range(lanes)])
+                even, odd = lanes_of(2 * w0, 0), lanes_of(2 * w0, 1)
+                # Column 2w + 2: the even lanes one further (``ext`` with the next pair's).
+                later = lanes_of(2 * w0 + 2 * lanes, 0)
+                next_even = tirx.Shuffle([even, later], [tirx.IntImm("int32", i + 1) for i in range(lanes)])
+                value = even | (odd << _bc(_u8(1), lanes)) | (next_even << _bc(_u8(2), lanes))
+                _store(tplane, [], dst + w0, lanes, value)
+            return
+        if sw == 2:  # fewer than 8 columns: column pairs (2w, 2w + 1) as 16-bit lanes
+            words = T.decl_buffer([_size(plane) // 2], "uint16", data=plane.data)
+            one = tirx.const(1, "uint16")
+            with T.vectorized(0, ow) as w:
+                at = ((n * lay.c + c) * plane.shape[2] + y) * (lay.cols // 2) + w
+                lo, hi = words[at], words[at + 1]
+                word = (lo & one) | ((lo >> tirx.const(8, "uint16")) << one) | ((hi & one) << tirx.const(2, "uint16"))
+                T.buffer_store(tplane, tirx.Cast(U8, word), [dst + w])
+            return
+        # Column stride 1: a vector loop of contiguous loads; larger strides stay scalar.
+        with (T.vectorized if sw == 1 else T.serial)(0, ow) as w:
+            value = (plane[n, c, y, w * sw] | (plane[n, c, y, w * sw + 1] << _u8(1))
+                     | (plane[n, c, y, w * sw + 2] << _u8(2)))
+            T.buffer_store(tplane, value, [dst + w])
+
+    flats = [(plane, T.decl_buffer([_size(tplane)], U8, data=tplane.data))
+             for plane, tplane in pairs]
+    if lay.flat:
+        with T.serial(0, lay.rows) as y:
+            for plane, flat in flats:
+                row(plane, flat, y, (n * lay.c + c) * lay.rows * ow + y * ow)
+        return
+    with T.serial(0, lay.oh) as r:
+        for dy in range(3):
+            for plane, flat in flats:
+                row(plane, flat, r * lay.sh + dy, ((n * lay.c + c) * 3 + dy) * lay.pp + r * ow)
+    if lay.pp > lay.pixels:  # pixels past OH * OW: defined values, never stored
+        for dy in range(3):
+            with T.vectorized(0, lay.pp - lay.pixels) as p:
+                for _, tplane in pairs:
+                    T.buffer_store(tplane, _u8(0), [n, c, dy, lay.pixels + p])
+
+
+def _size(buf):
+    total = 1
+    for d in buf.shape:
+        total *= int(d)
+    return total
+
+
+def patch_rows(lay, buf, n, c, start, lanes):
+    """The three triple vectors (patch rows dy = 0, 1, 2) of pixels ``start .. start + lanes``."""
+    if lay.flat:
+        return [_load(buf, [n, c], start + dy * lay.ow, lanes) for dy in range(3)]
+    return [_load(buf, [n, c, dy], start, lanes) for dy in range(3)]
