@@ -18,7 +18,7 @@ import tvm
 from onnx import TensorProto, helper, numpy_helper
 
 import sparks_tvm
-from sparks_tvm import compiler, models, vm_runner
+from sparks_tvm import models, vm_runner
 from sparks_tvm.errors import InputValueError, ShapeError, SparksError
 from sparks_tvm.target import host_cpu_count, host_target, host_threads
 
