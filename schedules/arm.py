@@ -30,6 +30,7 @@ from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
 from sparks_tvm.cost import sparks_is_cheaper
 from sparks_tvm.kernels import binary_conv2d_neon, float_conv2d_neon, max_pool2d_neon
 from sparks_tvm.kernels.sparks_conv2d_neon import default_plan, sparks_conv2d_neon_primfunc
+from sparks_tvm.kernels.sparks_conv2d_neon import padded_pixels as sparks_padded_pixels
 
 from .host import HostSchedules, groups_per_block, output_chunks, register_deferred_kind
 
@@ -142,12 +143,13 @@ class ArmSchedules(HostSchedules):
 
     #: Whole-layer aarch64 instruction model of the two NEON kernels, least-squares fitted to
     #: the 21 counted layers of ``benchmarks/results/arm_icount.json`` (7 ResNet-18 shapes x K
-    #: 16/32/64; it picks the cheaper kernel on all 21). Sparks: per ``C*K*P64`` (stage 1),
-    #: ``C*O*P64`` (stage 2), input element (binarize, triples). Dense: per 16-pixel x
+    #: 16/32/64; it picks the cheaper kernel on 20 of 21, the other a 0.4% tie: 64->128 s2
+    #: K=64, 2.69 vs 2.68 M). Sparks: per ``C*K*PP`` (stage 1), ``C*O*PP`` (stage 2), input
+    #: element (binarize, triples), ``PP`` the kernel's padded pixels. Dense: per 16-pixel x
     #: channel-byte x tap x output step, input element, output element (no per-call term:
     #: with one, the fit extrapolates to small layers badly).
-    SPARKS_MODEL = (0.3557, 0.1858, 4.554)
-    DENSE_MODEL = (4.564, 3.613, 0.3135)
+    SPARKS_MODEL = (0.2378, 0.1829, 1.911)
+    DENSE_MODEL = (4.471, 3.206, -0.1996)
 
     def estimated_instructions(self, geom, num_codewords: int | None) -> float:
         """Modelled instructions of one whole layer (Sparks with ``num_codewords``, else dense)."""
@@ -155,9 +157,10 @@ class ArmSchedules(HostSchedules):
         inputs = geom.batch * geom.in_channels * geom.height * geom.width
         c, o = geom.in_channels, geom.out_channels
         if num_codewords is not None:
-            p64 = -(-pixels // 64) * 64
+            plan = self.neon_plan(geom, num_codewords)
+            pp = geom.batch * sparks_padded_pixels(geom.out_height * geom.out_width, plan.tile, plan.chunk)
             a, b, e = self.SPARKS_MODEL
-            return a * c * num_codewords * p64 + b * c * o * p64 + e * inputs
+            return a * c * num_codewords * pp + b * c * o * pp + e * inputs
         taps = geom.kernel[0] * geom.kernel[1]
         p32 = -(-pixels // 32) * 32
         a, e, g = self.DENSE_MODEL
