@@ -106,7 +106,7 @@ def _rewrite(rewriter, call):
         return None
     call = rewriter.builder_.normalize(call)  # the type of the freshly rebuilt call
     found = match_affine(call, rewriter.lookup_binding)
-    if found is None or found.ops < 2:
+    if found.ops < 2:
         return None
     dtype = _dtype(call)
     ndim = len(_shape(call))

@@ -39,7 +39,7 @@ from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
 from .encoding import num_words
-from .neon_padding import PaddedTaps, correct_padding
+from .neon_padding import PaddedTaps, correct_padding, mask_free_or_masked
 from .vector_tir import U8, VECTOR, extern, padded, ramp as _ramp
 from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
@@ -348,22 +348,14 @@ def _main_loop(lay, planes, mplanes, wbits, acc, rsum):
                         _tile(lay, planes, mplanes, wbits, acc, n, p0, o0, o1 - o0)
 
 
-def _checked_paths(lay, mode, data, shift, pad, planes, zflag, wbits, acc, rsum, pshape, fast):
-    """ONNX ``Sign``: the fast path unless an activation was 0, else the masked path."""
+def _masked_path(lay, mode, data, shift, pad, planes, wbits, acc, rsum, pshape):
+    """Some activation was 0 (ONNX ``Sign``): real-bit planes mask every step."""
     n_, cb_ = lay.n, lay.cb
-    zeros = T.alloc_buffer([1], U8)
-    T.buffer_store(zeros, _u8(0), [0])
-    with T.serial(0, n_ * cb_) as i:
-        T.buffer_store(zeros, zeros[0] | zflag[i], [0])
-    with T.If(zeros[0] == _u8(0)):
-        with T.Then():
-            fast()
-        with T.Else():
-            mplanes = T.alloc_buffer(pshape, U8)
-            with T.parallel(0, n_ * cb_) as nc:
-                _binarize(lay, mode, data, shift, pad, None, nc // cb_, nc % cb_, "real")
-                _shifted_planes(lay, pad, mplanes, nc // cb_, nc % cb_)
-            _main_loop(lay, planes, mplanes, wbits, acc, rsum)
+    mplanes = T.alloc_buffer(pshape, U8)
+    with T.parallel(0, n_ * cb_) as nc:
+        _binarize(lay, mode, data, shift, pad, None, nc // cb_, nc % cb_, "real")
+        _shifted_planes(lay, pad, mplanes, nc // cb_, nc % cb_)
+    _main_loop(lay, planes, mplanes, wbits, acc, rsum)
 
 
 def _kernel_body(lay, mode, ins, outs, with_shift):
@@ -387,10 +379,8 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
                 _main_loop(lay, planes, None, wbits, acc, rsum)
                 correct_padding(lay, wpop, acc, rsum)
 
-            if zflag is None:
-                fast()
-            else:
-                _checked_paths(lay, mode, data, shift, pad, planes, zflag, wbits, acc, rsum, pshape, fast)
+            mask_free_or_masked(zflag, n_ * cb_, fast,
+                                lambda: _masked_path(lay, mode, data, shift, pad, planes, wbits, acc, rsum, pshape))
     return ib.get()
 
 

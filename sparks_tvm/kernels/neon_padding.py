@@ -16,7 +16,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from .vector_tir import bc, chunks, load, ramp, store, vt
+from .vector_tir import U8, bc, chunks, load, ramp, store, u8, vt
 
 
 class PaddedTaps:
@@ -100,3 +100,20 @@ def correct_padding(g: PaddedTaps, pop, acc, rsum):
     real_tap_counts(g, rsum)
     subtract_padded_rows(g, pop, acc)
     subtract_padded_cols(g, pop, acc)
+
+
+def mask_free_or_masked(zflags, count: int, fast, masked):
+    """Run ``fast()`` (the mask-free path) unless one of ``count`` zero flags is set, else
+    ``masked()``; with no flags (the ``ge``/``gt`` binarizers never give a 0), ``fast()``."""
+    if zflags is None:
+        fast()
+        return
+    zeros = T.alloc_buffer([1], U8)
+    T.buffer_store(zeros, u8(0), [0])
+    with T.serial(0, count) as i:
+        T.buffer_store(zeros, zeros[0] | zflags[i], [0])
+    with T.If(zeros[0] == u8(0)):
+        with T.Then():
+            fast()
+        with T.Else():
+            masked()

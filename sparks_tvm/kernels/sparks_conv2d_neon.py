@@ -36,9 +36,10 @@ Passes (one call):
 
 1. per call: gather offsets ``off[o, c]`` (row of ``(c, idx[o, c])`` in a stage-1 block) and
    the codewords' ``~code & 0xFF`` bytes and bit-8 order;
-2. per input channel: binarize into a padded 0/1 plane of -1 taps (and whether a 0 was
-   seen), then horizontal tap triples (3 bits per output column and padded row; at column
-   stride 2 from 16-bit column pairs); the masked path does the same for the real taps;
+2. per input channel: binarize into padded 0/1 planes of -1 taps (and, for ``Sign``, of
+   real taps, whose AND says whether a 0 was seen), then horizontal tap triples (3 bits per
+   output column and padded row; at column stride 2 from ``ld2``); the masked path builds
+   the real taps' triples too;
 3. per pixel chunk: patch planes ``n8`` (and ``m8``) and the ninth tap from three triple rows;
 4. per (image, pixel tile, output-channel chunk), a parallel task: for each block of at most
    28 channels, stage 1 writes ``u`` rows of the tile into a task-local block (K rows per
@@ -65,7 +66,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
-from .neon_padding import PaddedTaps, correct_padding
+from .neon_padding import PaddedTaps, correct_padding, mask_free_or_masked
 from .sparks_neon_planes import binarize_rows, patch_rows, triples
 from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
 from .vector_tir import U8, VECTOR, extern, padded
@@ -419,18 +420,7 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
 
                 _pass4(lay, stage1, off, acc, rsum, masked=True)
 
-            if zflag is None:
-                fast()
-            else:
-                zeros = T.alloc_buffer([1], U8)
-                T.buffer_store(zeros, _u8(0), [0])
-                with T.serial(0, n_ * c_) as i:
-                    T.buffer_store(zeros, zeros[0] | zflag[i], [0])
-                with T.If(zeros[0] == _u8(0)):
-                    with T.Then():
-                        fast()
-                    with T.Else():
-                        masked()
+            mask_free_or_masked(zflag, n_ * c_, fast, masked)
     return ib.get()
 
 
