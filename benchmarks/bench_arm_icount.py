@@ -31,9 +31,7 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +41,8 @@ sys.path.insert(0, str(ROOT / "scripts" / "emulated_pi"))
 sys.path.insert(0, str(ROOT))
 
 from sparks_tvm.cost import RESNET18_BINARY_LAYERS as SHAPES  # noqa: E402
-GUEST = ROOT / "scripts" / "emulated_pi" / "icount_guest.py"
-
-
-@dataclass
-class Kernel:
-    """One kernel to count: a PrimFunc, its input arrays and its output's shape/dtype."""
-
-    tag: int
-    label: str
-    func: object
-    args: list
-    out_shape: tuple
-    out_dtype: str = "int32"
-    calls: int = 1
-    expected: np.ndarray | None = field(default=None, repr=False)
+# The counting core lives in the package (the ARM tuning runner uses it); re-exported here.
+from sparks_tvm.tune.emulated_pi import GUEST, Kernel, count, export  # noqa: E402,F401
 
 
 def arm_target():
@@ -139,66 +124,6 @@ def packed_float_kernel(tag, geom, rng, target):
     w = rng.standard_normal((geom.out_channels, geom.in_channels, 3, 3)).astype(np.float32)
     return Kernel(tag, "sparks_tvm float32", func, [x, pack_float_weights(w, sched.float_lanes)], geom.out_shape,
                   out_dtype="float32")
-
-
-def export(func, target, path):
-    """Compile a PrimFunc for the ARM target and cross-link it into a shared library."""
-    import tvm
-    from tvm.support import cc
-
-    ex = tvm.compile(func.with_attr("global_symbol", "main"), target=target)
-    ex.export_library(str(path), fcompile=cc.cross_compiler("aarch64-linux-gnu-gcc"))
-
-
-def count(kernels: list, target, workdir=None, timeout: float = 1800.0) -> dict:
-    """Count instructions of each kernel on the emulated Pi; returns ``{tag: count}``.
-
-    Also checks each kernel's output against ``Kernel.expected`` when given (exact).
-    """
-    import pi
-
-    pi.setup()
-    tmp = tempfile.TemporaryDirectory(prefix="icount_") if workdir is None else None
-    base = Path(workdir or tmp.name)
-    base.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = {"kernels": []}
-        for kern in kernels:
-            lib = f"k{kern.tag}.so"
-            export(kern.func, target, base / lib)
-            names = []
-            for i, arr in enumerate(kern.args):
-                names.append(f"a{kern.tag}_{i}.npy")
-                np.save(base / names[-1], arr)
-            manifest["kernels"].append({"tag": kern.tag, "library": lib, "function": "main", "args": names,
-                                        "output": {"shape": list(kern.out_shape), "dtype": kern.out_dtype},
-                                        "calls": kern.calls, "warmup": 1})
-        (base / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        counts_file = base / "counts.txt"
-        counts_file.unlink(missing_ok=True)
-        env = {**os.environ, "QEMU_PLUGIN": f"{pi.plugin_path()},out={counts_file}", "TVM_NUM_THREADS": "1"}
-        proc = subprocess.run([str(pi.python_launcher()), str(GUEST), str(base / "manifest.json")], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"counting on the emulated Pi failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        counts = {}
-        for line in counts_file.read_text().split("\n"):
-            if line.strip():
-                tag, value = line.split()
-                counts[int(tag)] = int(value)
-        missing = [k.tag for k in kernels if k.tag not in counts]
-        if missing:
-            raise RuntimeError(f"no count for kernel tags {missing}")
-        for kern in kernels:
-            if kern.expected is not None:
-                got = np.load(base / f"out_{kern.tag}.npy")
-                if not np.array_equal(got, kern.expected):
-                    bad = int((got != kern.expected).sum())
-                    raise AssertionError(f"{kern.label} (tag {kern.tag}): {bad} outputs differ from the reference")
-        return counts
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def code_version() -> str:

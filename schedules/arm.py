@@ -19,9 +19,11 @@ the float convs :mod:`sparks_tvm.kernels.float_conv2d_neon` (column strides 1 an
 pooling :mod:`sparks_tvm.kernels.max_pool2d_neon`; which of Sparks and dense a layer gets
 follows an instruction model of the two NEON kernels (:meth:`ArmSchedules.sparks_is_cheaper`).
 
-The NEON kernels have no tuning space yet: ``tuned_kinds`` leaves them out, so compile keeps
-them whatever a work dir holds. ``ArmSchedules(neon_binary=False)`` builds the host core's
-dense binary kernel instead, which tuning (MetaSchedule) can search.
+The NEON kernels are not MetaSchedule-tunable (``tuned_kinds`` leaves them out): their plans
+are tuned by counting instructions on the emulated Pi (``sparks_tvm.tune.arm``), and
+``compile(..., tuning_db=...)`` hands the records to :meth:`ArmSchedules.for_target`
+(``plans``). ``ArmSchedules(neon_binary=False)`` builds the host core's dense binary kernel
+instead, which MetaSchedule can search.
 """
 
 from __future__ import annotations
@@ -90,11 +92,22 @@ class ArmSchedules(HostSchedules):
         """Kernel kinds tuning may replace (not the NEON kernels)."""
         return () if self.neon_binary else ("binary",)
 
+    #: Tuned NEON plans and Sparks-vs-dense choices (``sparks_tvm.tune.arm_records.ArmPlans``),
+    #: or None: the defaults. Set by :meth:`for_target` for ``compile(..., tuning_db=...)``.
+    plans = None
+
     @classmethod
-    def for_target(cls, target) -> "ArmSchedules":
-        """Choices for a ``tvm.target.Target`` (``num-cores`` if given, else a Pi's 4 cores)."""
+    def for_target(cls, target, plans=None) -> "ArmSchedules":
+        """Choices for a ``tvm.target.Target`` (``num-cores`` if given, else a Pi's 4 cores).
+
+        ``plans``: the records of an ARM tuning run (``sparks_tvm.tune.arm_records.ArmPlans``),
+        consulted by :meth:`neon_plan`, :meth:`schedule_binary_conv2d` and
+        :meth:`sparks_is_cheaper` before their defaults.
+        """
         cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else DEFAULT_ARM_CORES
-        return cls(cores=max(1, cores))
+        sched = cls(cores=max(1, cores))
+        sched.plans = plans
+        return sched
 
     #: Stage-2 pixel tile of the Sparks op on NEON, chosen with benchmarks/bench_arm_icount.py's
     #: instruction counter (the 7 ResNet-18 shapes, one call each). int16 stage 1: 64 gave
@@ -124,8 +137,12 @@ class ArmSchedules(HostSchedules):
         return knobs
 
     def neon_plan(self, geom, num_codewords: int):
-        """The NEON Sparks kernel's plan for one layer (tile, chunk, channel block, o-chunks)."""
-        return default_plan(geom, num_codewords, self.cores)
+        """The NEON Sparks kernel's plan for one layer (tile, chunk, channel block, o-chunks).
+
+        The tuned plan where :attr:`plans` has one for the layer, else :func:`default_plan`.
+        """
+        tuned = self.plans.sparks_plan(geom, num_codewords) if self.plans is not None else None
+        return tuned if tuned is not None else default_plan(geom, num_codewords, self.cores)
 
     def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, shift: bool = False):
         """The NEON Sparks kernel (same parameters and output as the host kernel)."""
@@ -137,7 +154,8 @@ class ArmSchedules(HostSchedules):
         """The NEON dense binary kernel where it applies, else the host core's."""
         if not (self.neon_binary and binary_conv2d_neon.supports(geom)):
             return super().schedule_binary_conv2d(geom, mode, shift=shift)
-        plan = binary_conv2d_neon.default_plan(geom, self.cores)
+        plan = self.plans.dense_plan(geom, mode) if self.plans is not None else None  # tuned, if recorded
+        plan = plan if plan is not None else binary_conv2d_neon.default_plan(geom, self.cores)
         func = binary_conv2d_neon.binary_conv2d_neon_primfunc(geom, mode, plan, shift=shift)
         return self._finish(func, {"kind": "binary_neon", "lanes": OUT_LANES})
 
@@ -167,9 +185,13 @@ class ArmSchedules(HostSchedules):
         return a * p32 / 16 * o * -(-c // 8) * taps + e * inputs + g * o * pixels
 
     def sparks_is_cheaper(self, geom, num_codewords: int) -> bool:
-        """Sparks or dense for one layer on NEON, by :meth:`estimated_instructions`."""
+        """Sparks or dense for one layer on NEON: as measured by tuning (:attr:`plans`), else
+        by :meth:`estimated_instructions`."""
         if not (self.neon_binary and binary_conv2d_neon.supports(geom)):
             return True  # the host core's dense kernel is 2-7x the NEON Sparks kernel
+        measured = self.plans.sparks_is_cheaper(geom, num_codewords) if self.plans is not None else None
+        if measured is not None:
+            return measured
         if geom.in_channels < 64 or geom.out_height * geom.out_width < 49:
             # outside the fitted layers (ResNet-18's): the BOPs model, which favours the codebook
             pixels = geom.batch * geom.out_height * geom.out_width

@@ -25,6 +25,7 @@ from schedules.tuning import TunedSchedules
 
 from ..errors import TuningDatabaseError, TuningError, WorkDirLockedError
 from ..target import target_json
+from .arm_records import ArmPlans, read_plans
 
 logger = logging.getLogger("sparks_tvm")
 
@@ -257,14 +258,29 @@ def tuned_schedules(work_dir, target):
     if not os.path.isdir(work_dir):
         raise TuningError(f"tuning_db {work_dir}: no such directory")
     meta = read_meta(work_dir)
+    arm = read_plans(work_dir)
+    if arm is not None:
+        # An ARM run (runner="emulated-pi"): NEON plans, not MetaSchedule records.
+        check_target(work_dir, target, meta if meta is not None else {"target": arm.get("target")})
+        base = schedules.for_target(target)
+        if not hasattr(base, "plans"):
+            raise TuningError(f"tuning_db {work_dir}: its ARM records do not apply to a {target.kind.name} target")
+        base = type(base).for_target(target, plans=ArmPlans(arm))
+        if not os.path.exists(os.path.join(work_dir, RECORDS_FILE)):
+            return base
+        return TunedSchedules(base, open_database(work_dir, read_only=True), target, keep_default=_kept(meta))
     if meta is None or not os.path.exists(os.path.join(work_dir, RECORDS_FILE)):
         raise TuningError(f"tuning_db {work_dir}: no tuning records there ({META_FILE} or {RECORDS_FILE} is "
                           "missing); run sparks_tvm.tune with this work dir first")
     check_target(work_dir, target, meta)
-    keep_default = {name: info["chosen_hash"] for name, info in meta.get("tasks", {}).items()
-                    if info.get("use_default") and info.get("chosen_hash")}
     return TunedSchedules(schedules.for_target(target), open_database(work_dir, read_only=True), target,
-                          keep_default=keep_default)
+                          keep_default=_kept(meta))
+
+
+def _kept(meta: dict | None) -> dict:
+    """Task name -> hash of the best record that lost to the default when both were re-measured."""
+    return {name: info["chosen_hash"] for name, info in (meta or {}).get("tasks", {}).items()
+            if info.get("use_default") and info.get("chosen_hash")}
 
 
 

@@ -76,6 +76,84 @@ class TuneResult:
 
 
 
+@dataclass
+class ArmTaskResult:
+    """One ARM task (runner ``emulated-pi``): instructions of the default and of the chosen kernel.
+
+    ``default_kernel`` is what compile would build untuned (the instruction model's choice,
+    default plan); ``chosen_kernel`` and ``plan`` are what compile builds with the records.
+    """
+
+    name: str
+    layers: int
+    trials: int = 0
+    default_kernel: str = "sparks"
+    default_count: int | None = None
+    chosen_kernel: str | None = None
+    best_count: int | None = None
+    plan: dict | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """Tuned / default instructions (<= 1: the default is a candidate)."""
+        if not self.default_count or self.best_count is None:
+            return None
+        return self.best_count / self.default_count
+
+
+@dataclass
+class ArmTuneResult:
+    """What an ARM tuning run did; the cost is aarch64 instructions on the emulated Pi, not time."""
+
+    work_dir: str
+    target: str
+    tasks: list = field(default_factory=list)
+    trials_run: int = 0
+    seconds: float = 0.0
+    errors: list = field(default_factory=list)
+    curve_png: str | None = None
+
+    @property
+    def default_total(self) -> int:
+        return sum((t.default_count or 0) * t.layers for t in self.tasks)
+
+    @property
+    def tuned_total(self) -> int:
+        return sum((t.best_count or 0) * t.layers for t in self.tasks)
+
+    def table(self) -> str:
+        """Per task: trials, default and tuned instructions (millions), ratio, kernel and plan."""
+        head = (f"{'task':<52} {'layers':>6} {'trials':>6} {'default M':>10} {'tuned M':>8} {'ratio':>6} "
+                f"{'kernel':>14}  plan")
+        lines = [head, "-" * len(head)]
+        for t in self.tasks:
+            fmt = lambda v: f"{v / 1e6:.3f}" if v is not None else "-"  # noqa: E731
+            ratio = f"{t.ratio:.3f}" if t.ratio is not None else "-"
+            kernel = t.chosen_kernel if t.chosen_kernel == t.default_kernel else f"{t.default_kernel}->{t.chosen_kernel}"
+            plan = ", ".join(f"{k}={v}" for k, v in (t.plan or {}).items())
+            lines.append(f"{t.name:<52} {t.layers:>6} {t.trials:>6} {fmt(t.default_count):>10} "
+                         f"{fmt(t.best_count):>8} {ratio:>6} {kernel:>14}  {plan}")
+        d, b = self.default_total, self.tuned_total
+        if d:
+            lines.append(f"binary layers, weighted by layers: default {d / 1e6:.2f} M, tuned {b / 1e6:.2f} M "
+                         f"instructions ({b / d:.3f}x)")
+        lines.append("optimised: aarch64 instructions executed per kernel call (exact, one thread, emulated "
+                     "Raspberry Pi 4), not time; every candidate's output was checked bit-exact")
+        lines.append(f"{self.trials_run} trials this run in {self.seconds:.0f} s; records in {self.work_dir}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "work_dir": self.work_dir, "target": self.target, "runner": "emulated-pi",
+            "cost": "aarch64 instructions (emulated Raspberry Pi 4), not time",
+            "trials_run": self.trials_run, "seconds": self.seconds, "errors": self.errors,
+            "default_total": self.default_total, "tuned_total": self.tuned_total,
+            "tasks": [dict(name=t.name, layers=t.layers, trials=t.trials, default_kernel=t.default_kernel,
+                           default_count=t.default_count, chosen_kernel=t.chosen_kernel, best_count=t.best_count,
+                           ratio=t.ratio, plan=t.plan) for t in self.tasks],
+        }
+
+
 def plot_curve(work_dir: str, meta: dict | None = None) -> str | None:
     """``tune_curve.png``: best latency so far (relative to the default) vs trials, one line per task."""
     path = os.path.join(work_dir, TRIALS_FILE)

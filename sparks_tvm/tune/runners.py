@@ -7,6 +7,8 @@
 - :func:`default_runner`: ``LocalRunner`` on this machine's CPU or GPU.
 - :func:`rpc_runner`: a device behind an RPC tracker (a Raspberry Pi; the emulated Pi of
   ``scripts/emulated_pi`` registers the same way).
+- ``"emulated-pi"`` (:func:`runner_by_name`): not a MetaSchedule runner; ARM targets' NEON
+  plans counted in instructions on the emulated Pi (:mod:`.arm`, :mod:`.emulated_pi`).
 """
 
 from __future__ import annotations
@@ -96,12 +98,34 @@ def default_runner(target, timeout_sec: float = 30.0):
         raise TuningError(
             f"target {target.kind.name} {target.attrs.get('mtriple', '')} does not run on this machine: pass "
             "runner=sparks_tvm.tune.rpc_runner(tracker_host, tracker_port, key) (CLI: --rpc-tracker host:port "
-            "--rpc-key KEY) to measure on the device"
+            "--rpc-key KEY) to measure on the device, or for an ARM target runner='emulated-pi' (CLI: --runner "
+            "emulated-pi) to count instructions on the emulated Pi"
         )
     return ms.runner.LocalRunner(
         timeout_sec=timeout_sec,
         evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=3, min_repeat_ms=50),
     )
+
+
+#: Runner names :func:`sparks_tvm.tune` takes as ``runner=`` (CLI ``--runner``).
+RUNNER_NAMES = ("local", "rpc", "emulated-pi")
+
+
+def runner_by_name(runner):
+    """``runner`` unless it is a name: ``"local"`` -> None (the default), ``"emulated-pi"`` kept.
+
+    Raises :class:`TuningError` for an unknown name, and for ``"rpc"`` (it needs a tracker:
+    :func:`rpc_runner`).
+    """
+    if not isinstance(runner, str):
+        return runner
+    if runner not in RUNNER_NAMES:
+        raise TuningError(f"unknown runner {runner!r}: expected one of {', '.join(RUNNER_NAMES)} (or a MetaSchedule "
+                          "Runner object)")
+    if runner == "rpc":
+        raise TuningError("runner 'rpc' needs the device's tracker: pass runner=sparks_tvm.tune.rpc_runner(host:port, "
+                          "key) (CLI: --runner rpc --rpc-tracker HOST:PORT --rpc-key KEY)")
+    return None if runner == "local" else runner
 
 
 def rpc_runner(tracker: str, key: str, timeout_sec: float = 60.0):

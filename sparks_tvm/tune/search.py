@@ -38,7 +38,8 @@ from .database import (
 from .measure import float_imm, mean_secs, measure_default, validate
 from .progress import ProgressCallback, Run, SchedulerLog, task_loggers
 from .report import TaskResult, TuneResult, plot_curve
-from .runners import default_runner, in_process_builder
+from .arm import EMULATED_PI, tune_arm
+from .runners import default_runner, in_process_builder, runner_by_name
 from .space import extract_tasks
 
 
@@ -84,8 +85,11 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
     trials : int
         Total measured candidates over all tasks (not counting each task's default-schedule
         measurement, taken once per work dir).
-    runner : MetaSchedule Runner, optional
+    runner : MetaSchedule Runner or str, optional
         Default: :func:`default_runner` (local). For a Raspberry Pi: :func:`rpc_runner`.
+        ``"emulated-pi"`` (ARM targets): tune the NEON kernels' plans by counting aarch64
+        instructions on the emulated Pi (:mod:`.arm`; returns an :class:`.report.ArmTuneResult`);
+        ``"local"``: the default.
     shapes, strict, force_kind
         As for :func:`sparks_tvm.compile`.
     builder : MetaSchedule Builder, optional
@@ -119,6 +123,11 @@ def tune(model, target="llvm", work_dir="sparks-tune", trials: int = 64, runner=
         raise TuningError(f"trials must be an integer >= 0, got {trials!r}")
     if not isinstance(batch, int) or batch < 1:
         raise TuningError(f"batch (candidates per search round) must be an integer >= 1, got {batch!r}")
+    runner = runner_by_name(runner)
+    if runner == EMULATED_PI:
+        # NEON plans, counted on the emulated Pi (not MetaSchedule: the kernels are IRBuilder TIR).
+        return tune_arm(model, resolve_target(target), work_dir, trials, shapes=shapes, strict=strict,
+                        force_kind=force_kind, batch=batch, seed=seed, progress=progress, wait=wait)
     work_dir = prepare_work_dir(work_dir)
     with lock_work_dir(work_dir, wait=wait):  # before the extraction: a second run fails at once
         proto = frontend.load_onnx(model)
