@@ -189,6 +189,7 @@ def bench_arm(args):
 
     import sparks_tvm
     from arm_layers import Model, count_models
+    from bench_arm_icount import code_version
     from sparks_tvm import models as zoo
     from sparks_tvm.target import resolve_target, target_json
 
@@ -218,7 +219,7 @@ def bench_arm(args):
         "optimised": "aarch64 instructions executed (exact, one call after a warm-up, one thread; qemu-user "
                      "cortex-a72 + scripts/emulated_pi/icount.c), not time: nothing ran on a Pi",
         "command": " ".join(["python", "benchmarks/bench_tune.py"] + sys.argv[1:]),
-        "target": target_json(target), "code_version": _code_version(), "codewords": k, "trials": args.trials,
+        "target": target_json(target), "code_version": code_version(), "codewords": k, "trials": args.trials,
         "batch": args.batch, "tuning_seconds": tune_s, "counting_seconds": count_s,
         "model_default": d_total, "model_tuned": t_total, "model_ratio": t_total / d_total,
         "binary_default": res.default_total, "binary_tuned": res.tuned_total,
