@@ -3,14 +3,18 @@
 Same operation and packed weights as :func:`.float_conv2d.float_conv2d_compute` with
 ``V = 8`` lanes (``pack_float_weights(w, 8)``); the readable reference is any float conv
 (the tests use torch). The generic kernel broadcasts each input value from memory into its
-multiply-adds (two instructions per FMA at best); here a tile of 8 output columns x 8 output
-channels keeps 16 accumulators in registers, and each input value is a lane of a loaded
-vector used by ``fmla v.4s, w.4s, x.s[i]`` (one instruction per FMA): at column stride 2
-the inputs of 8 columns are the even lanes of one contiguous load (``ld2``), which also
-holds the next tap's inputs in its odd lanes.
+multiply-adds (two instructions per FMA at best); here a tile of 12 output columns (three
+4-lane vectors) x 8 output channels keeps 24 accumulators in registers, and each weight is a
+lane of a loaded vector used by ``fmla v.4s, x.4s, w.s[i]`` (one instruction per FMA, 24 per
+tap for 4 loads: three input vectors and one weight pair).
 
-The input is copied once into a zero-padded plane (one extra column, so a tile's last
-contiguous load stays in its row), so the tiles need no border code. The result is written
+The input is copied once into a zero-padded plane, then, unless the conv is 1x1 at column
+stride 1, into one shifted plane per kernel column (``planes[n, c, y, dx, x] = pad[n, c, y,
+sw * x + dx]``; at column stride 2 two kernel columns come from one ``ld2``): every input
+vector of a tap is then one load at a 16-byte multiple from its row, with no address
+arithmetic and no lane shuffles in the tile. Tiles compute whole vectors (columns past the
+output width read padding and are not stored). The loop over (input channel, kernel row)
+stays a loop: a fully unrolled channel spills the accumulators. The result is written
 NCHW-flat through the epilogue-fusable ``out`` block, like the other NEON kernels.
 """
 
@@ -25,8 +29,8 @@ from .vector_tir import chunks as _chunks, extern
 
 #: Output channels per weight vector pair (two float32 registers).
 LANES = 8
-#: Output columns per register tile.
-COLUMNS = 8
+#: Output columns per register tile (three 4-lane vectors: 24 accumulators with 8 channels).
+COLUMNS = 12
 F32 = "float32"
 
 
@@ -35,76 +39,58 @@ def supports(geom: ConvGeometry) -> bool:
     return geom.stride[1] in (1, 2)
 
 
-def _lane(vec, i, lanes, width=4):
-    """Lane ``i`` of a ``lanes``-lane vector, splat to ``width`` lanes (``x.s[i]`` operand)."""
-    if lanes == 1:
-        return tirx.Broadcast(vec, width)
-    return tirx.Shuffle([vec] * -(-width // lanes), [tirx.IntImm("int32", i)] * width)
+def _lane(vec, i, width=4):
+    """Lane ``i`` of a 4-lane vector, splat to ``width`` lanes (the ``v.s[i]`` operand of ``fmla``)."""
+    return tirx.Shuffle([vec], [tirx.IntImm("int32", i)] * width)
 
 
-def _inputs(pad, n, c, y, col0, cols, sw, taps):
-    """The input values of ``cols`` output columns at ``taps`` (1, or 2 adjacent at stride 2):
-    per tap, 4-lane vectors (columns 4j .. 4j + 3). At stride 2 the two taps are the even
-    and odd lanes of the same contiguous loads (``ld2``)."""
-    out = [[] for _ in range(taps)]
-    for s in range(0, cols, 4):
-        lanes = min(4, cols - s)
-        for t in range(taps):
-            if lanes == 1:
-                out[t].append(pad[n, c, y, col0 + s * sw + t])
-            elif sw == 1:
-                out[t].append(tirx.BufferLoad(pad, [n, c, y, tirx.Ramp(col0 + s + t, 1, lanes)]))
-        if lanes > 1 and sw == 2:
-            pair = T.bind(tirx.BufferLoad(pad, [n, c, y, tirx.Ramp(col0 + 2 * s, 1, 2 * lanes)]))
-            for t in range(taps):
-                out[t].append(tirx.Shuffle([pair], [tirx.IntImm("int32", 2 * i + t) for i in range(lanes)]))
-    return out
+def _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols):
+    """One register tile: ``cols`` output columns (in 4-lane vectors) x 8 output channels of row ``oh``.
 
-
-def _store_tile(geom, conv, n, ob, oh, ow0, cols, parts):
-    """Write the tile (``parts[i][h]``: column i, channels 4h..4h+3) as NCHW rows."""
-    flat = [parts[i][h] for i in range(cols) for h in range(2)]
-    for o in range(LANES):
-        if cols > 1:
-            row = tirx.Shuffle(flat, [tirx.IntImm("int32", i * LANES + o) for i in range(cols)])
-        else:
-            row = tirx.Shuffle([flat[o // 4]], [tirx.IntImm("int32", o % 4)])
-        with T.If(ob * LANES + o < geom.out_channels):
-            with T.Then():
-                index = tirx.Ramp(oh * geom.out_width + ow0, 1, cols) if cols > 1 else oh * geom.out_width + ow0
-                T.buffer_store(conv, row, [n, ob * LANES + o, index])
-
-
-def _tile(geom, pad, wpack, conv, n, ob, oh, ow0, cols):
-    """One register tile: ``cols`` output columns x 8 output channels of row ``oh``."""
+    ``planes[n, c, y, dx, x]`` is padded input ``(y, sw * x + dx)``, so every tap's inputs of
+    4 adjacent output columns are one vector load at a multiple of 16 bytes from its row
+    (``ldr q`` / ``ldp q`` with an immediate offset: no address arithmetic per load).
+    """
     kh, kw = geom.kernel
     sh, sw = geom.stride
-    acc = T.alloc_buffer([cols * LANES], F32, scope="local")
-    for i in range(cols):
-        for h in range(2):
-            T.buffer_store(acc, tirx.Broadcast(tirx.const(0.0, F32), 4), [tirx.Ramp(i * LANES + 4 * h, 1, 4)])
-    # Per input channel, each accumulator is one expression over the kernel's taps: loaded
-    # and stored once per channel, not once per tap (the buffer is not a register).
+    nv = -(-cols // 4)
+    acc = T.alloc_buffer([LANES * nv * 4], F32, scope="local")
+
+    def part(l, j):
+        return tirx.Ramp((l * nv + j) * 4, 1, 4)
+
+    for l in range(LANES):
+        for j in range(nv):
+            T.buffer_store(acc, tirx.Broadcast(tirx.const(0.0, F32), 4), [part(l, j)])
+    # Per (channel, kernel row), each accumulator is one expression over the row's taps: a
+    # loop body small enough for LLVM to keep the 24 accumulators in registers (a fully
+    # unrolled channel spills).
     with T.serial(0, geom.in_channels) as c:
-        sums = [[tirx.BufferLoad(acc, [tirx.Ramp(i * LANES + 4 * h, 1, 4)]) for h in range(2)] for i in range(cols)]
-        for dy in range(kh):
-            step = 2 if sw == 2 else 1
-            for dx0 in range(0, kw, step):
-                taps = min(step, kw - dx0)
-                per_tap = _inputs(pad, n, c, oh * sh + dy, ow0 * sw + dx0, cols, sw, taps)
-                for t in range(taps):
-                    dx = dx0 + t
-                    w = [T.bind(tirx.BufferLoad(wpack, [ob, c, dy, dx, tirx.Ramp(4 * h, 1, 4)])) for h in range(2)]
-                    for i in range(cols):
-                        x = _lane(per_tap[t][i // 4], i % 4, min(4, cols - 4 * (i // 4)))
-                        for h in range(2):
-                            sums[i][h] = sums[i][h] + w[h] * x
-        for i in range(cols):
-            for h in range(2):
-                T.buffer_store(acc, sums[i][h], [tirx.Ramp(i * LANES + 4 * h, 1, 4)])
-    parts = [[tirx.BufferLoad(acc, [tirx.Ramp(i * LANES + 4 * h, 1, 4)]) for h in range(2)] for i in range(cols)]
-    _store_tile(geom, conv, n, ob, oh, ow0, cols, parts)
-    return None
+        with T.serial(0, kh) as dy:
+            sums = [[tirx.BufferLoad(acc, [part(l, j)]) for j in range(nv)] for l in range(LANES)]
+            y = oh * sh + dy
+            for dx in range(kw):
+                xs = [T.bind(tirx.BufferLoad(planes, [n, c, y, dx, tirx.Ramp(ow0 + 4 * j, 1, 4)]))
+                      for j in range(nv)]
+                w = [T.bind(tirx.BufferLoad(wpack, [ob, c, dy, dx, tirx.Ramp(4 * h, 1, 4)])) for h in range(2)]
+                for l in range(LANES):
+                    wl = _lane(w[l // 4], l % 4)
+                    for j in range(nv):
+                        sums[l][j] = sums[l][j] + xs[j] * wl
+            for l in range(LANES):
+                for j in range(nv):
+                    T.buffer_store(acc, sums[l][j], [part(l, j)])
+    for l in range(LANES):
+        with T.If(ob * LANES + l < geom.out_channels):
+            with T.Then():
+                for j in range(nv):
+                    lanes = min(4, cols - 4 * j)
+                    value = tirx.BufferLoad(acc, [part(l, j)])
+                    at = oh * geom.out_width + ow0 + 4 * j
+                    if lanes < 4:
+                        value = tirx.Shuffle([value], [tirx.IntImm("int32", i) for i in range(lanes)]) if lanes > 1 \
+                            else tirx.BufferLoad(acc, [(l * nv + j) * 4])
+                    T.buffer_store(conv, value, [n, ob * LANES + l, tirx.Ramp(at, 1, lanes) if lanes > 1 else at])
 
 
 def _store_row(buf, index, lo, hi, value_of):
@@ -137,23 +123,53 @@ def _body(geom, ins, outs):
     data, wpack = ins
     (conv,) = outs
     n_, c_, h, w = geom.in_shape
+    kh, kw = geom.kernel
+    sw = geom.stride[1]
     pt, pl = geom.padding[0], geom.padding[1]
-    hp = geom.stride[0] * (geom.out_height - 1) + geom.kernel[0]
-    wp = geom.stride[1] * (geom.out_width - 1) + geom.kernel[1] + 1
+    hp = geom.stride[0] * (geom.out_height - 1) + kh
+    # Plane columns: every tile computes whole 4-lane vectors (lanes past OW read padding).
+    wq = -(-geom.out_width // 4) * 4
+    direct = kw == 1 and sw == 1  # the padded input is the only plane
+    wp = wq if direct else sw * wq + kw
     blocks = -(-geom.out_channels // LANES)
     with IRBuilder() as ib:
         with T.seq_scope():
             pad = T.alloc_buffer([n_, c_, hp, wp], F32)
             with T.parallel(0, n_ * c_) as nc:
                 _pad_plane(pad, data, nc // c_, nc % c_, h, w, pt, pl, hp, wp)
+            if direct:
+                planes = T.decl_buffer([n_, c_, hp, 1, wp], F32, data=pad.data)
+            else:
+                planes = T.alloc_buffer([n_, c_, hp, kw, wq], F32)
+                with T.parallel(0, n_ * c_) as nc:
+                    _shifted_planes(pad, planes, nc // c_, nc % c_, hp, kw, sw, wq)
             tiles = [(s, min(COLUMNS, geom.out_width - s)) for s in range(0, geom.out_width, COLUMNS)]
             with T.parallel(0, n_ * blocks * geom.out_height) as task:
                 n = task // (blocks * geom.out_height)
                 ob = task // geom.out_height % blocks
                 oh = task % geom.out_height
                 for ow0, cols in tiles:
-                    _tile(geom, pad, wpack, conv, n, ob, oh, ow0, cols)
+                    _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols)
     return ib.get()
+
+
+def _shifted_planes(pad, planes, n, c, hp, kw, sw, wq):
+    """``planes[n, c, y, dx, x] = pad[n, c, y, sw * x + dx]``: one shifted (at column stride 2,
+    de-interleaved: ``ld2``) copy of each padded row per kernel column."""
+    with T.serial(0, hp) as y:
+        if sw == 1:
+            for dx in range(kw):
+                for x0, lanes in _chunks(0, wq, 4):
+                    value = tirx.BufferLoad(pad, [n, c, y, tirx.Ramp(x0 + dx, 1, lanes)])
+                    T.buffer_store(planes, value, [n, c, y, dx, tirx.Ramp(x0, 1, lanes)])
+            return
+        # Kernel columns dx and dx + 1 are the even and odd lanes of the same load (``ld2``).
+        for dx in range(0, kw, 2):
+            for x0, lanes in _chunks(0, wq, 4):
+                pair = T.bind(tirx.BufferLoad(pad, [n, c, y, tirx.Ramp(2 * x0 + dx, 1, 2 * lanes)]))
+                for parity in range(min(2, kw - dx)):
+                    value = tirx.Shuffle([pair], [tirx.IntImm("int32", 2 * i + parity) for i in range(lanes)])
+                    T.buffer_store(planes, value, [n, c, y, dx + parity, tirx.Ramp(x0, 1, lanes)])
 
 
 def float_conv2d_neon_primfunc(geom: ConvGeometry):
