@@ -22,9 +22,10 @@ models counted on the emulated Pi (one call, batch 1, one thread), outputs check
 onnxruntime. What is optimised and reported is instructions, not time:
 
     python benchmarks/bench_tune.py --arm --trials 64 --out benchmarks/results
+    python benchmarks/bench_tune.py --arm-space --shapes 0 6 --batch 16 --out benchmarks/results   # whole space
 
-Writes ``tune_layers.{json,md}`` + ``tune_curve.png`` (layers), ``tune_throughput.{json,md}``
-or ``tune_arm.{json,md}``.
+Writes ``tune_layers.{json,md}`` + ``tune_curve.png`` (layers), ``tune_throughput.{json,md}``,
+``tune_arm.{json,md}`` or ``tune_arm.space.{json,md}``.
 """
 
 from __future__ import annotations
@@ -264,6 +265,51 @@ def bench_arm(args):
     print("\n".join(lines))
 
 
+def bench_arm_space(args):
+    """Every plan of the NEON Sparks kernel's space on some ResNet-18 layers: how far is the default from the best?"""
+    from bench_arm_icount import code_version
+    from sparks_tvm.target import resolve_target, target_json
+    from sparks_tvm.tune import ArmTask, tune_arm_tasks
+
+    target = resolve_target("arm_cpu")
+    work = args.work_dir or tempfile.mkdtemp(prefix="sparks_bench_tune_arm_space_")
+    tasks = [ArmTask(_geom(*SHAPES[i]), args.codewords, "sign", 1, ("sparks",)) for i in args.shapes]
+    t0 = time.perf_counter()
+    # More trials than the spaces hold: the search stops when every plan is counted.
+    res = tune_arm_tasks(tasks, target, work, trials=100000, batch=args.batch, progress=sys.stderr.isatty())
+    rows = []
+    from sparks_tvm.tune.arm_records import read_trials
+
+    trials = read_trials(work)
+    for t, i in zip(res.tasks, args.shapes):
+        counts = sorted(r["count"] for r in trials if r["task"] == t.name and r["count"] is not None)
+        rows.append({"layer": SHAPES[i], "task": t.name, "plans_counted": len(counts), "default": t.default_count,
+                     "best": t.best_count, "best_plan": t.plan, "worst": counts[-1],
+                     "default_rank": counts.index(t.default_count) + 1, "ratio": t.ratio})
+    out = {"what": f"every valid plan of the NEON Sparks kernel (K={args.codewords}) counted on the emulated Pi",
+           "command": " ".join(["python", "benchmarks/bench_tune.py"] + sys.argv[1:]),
+           "target": target_json(target), "code_version": code_version(), "seconds": time.perf_counter() - t0,
+           "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "tune_arm.space.json"), "w") as fh:
+        json.dump(out, fh, indent=1)
+    lines = [f"# The NEON Sparks kernel's whole plan space, K={args.codewords} (emulated Pi, instructions)", "",
+             f"`{out['command']}` at {out['code_version']}: every valid plan (tile x chunk x channel block; "
+             "o_chunks by the kernel's rule) of each layer counted, outputs bit-exact; "
+             f"{out['seconds'] / 60:.1f} min.", "",
+             "| layer (cin->cout, side, stride) | plans | default M | best M | best/default | default's rank | "
+             "worst M | best plan |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cin, cout, side, stride = r["layer"]
+        plan = ", ".join(f"{a}={b}" for a, b in r["best_plan"].items())
+        lines.append(f"| {cin}->{cout}, {side}, s{stride} | {r['plans_counted']} | {r['default'] / 1e6:.3f} | "
+                     f"{r['best'] / 1e6:.3f} | {r['ratio']:.3f} | {r['default_rank']} | {r['worst'] / 1e6:.3f} | "
+                     f"{plan} |")
+    with open(os.path.join(args.out, "tune_arm.space.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def bench_throughput(args):
     """Trials/min of the stock MetaSchedule builder vs the in-process one, each in a fresh process."""
     results = {}
@@ -330,6 +376,10 @@ def main():
     ap.add_argument("--work-dir", help="tuning work dir (default: a fresh temporary one)")
     ap.add_argument("--throughput", action="store_true", help="trials/min: stock builder vs in-process")
     ap.add_argument("--arm", action="store_true", help="ResNet-18 on arm_cpu, emulated Pi, instructions")
+    ap.add_argument("--arm-space", action="store_true",
+                    help="count every NEON Sparks plan of the --shapes layers (how near the default is to the best)")
+    ap.add_argument("--shapes", type=int, nargs="+", default=[0, 6], help="--arm-space: indices into the ResNet-18 "
+                    "layer shapes (default 0 6)")
     ap.add_argument("--trials", type=int, default=16, help="trials of the throughput or --arm run")
     ap.add_argument("--threads", type=int, help="threads for tuning and timing (default: TVM's, all cores); "
                     "at 2 threads a process can land in a slow mode (bench_thread_modes.py)")
@@ -343,6 +393,8 @@ def main():
         bench_throughput(args)
     elif args.arm:
         bench_arm(args)
+    elif args.arm_space:
+        bench_arm_space(args)
     else:
         bench_layers(args)
 

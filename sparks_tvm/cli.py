@@ -5,6 +5,7 @@
     sparks-tvm inspect model.onnx [--json]
     sparks-tvm bench model.so [--warmup 5] [--repeat 50] [--layers] [--json]
     sparks-tvm tune model.onnx --target llvm --trials 64 --work-dir tune-host [--wait]
+    sparks-tvm tune model.onnx --target arm_cpu --runner emulated-pi --trials 64 --work-dir tune-arm
 
 Every failure is one line on stderr naming the bad thing, exit status 2 for bad input (a
 ``SparksError``, a bad argument) and 1 for anything else (a full disk, an internal error);
@@ -172,7 +173,14 @@ def _cmd_tune(args) -> int:
         # Measure with this many threads: TVM's pool reads the variable when it first starts.
         os.environ["TVM_NUM_THREADS"] = str(args.threads)
         target = with_cores(resolve_target(target), args.threads)
-    runner = tune_mod.rpc_runner(args.tracker, args.key) if args.tracker else None
+    runner = args.runner or ("rpc" if args.tracker else "local")
+    if runner == tune_mod.EMULATED_PI and args.tracker:
+        raise SparksError("--runner emulated-pi counts instructions on this machine's emulated Pi: drop "
+                          "--rpc-tracker/--rpc-key (or use --runner rpc)")
+    if runner == "rpc":
+        if not args.tracker:
+            raise SparksError("--runner rpc needs the device's tracker: --rpc-tracker HOST:PORT --rpc-key KEY")
+        runner = tune_mod.rpc_runner(args.tracker, args.key)
     result = sparks_tvm.tune(args.model, target=target, work_dir=args.work_dir, trials=args.trials,
                              runner=runner, shapes=parse_shapes(args.shapes), strict=not args.allow_float,
                              batch=args.batch, seed=args.seed, wait=args.wait)
@@ -273,6 +281,10 @@ def _tune_parser(sub, common) -> None:
                    help="threads to measure with (default: all cores); tune with the count you will run with")
     t.add_argument("--wait", action="store_true",
                    help="if another tune holds the work dir, wait for it to end (default: fail at once)")
+    t.add_argument("--runner", choices=("local", "rpc", "emulated-pi"),
+                   help="where candidates are measured: local (this machine; default), rpc (a device behind "
+                        "--rpc-tracker; the default when it is given), emulated-pi (ARM targets: NEON plans "
+                        "costed in aarch64 instructions on the emulated Pi of scripts/emulated_pi, not time)")
     _rpc_flags(t, direct=False)
     t.add_argument("--allow-float", action="store_true", help="as for compile")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
