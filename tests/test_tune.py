@@ -481,7 +481,7 @@ def test_tune_on_the_emulated_pi_over_rpc(tmp_path, monkeypatch):
     addr = f"127.0.0.1:{tracker.port}"
     try:
         with pi.EmulatedPi(startup_timeout=180, tracker=addr, key="sparks-tune"):
-            # The NEON kernels have no tuning space yet: tune the host core's dense binary kernel.
+            # MetaSchedule over RPC: the host core's dense binary kernel (NEON plans: runner="emulated-pi").
             res = sparks_tvm.tune(model, "rpi4", work, trials=2, batch=2, runner=rpc_runner(addr, "sparks-tune"),
                                   force_kind="binary", progress=False, plot=False)
             (task,) = res.tasks

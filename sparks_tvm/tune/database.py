@@ -3,7 +3,8 @@
 Layout (see :mod:`sparks_tvm.tune`): ``database_workload.json`` and
 ``database_tuning_record.json`` (MetaSchedule's JSONDatabase, JSON lines, append-only),
 ``sparks_tuning.json`` (target, per-task default latency, validation verdicts),
-``sparks_trials.jsonl`` (the curve), ``tune_curve.png``, ``logs/``.
+``sparks_trials.jsonl`` (the curve), ``tune_curve.png``, ``logs/``; for an ARM run on the
+emulated Pi, ``arm_plans.json`` and ``arm_trials.jsonl`` instead (:mod:`.arm_records`).
 """
 
 from __future__ import annotations
