@@ -62,7 +62,9 @@ class ArmTask:
 
     @property
     def name(self) -> str:
-        return f"{'sparks' if self.k is not None else 'binary'}_{geom_key(self.geom)}_K{self.k}_{self.mode}"
+        if self.k is None:
+            return f"binary_{geom_key(self.geom)}_{self.mode}"
+        return f"sparks_{geom_key(self.geom)}_K{self.k}_{self.mode}"
 
 
 def extract_arm_tasks(proto, specs, tgt, strict: bool = True, force_kind: str | None = None) -> list:
@@ -271,7 +273,7 @@ def _record(search, fam, plan, counted, trial, default):
             "count": None if counted is None else counted.count, "exact": None if counted is None else counted.exact}
 
 
-def _summary(search, tgt_json) -> dict:
+def _summary(search) -> dict:
     task = search.task
     rec = {"geom": geom_key(task.geom), "k": task.k, "mode": task.mode, "layers": task.layers,
            "trials": search.trials, "default": {}, "best": {}}
@@ -314,7 +316,8 @@ def tune_arm_tasks(tasks, tgt, work_dir, trials: int, *, batch: int = 8, seed: i
         old = read_plans(work_dir)
         if old is not None and old.get("target") != target_json(tgt):
             check_target(work_dir, tgt, {"target": old.get("target")})
-        write_meta(work_dir, {"target": target_json(tgt), "runner": EMULATED_PI, "tasks": {}})
+        if meta is None:  # the target check of later runs and of compile reads it
+            write_meta(work_dir, {"target": target_json(tgt), "runner": EMULATED_PI, "tasks": {}})
         base = schedules.for_target(tgt)
         searches = []
         for task in tasks:
@@ -334,7 +337,8 @@ def tune_arm_tasks(tasks, tgt, work_dir, trials: int, *, batch: int = 8, seed: i
         def write():
             data = {"target": target_json(tgt), "runner": EMULATED_PI, "cost": "aarch64 instructions, one call, "
                     "one thread, emulated Raspberry Pi 4 (qemu-user + counting plugin)",
-                    "tasks": {s.task.name: _summary(s, target_json(tgt)) for s in searches}}
+                    # Another model's tasks tuned into this work dir earlier stay.
+                    "tasks": {**(old or {}).get("tasks", {}), **{s.task.name: _summary(s) for s in searches}}}
             write_plans(work_dir, data)
 
         errors = []
@@ -393,7 +397,7 @@ def tune_arm_tasks(tasks, tgt, work_dir, trials: int, *, batch: int = 8, seed: i
         result = ArmTuneResult(work_dir=work_dir, target=target_json(tgt), trials_run=run_trials,
                                seconds=time.perf_counter() - t_start, errors=errors)
         for s in searches:
-            rec = _summary(s, target_json(tgt))
+            rec = _summary(s)
             dfam = rec["default_choice"]
             result.tasks.append(ArmTaskResult(
                 s.task.name, s.task.layers, s.trials, default_kernel=dfam,
