@@ -135,6 +135,41 @@ def test_cli_runner_flag(layer, tmp_path, capsys):
     assert "--rpc-tracker" in capsys.readouterr().err
 
 
+def test_search_keeps_the_default_and_never_chooses_an_inexact_plan(arm, tmp_path):
+    """The search with a stand-in counter (no emulator): defaults counted first, in one launch;
+    the cheapest exact plan wins; a cheaper plan whose output was wrong is recorded, never chosen."""
+    from sparks_tvm.tune import ArmTask, tune_arm_tasks
+    from sparks_tvm.tune.emulated_pi import Counted
+
+    launches = []
+
+    def counter(kernels, target):
+        launches.append([k.label for k in kernels])
+        out = {}
+        for k in kernels:
+            if "tile=16," in k.label:
+                out[k.tag] = Counted(10, False, 3)  # the cheapest, but wrong
+            elif "sparks" in k.label.split()[1] and "block=8," in k.label:
+                out[k.tag] = Counted(500, True)
+            else:
+                out[k.tag] = Counted(1000, True)
+        return out
+
+    geom = ConvGeometry(1, 16, 6, 6, 16)
+    task = ArmTask(geom, 16, "sign", 2)
+    res = tune_arm_tasks([task], arm, tmp_path, trials=200, batch=50, counter=counter, progress=False)
+    defaults = [str(sparks_conv2d_neon.default_plan(geom, 16, 4)), str(binary_conv2d_neon.default_plan(geom, 4))]
+    assert [lab.split(" ", 2)[2] for lab in launches[0]] == defaults
+    rec = read_plans(tmp_path)["tasks"][task.name]
+    assert rec["default"]["sparks"]["count"] == 1000 and rec["best"]["sparks"]["count"] == 500
+    assert rec["best"]["sparks"]["plan"]["block"] == 8 and rec["best"]["sparks"]["plan"]["tile"] != 16
+    assert rec["best"]["dense"]["plan"] == rec["default"]["dense"]["plan"]  # ties keep the default
+    assert rec["choice"] == "sparks" and res.tasks[0].best_count == 500 and res.tasks[0].layers == 2
+    rows = _trials(tmp_path)
+    assert any(r["exact"] is False and r["plan"]["tile"] == 16 for r in rows)
+    assert res.trials_run == len(rows) - 2 < 200  # the spaces ran out before the trials did
+
+
 # ---------------------------------------------------------------- on the emulated Pi
 
 
