@@ -34,6 +34,9 @@ CASES = [
     ConvGeometry(1, 16, 14, 14, 20, kernel=(1, 1), stride=(2, 2), padding=(0, 0, 0, 0)),  # shortcut
     ConvGeometry(1, 4, 3, 5, 3, padding=(1, 0, 2, 1)),  # asymmetric padding, one-column tail
     ConvGeometry(1, 40, 9, 9, 16, stride=(2, 1)),  # many channels (the channel loop), mixed strides
+    # 1x1 stride 1: flattened pixels (7 * 9 = 63: 5 whole tiles in a loop and a 3-lane tail), odd C
+    ConvGeometry(2, 7, 7, 9, 10, kernel=(1, 1), padding=(0, 0, 0, 0)),
+    ConvGeometry(1, 6, 2, 5, 3, kernel=(1, 1), padding=(0, 0, 0, 0)),  # one short tile
 ]
 
 

@@ -64,22 +64,32 @@ def _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols):
             T.buffer_store(acc, tirx.Broadcast(tirx.const(0.0, F32), 4), [part(l, j)])
     # Per (channel, kernel row), each accumulator is one expression over the row's taps: a
     # loop body small enough for LLVM to keep the 24 accumulators in registers (a fully
-    # unrolled channel spills).
-    with T.serial(0, geom.in_channels) as c:
+    # unrolled channel spills). A 1x1 conv takes two channels per iteration (loop overhead).
+    step = 2 if kh * kw == 1 else 1
+
+    def channels(c0, count):
         with T.serial(0, kh) as dy:
             sums = [[tirx.BufferLoad(acc, [part(l, j)]) for j in range(nv)] for l in range(LANES)]
             y = oh * sh + dy
-            for dx in range(kw):
-                xs = [T.bind(tirx.BufferLoad(planes, [n, c, y, dx, tirx.Ramp(ow0 + 4 * j, 1, 4)]))
-                      for j in range(nv)]
-                w = [T.bind(tirx.BufferLoad(wpack, [ob, c, dy, dx, tirx.Ramp(4 * h, 1, 4)])) for h in range(2)]
-                for l in range(LANES):
-                    wl = _lane(w[l // 4], l % 4)
-                    for j in range(nv):
-                        sums[l][j] = sums[l][j] + xs[j] * wl
+            for dc in range(count):
+                c = c0 + dc
+                for dx in range(kw):
+                    xs = [T.bind(tirx.BufferLoad(planes, [n, c, y, dx, tirx.Ramp(ow0 + 4 * j, 1, 4)]))
+                          for j in range(nv)]
+                    w = [T.bind(tirx.BufferLoad(wpack, [ob, c, dy, dx, tirx.Ramp(4 * h, 1, 4)])) for h in range(2)]
+                    for l in range(LANES):
+                        wl = _lane(w[l // 4], l % 4)
+                        for j in range(nv):
+                            sums[l][j] = sums[l][j] + xs[j] * wl
             for l in range(LANES):
                 for j in range(nv):
                     T.buffer_store(acc, sums[l][j], [part(l, j)])
+
+    if geom.in_channels >= step:
+        with T.serial(0, geom.in_channels // step) as cc:
+            channels(cc * step, step)
+    if geom.in_channels % step:
+        channels(geom.in_channels - 1, 1)
     for l in range(LANES):
         with T.If(ob * LANES + l < geom.out_channels):
             with T.Then():
@@ -119,9 +129,20 @@ def _pad_plane(pad, data, n, c, h, w, pt, pl, hp, wp):
         _store_row(pad, [n, c, y + pt], pl, pl + inner, copy)
 
 
+def _flat(geom: ConvGeometry) -> bool:
+    """A 1x1 conv at stride 1 without padding: one GEMM over the flattened pixels."""
+    return tuple(geom.kernel) == (1, 1) and tuple(geom.stride) == (1, 1) and not any(geom.padding)
+
+
 def _body(geom, ins, outs):
     data, wpack = ins
     (conv,) = outs
+    flat = _flat(geom)
+    if flat:
+        # Rows of whole 12-column tiles instead of short image rows (14 or 7 columns would
+        # compute 16 or 8): the image as one row of H * W pixels.
+        n_, c_, h, w = geom.in_shape
+        geom = ConvGeometry(n_, c_, 1, h * w, geom.out_channels, (1, 1), (1, 1), (0, 0, 0, 0))
     n_, c_, h, w = geom.in_shape
     kh, kw = geom.kernel
     sw = geom.stride[1]
@@ -134,6 +155,8 @@ def _body(geom, ins, outs):
     blocks = -(-geom.out_channels // LANES)
     with IRBuilder() as ib:
         with T.seq_scope():
+            if flat:
+                data = T.decl_buffer([n_, c_, 1, w], F32, data=data.data)
             pad = T.alloc_buffer([n_, c_, hp, wp], F32)
             with T.parallel(0, n_ * c_) as nc:
                 _pad_plane(pad, data, nc // c_, nc % c_, h, w, pt, pl, hp, wp)
@@ -148,7 +171,11 @@ def _body(geom, ins, outs):
                 n = task // (blocks * geom.out_height)
                 ob = task // geom.out_height % blocks
                 oh = task % geom.out_height
-                for ow0, cols in tiles:
+                full = geom.out_width // COLUMNS if len(tiles) > 4 else 0
+                if full:  # a loop over the tiles (unrolled, a long row is a long function)
+                    with T.serial(0, full) as t:
+                        _tile(geom, planes, wpack, conv, n, ob, oh, t * COLUMNS, COLUMNS)
+                for ow0, cols in tiles[full:]:
                     _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols)
     return ib.get()
 
