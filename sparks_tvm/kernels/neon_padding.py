@@ -39,8 +39,13 @@ class PaddedTaps:
         return 0 <= x < self.w
 
 
-def real_tap_counts(g: PaddedTaps, rsum):
-    """``rsum[n, p] = C * (real taps of p)`` for every pixel."""
+def real_tap_counts(g: PaddedTaps, rsum, channels=None):
+    """``rsum[n, p] = C * (real taps of p)`` for every pixel.
+
+    With ``channels`` (``channels(n)``: the channels of image ``n`` padded as +1, the others
+    masked) the term is ``channels(n) * (real taps of p)``, added to what ``rsum`` holds (the
+    masked channels' real taps, counted by the kernel).
+    """
     with T.parallel(0, g.n) as n:
         with T.serial(0, g.oh) as oh:
             rv = None
@@ -54,8 +59,15 @@ def real_tap_counts(g: PaddedTaps, rsum):
                     xs = ramp(x0 * g.sw + dx - g.pl, g.sw, lanes)
                     ok = tirx.Cast(vt("int32", lanes), (xs >= bc(0, lanes)) & (xs < bc(g.w, lanes)))
                     cv = ok if cv is None else cv + ok
-                value = cv * bc(rv * g.c, lanes)
-                store(rsum, [n], oh * g.ow + x0, lanes, tirx.Cast(vt(g.acc, lanes), value))
+                value = tirx.Cast(vt(g.acc, lanes), cv * bc(rv * (g.c if channels is None else channels(n)), lanes))
+                if channels is not None:
+                    value = load(rsum, [n], oh * g.ow + x0, lanes) + value
+                store(rsum, [n], oh * g.ow + x0, lanes, value)
+
+
+def _pop(pop, n, o, t):
+    """``pop[o, t]``, or ``pop[n, o, t]`` where the counts differ per image."""
+    return pop[o, t] if len(pop.shape) == 2 else pop[n, o, t]
 
 
 def subtract_padded_rows(g: PaddedTaps, pop, acc):
@@ -69,7 +81,7 @@ def subtract_padded_rows(g: PaddedTaps, pop, acc):
             fix = None
             for t, (dy, dx) in enumerate(g.taps):
                 if not g.row_ok(oh, dy):
-                    fix = pop[o, t] if fix is None else fix + pop[o, t]
+                    fix = _pop(pop, n, o, t) if fix is None else fix + _pop(pop, n, o, t)
             for x0, lanes in chunks(0, g.ow):
                 at = oh * g.ow + x0
                 store(acc, [n, o], at, lanes, load(acc, [n, o], at, lanes) - bc(tirx.Cast(g.acc, fix), lanes))
@@ -89,15 +101,18 @@ def subtract_padded_cols(g: PaddedTaps, pop, acc):
                     if g.col_ok(ow, dx):
                         continue
                     y = oh * g.sh + dy - g.pt
-                    term = tirx.Select(tirx.all(y >= 0, y < g.h), pop[o, t], tirx.const(0, "int32"))
+                    term = tirx.Select(tirx.all(y >= 0, y < g.h), _pop(pop, n, o, t), tirx.const(0, "int32"))
                     fix = term if fix is None else fix + term
                 at = oh * g.ow + ow
                 T.buffer_store(acc, acc[n, o, at] - tirx.Cast(g.acc, fix), [n, o, at])
 
 
-def correct_padding(g: PaddedTaps, pop, acc, rsum):
-    """The whole correction: ``R`` of every pixel, then the padded taps out of ``acc``."""
-    real_tap_counts(g, rsum)
+def correct_padding(g: PaddedTaps, pop, acc, rsum, channels=None):
+    """The whole correction: ``R`` of every pixel, then the padded taps out of ``acc``.
+
+    ``pop`` is ``[O, taps]``, or ``[N, O, taps]`` with ``channels`` (see :func:`real_tap_counts`).
+    """
+    real_tap_counts(g, rsum, channels)
     subtract_padded_rows(g, pop, acc)
     subtract_padded_cols(g, pop, acc)
 

@@ -215,36 +215,65 @@ def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
                     T.buffer_store(count0, count0[slot] + 1, [slot])
 
 
-def _block_stage1(lay, tneg, treal, agree, rows, count0, s1, s1_base, rsum, rpre, n, p0, c0, c1, first):
-    """Stage 1 of one channel block and pixel tile, masked path (some activation is 0).
+def _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, s1_base, rsum, rpre, n, p0, c0, c1,
+                        probes):
+    """Stage 1 of one channel block and pixel tile when some channel of the call held a 0.
 
-    Per channel and pixel chunk: the planes from three triple rows, R += the real taps, then
-    ``u`` rows ``s1[(c - c0) * K + k, 0:T]`` for the codewords with bit 8 clear, then set
-    (each loop keeps its ninth-tap plane in registers).
+    Each channel takes the mask-free formula unless it held a 0 (``zflag``); those channels
+    mask every match with their real taps, ``u = cnt((n8 ^ agree) & m8) + (tap 8 agrees and
+    is real)``, and add their real taps to ``R`` (``rsum``, zeroed before the call). Their
+    probe lanes are masked out: ``u = 0`` there, so they add nothing to the padding counts
+    the probes give, which then count the mask-free channels only.
     """
     tile, chunk, k_ = lay.plan.tile, lay.plan.chunk, lay.k
     L = chunk
-    three, six, two = _bc(_u8(3), L), _bc(_u8(6), L), _bc(_u8(2), L)
+    three, six, two, one = _bc(_u8(3), L), _bc(_u8(6), L), _bc(_u8(2), L), _bc(_u8(1), L)
     with T.serial(c0, c1) as c:
+        masked_channel = zflag[n * lay.c + c] != _u8(0)
         for sc in range(tile // chunk):
             start = p0 + sc * chunk
+            base = s1_base + (c - c0) * k_ * tile + sc * chunk
             t = patch_rows(lay, tneg, n, c, start, L)
-            q = patch_rows(lay, treal, n, c, start, L)
-            # Triples hold 3 bits, so no masking: taps 0..7 are rows 0, 1 and bits 0..1 of row 2.
-            nv = T.bind(t[0] | (t[1] << three) | (t[2] << six))
-            mv = T.bind(q[0] | (q[1] << three) | (q[2] << six))
-            real = tirx.Cast(f"{lay.acc}x{L}", tirx.popcount(mv) + (q[2] >> two))
-            prev = _load(rsum, rpre, start, L)
-            if first:  # the block's first channel starts R
-                prev = tirx.if_then_else(c == c0, _bc(tirx.const(0, lay.acc), L), prev)
-            _store(rsum, rpre, start, L, prev + real)
-            # Tap 8 agrees with a codeword whose bit 8 is b when real and (neg == b).
-            tap9 = ((q[2] & ~t[2]) >> two, (q[2] & t[2]) >> two)
-            for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-                tv = T.bind(tap9[b])
-                with T.serial(lo, hi) as j:
-                    u = tirx.popcount((nv ^ _bc(agree[j], L)) & mv) + tv
-                    _store(s1, [], s1_base + (c - c0) * k_ * tile + rows[j] + sc * chunk, L, u)
+            with_probes = probes is not None and sc == lay.vchunk
+            with T.If(masked_channel):
+                with T.Then():
+                    q = patch_rows(lay, treal, n, c, start, L)
+                    nv = T.bind(t[0] | (t[1] << three) | (t[2] << six))
+                    mv = q[0] | (q[1] << three) | (q[2] << six)
+                    q9 = q[2]
+                    if with_probes:
+                        keep = _load(probes[0], [], 0, L)
+                        mv, q9 = mv & keep, q9 & keep
+                    mv, q9 = T.bind(mv), T.bind(q9)
+                    real = tirx.Cast(f"{lay.acc}x{L}", tirx.popcount(mv) + (q9 >> two))
+                    _store(rsum, rpre, start, L, _load(rsum, rpre, start, L) + real)
+                    # Tap 8 agrees with a codeword whose bit 8 is b when real and (neg == b).
+                    tap9 = ((q9 & ~t[2]) >> two, (q9 & t[2]) >> two)
+                    for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
+                        tv = T.bind(tap9[b])
+                        with T.serial(lo, hi) as j:
+                            u = tirx.popcount((nv ^ _bc(agree[j], L)) & mv) + tv
+                            _store(s1, [], base + rows[j], L, u)
+                with T.Else():
+                    _fast_chunk(lay, t, agree, rows, count0, s1, base, probes if with_probes else None)
+
+
+def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
+    """The mask-free ``u`` rows of one channel and pixel chunk (``probes``: the probe chunk)."""
+    L, k_ = lay.plan.chunk, lay.k
+    three, six, two, one = _bc(_u8(3), L), _bc(_u8(6), L), _bc(_u8(2), L), _bc(_u8(1), L)
+    nv = t[0] | (t[1] << three) | (t[2] << six)
+    n9 = t[2] >> two
+    if probes is not None:
+        keep, p8, p9 = (_load(b, [], 0, L) for b in probes)
+        nv, n9 = (nv & keep) | p8, (n9 & keep) | p9
+    nv, n9 = T.bind(nv), T.bind(n9)
+    # Tap 8 agrees with a codeword whose bit 8 (its -1) is b when neg == b.
+    for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
+        tv = T.bind(n9 ^ one if b == 0 else n9)
+        with T.serial(lo, hi) as j:
+            u = tirx.popcount(nv ^ _bc(agree[j], L)) + tv
+            _store(s1, [], base + rows[j], L, u)
 
 
 def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c1, probes):
@@ -255,24 +284,11 @@ def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c
     in place of pixels past the image: their sums give the padding correction.
     """
     tile, chunk, k_ = lay.plan.tile, lay.plan.chunk, lay.k
-    L = chunk
-    three, six, two, one = _bc(_u8(3), L), _bc(_u8(6), L), _bc(_u8(2), L), _bc(_u8(1), L)
     with T.serial(c0, c1) as c:
         for sc in range(tile // chunk):
-            start = p0 + sc * chunk
-            t = patch_rows(lay, tneg, n, c, start, L)
-            nv = t[0] | (t[1] << three) | (t[2] << six)
-            n9 = t[2] >> two
-            if probes is not None and sc == lay.vchunk:
-                keep, p8, p9 = (_load(b, [], 0, L) for b in probes)
-                nv, n9 = (nv & keep) | p8, (n9 & keep) | p9
-            nv, n9 = T.bind(nv), T.bind(n9)
-            # Tap 8 agrees with a codeword whose bit 8 (its -1) is b when neg == b.
-            for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-                tv = T.bind(n9 ^ one if b == 0 else n9)
-                with T.serial(lo, hi) as j:
-                    u = tirx.popcount(nv ^ _bc(agree[j], L)) + tv
-                    _store(s1, [], s1_base + (c - c0) * k_ * tile + rows[j] + sc * chunk, L, u)
+            t = patch_rows(lay, tneg, n, c, p0 + sc * chunk, chunk)
+            base = s1_base + (c - c0) * k_ * tile + sc * chunk
+            _fast_chunk(lay, t, agree, rows, count0, s1, base, probes if sc == lay.vchunk else None)
 
 
 def _probe_patterns(lay, probes):
@@ -289,17 +305,24 @@ def _probe_patterns(lay, probes):
     T.buffer_store(p9, _u8(1), [lay.vlane + 9])
 
 
-def _probe_popcounts(lay, acc, pop):
+def _probe_popcounts(lay, acc, pop, channels=None):
     """``pop[o, t]``: channels whose codeword is +1 at tap t (what a +1 padding tap matches).
 
     A probe differing from the all-+1 probe in tap t alone changes each channel's ``u`` by
-    ``1 - 2 [codeword +1 at t]``, so its sum differs by ``C - 2 pop[o, t]``.
+    ``1 - 2 [codeword +1 at t]``, so its sum differs by ``C - 2 pop[o, t]``. With
+    ``channels`` (``channels(n)``: the mask-free channels of image n, the others add 0 to every
+    probe) ``pop[n, o, t]`` counts those of each image.
     """
-    with T.parallel(0, lay.o) as o:
-        base = tirx.Cast("int32", acc[0, o, lay.vbase])
+    images = 1 if channels is None else lay.n
+    with T.parallel(0, images * lay.o) as no:
+        n, o = no // lay.o, no % lay.o
+        base = tirx.Cast("int32", acc[n, o, lay.vbase])
         for t in range(9):
-            diff = tirx.Cast("int32", acc[0, o, lay.vbase + 1 + t]) - base
-            T.buffer_store(pop, (lay.c - diff) // 2, [o, t])
+            diff = tirx.Cast("int32", acc[n, o, lay.vbase + 1 + t]) - base
+            if channels is None:
+                T.buffer_store(pop, (lay.c - diff) // 2, [o, t])
+            else:
+                T.buffer_store(pop, (channels(n) - diff) // 2, [n, o, t])
 
 
 def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
@@ -341,6 +364,10 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
     nb, rows_b = len(lay.blocks), plan.block * k_ * plan.tile
     s1 = T.alloc_buffer([n_ * lay.tiles * nb * rows_b], U8)
     rpart = T.alloc_buffer([n_, nb, lay.pp], lay.acc) if masked else None
+    if masked:  # stage 1 adds the real taps of the channels that held a 0
+        with T.serial(0, n_ * nb) as nb_:
+            with T.vectorized(0, lay.pp) as p:
+                T.buffer_store(rpart, tirx.const(0, lay.acc), [nb_ // nb, nb_ % nb, p])
     with T.parallel(0, n_ * lay.tiles * nb) as task:
         n, t, b = task // (lay.tiles * nb), task // nb % lay.tiles, task % nb
         for i, (c0, c1) in enumerate(lay.blocks):
@@ -409,18 +436,40 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
                 _probe_popcounts(lay, acc, pop)
                 correct_padding(lay, pop, acc, rsum)
 
-            def masked():
+            def mixed():
+                # Some channel held a 0: those channels take the masked formula, the rest
+                # stay mask-free (their padding corrected as in fast(), per image).
                 treal = T.alloc_buffer(tshape, U8)
                 with T.parallel(0, n_ * c_) as nc:
-                    triples(lay, [(real, treal)], nc // c_, nc % c_)
+                    with T.If(zflag[nc] != _u8(0)):
+                        with T.Then():
+                            triples(lay, [(real, treal)], nc // c_, nc % c_)
+                probes = [T.alloc_buffer([plan.chunk], U8) for _ in range(3)]
+                pop = T.alloc_buffer([n_, lay.o, 9], "int32")
+                free = T.alloc_buffer([n_], "int32")
+                _probe_patterns(lay, probes)
+                with T.serial(0, n_) as n:
+                    T.buffer_store(free, tirx.const(c_, "int32"), [n])
+                    with T.serial(0, c_) as c:
+                        T.buffer_store(free, free[n] - tirx.Cast("int32", zflag[n * c_ + c]), [n])
+                    if plan.o_chunks == 1:
+                        with T.vectorized(0, lay.pp) as p:
+                            T.buffer_store(rsum, tirx.const(0, lay.acc), [n, p])
 
                 def stage1(s1, base, n, p0, i, c0, c1, rpre, last, rsum_buf):
-                    _block_stage1(lay, tneg, treal, agree, rows, count0, s1, base, rsum_buf, rpre, n, p0, c0, c1,
-                                  first=(i == 0) if plan.o_chunks == 1 else True)
+                    with T.If(last):
+                        with T.Then():
+                            _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, base, rsum_buf,
+                                                rpre, n, p0, c0, c1, probes)
+                        with T.Else():
+                            _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, base, rsum_buf,
+                                                rpre, n, p0, c0, c1, None)
 
                 _pass4(lay, stage1, off, acc, rsum, masked=True)
+                _probe_popcounts(lay, acc, pop, lambda n: free[n])
+                correct_padding(lay, pop, acc, rsum, lambda n: free[n])
 
-            mask_free_or_masked(zflag, n_ * c_, fast, masked)
+            mask_free_or_masked(zflag, n_ * c_, fast, mixed)
     return ib.get()
 
 
