@@ -29,8 +29,10 @@ Two paths, chosen per call, as in the dense NEON kernel:
   lanes* past the last pixel of the last tile get fixed patches (all +1, then each tap alone
   -1) in place of the bounded garbage they would hold, and stage 2 sums them with the pixels
   at no extra gather (:func:`_probe_popcounts`);
-- masked (some activation is 0): a second plane of real taps masks every match,
-  ``u = cnt((n8 ^ agree) & m8) + (tap 8 agrees and is real)``, and ``R`` is its popcount.
+- mixed (some activation is 0): the channels that held a 0 mask every match with a second
+  plane of real taps, ``u = cnt((n8 ^ agree) & m8) + (tap 8 agrees and is real)``, and add
+  its popcount to ``R``; every other channel stays mask-free (a branch per channel and
+  chunk), so one zero in a tensor costs one channel's masking, not the whole layer's.
 
 Passes (one call):
 
@@ -38,15 +40,15 @@ Passes (one call):
    the codewords' ``~code & 0xFF`` bytes and bit-8 order;
 2. per input channel: binarize into padded 0/1 planes of -1 taps (and, for ``Sign``, of
    real taps, whose AND says whether a 0 was seen), then horizontal tap triples (3 bits per
-   output column and padded row; at column stride 2 from ``ld2``); the masked path builds
-   the real taps' triples too;
+   output column and padded row; at column stride 2 from ``ld2``); the mixed path builds
+   the real taps' triples of the channels that held a 0;
 3. per pixel chunk: patch planes ``n8`` (and ``m8``) and the ninth tap from three triple rows;
 4. per (image, pixel tile, output-channel chunk), a parallel task: for each block of at most
    28 channels, stage 1 writes ``u`` rows of the tile into a task-local block (K rows per
    channel, contiguous pixels), then for each output channel the block's rows are gathered
    and summed in one byte-vector expression (the sum stays in registers) and widened into
    the uint16 (int32 past C = 7281) accumulator;
-5. mask-free: ``R`` of every pixel and the padded taps out of the accumulator;
+5. ``R`` of every pixel (mask-free channels) and their padded taps out of the accumulator;
 6. ``out = 2 * acc - R`` as a TE block named ``out``: the epilogue Relax fuses after the conv
    is inlined into it, then scheduled (``schedules.arm``).
 
