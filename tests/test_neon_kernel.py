@@ -33,8 +33,8 @@ def run(geom, k, mode, plan=None, zeros=0.2, shift=False, seed=0):
             for ch in rng.choice(c, size=max(1, c // 3), replace=False):
                 ys = [0, h - 1, rng.integers(h)]
                 xs = [0, w - 1, rng.integers(w)]
-                for _ in range(rng.integers(1, 4)):
-                    x[i, ch, ys[rng.integers(3)], xs[rng.integers(3)]] = 0.0
+                for _ in range(rng.integers(1, 4)):  # -0.0 too: a zero with the sign bit set
+                    x[i, ch, ys[rng.integers(3)], xs[rng.integers(3)]] = rng.choice([0.0, -0.0])
     else:
         x[rng.random(x.shape) < zeros] = 0.0  # exact zeros: Sign(0) = 0
     codebook = random_codebook(rng, k).astype(np.int8)

@@ -417,9 +417,8 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
             zflag = T.alloc_buffer([n_ * c_], U8) if mode == "sign" else None
             real = T.alloc_buffer(pshape, U8) if mode == "sign" else None
             _prepare_codewords(lay, codes, idx, off, agree, rows, count0)
-            planes = {"neg": neg} if real is None else {"neg": neg, "real": real}
             with T.parallel(0, n_ * c_) as nc:
-                binarize_rows(lay, mode, data, shift, planes, zflag, nc // c_, nc % c_)
+                binarize_rows(lay, mode, data, shift, {"neg": neg}, zflag, nc // c_, nc % c_)
                 triples(lay, [(neg, tneg)], nc // c_, nc % c_)
 
             def fast():
@@ -445,6 +444,7 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
                 with T.parallel(0, n_ * c_) as nc:
                     with T.If(zflag[nc] != _u8(0)):
                         with T.Then():
+                            binarize_rows(lay, mode, data, shift, {"real": real}, None, nc // c_, nc % c_)
                             triples(lay, [(real, treal)], nc // c_, nc % c_)
                 probes = [T.alloc_buffer([plan.chunk], U8) for _ in range(3)]
                 pop = T.alloc_buffer([n_, lay.o, 9], "int32")
