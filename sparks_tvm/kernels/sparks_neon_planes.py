@@ -10,7 +10,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from .vector_tir import U8, VECTOR
+from .vector_tir import U8, VECTOR, sign_bits
 from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
 
@@ -49,7 +49,7 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
                 if which == "real":
                     byte = tirx.Cast(_vt(U8, lanes), v != fz)
                 elif mode == "sign" and lanes > 1:
-                    byte = _sign_bits(v, lanes)
+                    byte = sign_bits(v, lanes)  # differs from v < 0 only at -0.0: a zero, masked
                 else:
                     byte = tirx.Cast(_vt(U8, lanes), v <= fz if mode == "gt" else v < fz)
                 _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, byte)
@@ -60,17 +60,6 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
         for i in range(1, VECTOR):
             total = total | zl[i]
         T.buffer_store(zflag, total, [n * lay.c + c])
-
-
-def _sign_bits(v, lanes):
-    """The sign bits of float32 lanes as 0/1 bytes: the top byte of each value (``uzp2``), >> 7.
-
-    For ONNX ``Sign`` this is the -1 plane: it differs from ``v < 0`` only at -0.0, a zero,
-    whose channel takes the masked formula (its real-tap bit is 0 whatever this one says).
-    """
-    raw = tirx.reinterpret(f"uint8x{4 * lanes}", v)
-    top = tirx.Shuffle([raw], [tirx.IntImm("int32", 4 * i + 3) for i in range(lanes)])
-    return top >> _bc(_u8(7), lanes)
 
 
 def triples(lay, pairs, n, c):

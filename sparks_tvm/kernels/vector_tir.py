@@ -46,6 +46,18 @@ def store(buf, prefix, start, lanes, value):
     T.buffer_store(buf, value, [*prefix, ramp(start, 1, lanes)])
 
 
+def sign_bits(v, lanes: int):
+    """The sign bits of ``lanes`` float32 lanes as 0/1 bytes: each value's top byte (``uzp2``), >> 7.
+
+    The -1 plane of ONNX ``Sign`` in three shuffles and a shift per 16 values (a compare
+    costs four, plus the narrowing): it differs from ``v < 0`` only at -0.0, which is a zero
+    (the kernels that use it mask zeros with a separate real-tap plane).
+    """
+    raw = tirx.reinterpret(f"uint8x{4 * lanes}", v)
+    top = tirx.Shuffle([raw], [tirx.IntImm("int32", 4 * i + 3) for i in range(lanes)])
+    return top >> bc(u8(7), lanes)
+
+
 def chunks(lo: int, hi: int, step: int = VECTOR) -> list:
     """``[lo, hi)`` as ``(start, lanes)`` vectors of ``step`` lanes and one shorter tail."""
     return [(x, min(step, hi - x)) for x in range(lo, hi, step)]
