@@ -71,6 +71,7 @@ def _cmd_compile(args) -> int:
     phase("link", model.phase_times["link"])
     if not args.quiet:
         print(f"target: {target_json(model.target)}")
+        print(f"threads: {model.num_threads} ({model.threads_source})")
         print(model.report)
     print(f"{'replaced' if replacing else 'wrote'} {output} (+{output}.sparks.json)")
     return 0

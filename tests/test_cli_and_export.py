@@ -18,7 +18,11 @@ def test_compile_run_roundtrip(tmp_path, capsys):
     data = models.export_onnx(net, (2, 3, 7, 7), onnx_path)
     so = tmp_path / "m.so"
     assert cli.main(["compile", str(onnx_path), "--target", "llvm", "--shapes", "input:2x3x7x7", "-o", str(so)]) == 0
-    assert "4 sparks" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 sparks" in out
+    # the thread count compile built for, and where it came from (issue 22)
+    model_threads = sparks_tvm.load(so).num_threads
+    assert f"threads: {model_threads} (" in out
     x = models.example_input((2, 3, 7, 7), seed=9)
     np.savez(tmp_path / "x.npz", input=x)
     assert cli.main(["run", str(so), "--inputs", str(tmp_path / "x.npz"), "--outputs", str(tmp_path / "y.npz")]) == 0
