@@ -8,6 +8,9 @@ instructions). Here:
 - no padded copy: a window tap outside the image reads the nearest edge element instead,
   which lies in the same window (windows are contiguous and hold at least one element of the
   image, checked by :func:`supports`), so the maximum is unchanged;
+- separable: each input row the windows touch is reduced across its window columns once
+  (into a per-channel row buffer), then each output row is the maximum of its ``kh`` rows;
+  the 3x3 stride-2 pool shares one of every three rows between two output rows;
 - at column stride 2, taps ``dx`` and ``dx + 1`` of 8 output columns are the even and odd
   lanes of one contiguous 16-float load (``ld2``); at stride 1 each tap is one contiguous
   load; output columns whose loads would leave the row run as scalars.
@@ -21,7 +24,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .common import int64_shape
-from .vector_tir import extern
+from .vector_tir import chunks as _chunks, extern
 
 #: Output columns per vector step (two float32 registers).
 LANES = 8
@@ -74,11 +77,24 @@ def _taps(x, n, c, rows, col0, lanes, kw, sw):
             vals += [tirx.BufferLoad(x, [n, c, y, tirx.Ramp(col0 + dx, 1, lanes)]) for dx in range(kw)]
             continue
         for dx in range(0, kw, 2):
-            pair = tirx.BufferLoad(x, [n, c, y, tirx.Ramp(col0 + dx, 1, 2 * lanes)])
+            if dx == 2 and kw == 3:
+                # Tap 2 of column o is tap 0 of column o + 1: the even lanes already loaded,
+                # one lane on, and the next column's (``ext`` with one broadcast element).
+                nxt = tirx.Broadcast(x[n, c, y, col0 + 2 * lanes], lanes)
+                vals.append(tirx.Shuffle([vals[-2], nxt], [tirx.IntImm("int32", i + 1) for i in range(lanes)]))
+                continue
+            pair = T.bind(tirx.BufferLoad(x, [n, c, y, tirx.Ramp(col0 + dx, 1, 2 * lanes)]))
             vals.append(tirx.Shuffle([pair], [tirx.IntImm("int32", 2 * i) for i in range(lanes)]))
             if dx + 1 < kw:
                 vals.append(tirx.Shuffle([pair], [tirx.IntImm("int32", 2 * i + 1) for i in range(lanes)]))
     return vals
+
+
+def _max(a, b, lanes):
+    """``fmaxnm`` (``llvm.maxnum``): ``tirx.max`` lowers to a compare and a select on NEON."""
+    if lanes == 1:
+        return tirx.max(a, b)
+    return tirx.call_llvm_pure_intrin(f"float32x{lanes}", "llvm.maxnum", a, b)
 
 
 def _body(x, out, in_shape, kernel, stride, padding, out_shape):
@@ -89,30 +105,44 @@ def _body(x, out, in_shape, kernel, stride, padding, out_shape):
     oh_, ow_ = out_shape[2], out_shape[3]
     vcols = _vector_columns(w, kw, sw, pl, ow_) if oh_ * ow_ >= 1 else []
     scalar_cols = [o for o in range(ow_) if o not in vcols]
+    groups = []
+    for start in range(0, len(vcols), LANES):
+        group = vcols[start:start + LANES]
+        if len(group) < LANES and len(vcols) >= LANES and vcols[-1] - vcols[-LANES] == LANES - 1:
+            group = vcols[-LANES:]  # whole vectors: the last one overlaps the one before
+        if group[-1] - group[0] != len(group) - 1 or len(group) == 1:
+            scalar_cols += group
+        else:
+            groups.append(group)
+    # Input rows the windows touch (clamped to the image), each reduced across its columns once:
+    # a row serves up to ceil(kh / sh) output rows (the 3x3 stride-2 pool: two of three).
+    y_lo, y_hi = max(0, -pt), min(h, (oh_ - 1) * sh - pt + kh)
     with IRBuilder() as ib:
         with T.parallel(0, n_ * c_) as nc:
             n, c = nc // c_, nc % c_
-            with T.serial(0, oh_) as oh:
-                rows = [tirx.max(tirx.min(oh * sh + dy - pt, h - 1), 0) for dy in range(kh)]
-                for start in range(0, len(vcols), LANES):
-                    group = vcols[start:start + LANES]
-                    if group[-1] - group[0] != len(group) - 1 or len(group) == 1:
-                        scalar_cols += group
-                        continue
+            rowmax = T.alloc_buffer([h, ow_], "float32")
+            with T.serial(y_lo, y_hi) as y:
+                for group in groups:
                     lanes = len(group)
-                    vals = _taps(x, n, c, rows, group[0] * sw - pl, lanes, kw, sw)
+                    vals = _taps(x, n, c, [y], group[0] * sw - pl, lanes, kw, sw)
                     best = vals[0]
                     for v in vals[1:]:
-                        best = tirx.max(best, v)
-                    T.buffer_store(out, best, [n, c, oh, tirx.Ramp(group[0], 1, lanes)])
+                        best = _max(best, v, lanes)
+                    T.buffer_store(rowmax, best, [y, tirx.Ramp(group[0], 1, lanes)])
                 for o in sorted(scalar_cols):
                     best = None
+                    for dx in range(kw):
+                        v = x[n, c, y, min(max(o * sw + dx - pl, 0), w - 1)]
+                        best = v if best is None else _max(best, v, 1)
+                    T.buffer_store(rowmax, best, [y, o])
+            with T.serial(0, oh_) as oh:
+                rows = [tirx.max(tirx.min(oh * sh + dy - pt, h - 1), 0) for dy in range(kh)]
+                for x0, lanes in _chunks(0, ow_, 4 * LANES):
+                    best = None
                     for y in rows:
-                        for dx in range(kw):
-                            col = min(max(o * sw + dx - pl, 0), w - 1)
-                            v = x[n, c, y, col]
-                            best = v if best is None else tirx.max(best, v)
-                    T.buffer_store(out, best, [n, c, oh, o])
+                        v = tirx.BufferLoad(rowmax, [y, tirx.Ramp(x0, 1, lanes) if lanes > 1 else x0])
+                        best = v if best is None else _max(best, v, lanes)
+                    T.buffer_store(out, best, [n, c, oh, tirx.Ramp(x0, 1, lanes) if lanes > 1 else x0])
     return ib.get()
 
 
