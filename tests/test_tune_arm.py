@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 
 import sparks_tvm
-from schedules import tuning
+from schedules import tuning, tuning_neon
 from sparks_tvm import cli
 from sparks_tvm.cost import RESNET18_BINARY_LAYERS
 from sparks_tvm.errors import TuningError
@@ -86,15 +86,15 @@ def tuned_sparks(device, layer, tmp_path_factory):
 @pytest.mark.parametrize("cin,cout,side,stride", RESNET18_BINARY_LAYERS)
 def test_default_plans_are_the_first_points(cin, cout, side, stride):
     geom = ConvGeometry(1, cin, side, side, cout, stride=(stride, stride))
-    kn = tuning.neon_sparks_knobs(geom, 16, 4)
-    assert tuning.neon_sparks_plan(geom, 16, 4, **{n: v[0] for n, v in kn.items()}) == \
+    kn = tuning_neon.neon_sparks_knobs(geom, 16, 4)
+    assert tuning_neon.neon_sparks_plan(geom, 16, 4, **{n: v[0] for n, v in kn.items()}) == \
         sparks_conv2d_neon.default_plan(geom, 16, 4)
-    dk = tuning.neon_dense_knobs(geom, 4)
-    assert tuning.neon_dense_plan(geom, 4, **{n: v[0] for n, v in dk.items()}) == binary_conv2d_neon.default_plan(geom, 4)
+    dk = tuning_neon.neon_dense_knobs(geom, 4)
+    assert tuning_neon.neon_dense_plan(geom, 4, **{n: v[0] for n, v in dk.items()}) == binary_conv2d_neon.default_plan(geom, 4)
     # Wide enough to matter: tiles, chunks, channel blocks; pixel vectors, output-channel blocks.
     assert len(kn["tile"]) >= 4 and len(kn["chunk"]) >= 3 and len(kn["block"]) >= 4
     assert len(dk["vectors"]) >= 3 and len(dk["o_block"]) >= 4
-    assert tuning.neon_sparks_plan(geom, 16, 4, tile=64, chunk=48, block=16) is None  # chunk must divide the tile
+    assert tuning_neon.neon_sparks_plan(geom, 16, 4, tile=64, chunk=48, block=16) is None  # chunk must divide the tile
 
 
 # ---------------------------------------------------------------- errors (no emulator)

@@ -8,7 +8,7 @@ candidate is counted once, and nothing here ran on a Pi.
 
 Tasks: one per distinct binary layer (geometry, K, mode); identical layers share a task and
 weigh as many times. A layer with a codebook has two kernels, the NEON Sparks kernel and the
-NEON dense binary kernel; each has its plan space (:data:`schedules.tuning.NEON_SPACES`), and
+NEON dense binary kernel; each has its plan space (:data:`schedules.tuning_neon.NEON_SPACES`), and
 which of the two compile uses is decided by the counts.
 
 The search, per work dir:
@@ -34,9 +34,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schedules.tuning import NEON_SPACES, RecordingSchedules
+import schedules
+from relay_passes import pipeline
+from schedules.tuning import RecordingSchedules
+from schedules.tuning_neon import NEON_SPACES
 
-from .. import frontend
+from .. import frontend, kernels
+from .. import reference as ref
+from ..kernels import binary_conv2d_neon
+from ..kernels.binary_conv2d_neon import NeonBinaryPlan
+from ..kernels.sparks_conv2d_neon import NeonSparksPlan
+from ..models import random_codebook
 from ..errors import TuningError
 from ..target import is_aarch64, target_json
 from . import emulated_pi
@@ -74,10 +82,6 @@ def extract_arm_tasks(proto, specs, tgt, strict: bool = True, force_kind: str | 
     such layer is recorded with its K whatever the instruction model would choose; both of
     its kernels are then candidates (``force_kind`` given: only that one).
     """
-    import schedules
-    from relay_passes import pipeline
-    from sparks_tvm.kernels import binary_conv2d_neon
-
     rec = RecordingSchedules(schedules.for_target(tgt))
     pipeline.lower(frontend.import_graph(proto, specs),
                    pipeline.PipelineOptions(schedules=rec, strict=strict, force_kind=force_kind or "sparks",
@@ -118,10 +122,6 @@ class _Inputs:
     """A task's random inputs and exact reference output (shared by all its candidates)."""
 
     def __init__(self, task: ArmTask, seed: int):
-        from sparks_tvm import kernels
-        from sparks_tvm import reference as ref
-        from sparks_tvm.models import random_codebook
-
         geom = self.geom = task.geom
         rng = np.random.default_rng(seed)
         self.x = rng.standard_normal(geom.in_shape).astype(np.float32)
@@ -141,8 +141,6 @@ class _Inputs:
         self.expected = np.asarray(expected, dtype=np.int32)
 
     def out_shape(self, family: str) -> tuple:
-        from sparks_tvm import kernels
-
         fn = getattr(kernels, f"{'sparks' if family == 'sparks' else 'binary'}_out_shape", None)
         return tuple(int(d) for d in fn(self.geom)) if fn is not None else tuple(self.expected.shape)
 
@@ -299,8 +297,6 @@ def tune_arm_tasks(tasks, tgt, work_dir, trials: int, *, batch: int = 8, seed: i
     ones already recorded). ``counter(kernels, target) -> {tag: Counted}``: default
     :func:`.emulated_pi.count_checked`.
     """
-    import schedules
-
     t_start = time.perf_counter() if t_start is None else t_start
     if not is_aarch64(tgt):
         raise TuningError(f"the {EMULATED_PI} runner counts aarch64 instructions: tune an ARM target "
@@ -323,16 +319,7 @@ def tune_arm_tasks(tasks, tgt, work_dir, trials: int, *, batch: int = 8, seed: i
         for task in tasks:
             searches.append(_Search(task, base, tgt, seed))
         by_name = {s.task.name: s for s in searches}
-        done = 0
-        for row in read_trials(work_dir):  # resume: what earlier runs counted
-            s = by_name.get(row["task"])
-            if s is None or row["family"] not in s.counts:
-                continue
-            plan = _plan_of(row)
-            s.counts[row["family"]][plan] = row["count"] if row.get("exact") is not False else None
-            if not row["default"]:
-                s.trials += 1
-                done += 1
+        done = _resume(work_dir, by_name)
 
         def write():
             data = {"target": target_json(tgt), "runner": EMULATED_PI, "cost": "aarch64 instructions, one call, "
@@ -342,37 +329,12 @@ def tune_arm_tasks(tasks, tgt, work_dir, trials: int, *, batch: int = 8, seed: i
             write_plans(work_dir, data)
 
         errors = []
-        # 1. The defaults, all tasks in one launch.
-        items = [(s, fam, s.defaults[fam]) for s in searches for fam in s.task.families
-                 if s.defaults[fam] not in s.counts[fam]]
-        if items:
-            counted, err = _count_batch(items, tgt, counter)
-            if err:
-                errors.append(err)
-            append_trials(work_dir, [_record(s, fam, plan, counted.get(i), 0, True)
-                                     for i, (s, fam, plan) in enumerate(items)])
-            for s in searches:
-                if all(s.counts[f].get(s.defaults[f]) is None for f in s.task.families):
-                    raise TuningError(f"task {s.task.name}: its default kernel could not be counted on the emulated "
-                                      f"Pi ({err or 'inexact output'})")
+        if _count_defaults(searches, tgt, counter, work_dir, errors):
             write()
         run_trials = 0
         # 2. Rounds of `batch` candidates, slots by each task's share of the model's instructions.
         while done < trials:
-            taken, items = set(), []
-            active = list(searches)
-            while len(items) < min(batch, trials - done) and active:
-                total_w = sum(s.weight() for s in active)
-                alloc = done + len(items) + 1
-                # The task furthest below its share of the trials takes the slot.
-                s = max(active, key=lambda s: s.weight() / total_w * alloc - s.trials
-                        - sum(1 for it in items if it[0] is s))
-                cand = s.next_candidate(taken)
-                if cand is None:
-                    active.remove(s)
-                    continue
-                taken.add(cand)
-                items.append((s, *cand))
+            items = _next_round(searches, min(batch, trials - done), done)
             if not items:
                 break  # every space exhausted
             counted, err = _count_batch(items, tgt, counter)
@@ -394,23 +356,73 @@ def tune_arm_tasks(tasks, tgt, work_dir, trials: int, *, batch: int = 8, seed: i
         if progress:
             sys.stderr.write("\n")
         write()
-        result = ArmTuneResult(work_dir=work_dir, target=target_json(tgt), trials_run=run_trials,
-                               seconds=time.perf_counter() - t_start, errors=errors)
-        for s in searches:
-            rec = _summary(s)
-            dfam = rec["default_choice"]
-            result.tasks.append(ArmTaskResult(
-                s.task.name, s.task.layers, s.trials, default_kernel=dfam,
-                default_count=rec["default"][dfam]["count"] if rec["default"].get(dfam) else None,
-                chosen_kernel=rec["choice"], best_count=rec["best"][rec["choice"]]["count"] if rec["choice"] else None,
-                plan=rec["best"][rec["choice"]]["plan"] if rec["choice"] else None))
-        return result
+        return _result(searches, work_dir, tgt, run_trials, time.perf_counter() - t_start, errors)
+
+
+def _resume(work_dir, by_name) -> int:
+    """Load what earlier runs counted into the searches; the trials (not defaults) done."""
+    done = 0
+    for row in read_trials(work_dir):
+        s = by_name.get(row["task"])
+        if s is None or row["family"] not in s.counts:
+            continue
+        s.counts[row["family"]][_plan_of(row)] = row["count"] if row.get("exact") is not False else None
+        if not row["default"]:
+            s.trials += 1
+            done += 1
+    return done
+
+
+def _count_defaults(searches, tgt, counter, work_dir, errors) -> bool:
+    """Step 1: every task's default plans not yet counted, in one launch (whether any were)."""
+    items = [(s, fam, s.defaults[fam]) for s in searches for fam in s.task.families
+             if s.defaults[fam] not in s.counts[fam]]
+    if not items:
+        return False
+    counted, err = _count_batch(items, tgt, counter)
+    if err:
+        errors.append(err)
+    append_trials(work_dir, [_record(s, fam, plan, counted.get(i), 0, True) for i, (s, fam, plan) in enumerate(items)])
+    for s in searches:
+        if all(s.counts[f].get(s.defaults[f]) is None for f in s.task.families):
+            raise TuningError(f"task {s.task.name}: its default kernel could not be counted on the emulated "
+                              f"Pi ({err or 'inexact output'})")
+    return True
+
+
+def _next_round(searches, size: int, done: int) -> list:
+    """Step 2: up to ``size`` candidates ``(search, family, plan)``, slots by each task's share."""
+    taken, items = set(), []
+    active = list(searches)
+    while len(items) < size and active:
+        total_w = sum(s.weight() for s in active)
+        alloc = done + len(items) + 1
+        # The task furthest below its share of the trials takes the slot.
+        s = max(active, key=lambda s: s.weight() / total_w * alloc - s.trials - sum(1 for it in items if it[0] is s))
+        cand = s.next_candidate(taken)
+        if cand is None:
+            active.remove(s)
+            continue
+        taken.add(cand)
+        items.append((s, *cand))
+    return items
+
+
+def _result(searches, work_dir, tgt, run_trials, seconds, errors) -> ArmTuneResult:
+    result = ArmTuneResult(work_dir=work_dir, target=target_json(tgt), trials_run=run_trials, seconds=seconds,
+                           errors=errors)
+    for s in searches:
+        rec = _summary(s)
+        dfam = rec["default_choice"]
+        result.tasks.append(ArmTaskResult(
+            s.task.name, s.task.layers, s.trials, default_kernel=dfam,
+            default_count=rec["default"][dfam]["count"] if rec["default"].get(dfam) else None,
+            chosen_kernel=rec["choice"], best_count=rec["best"][rec["choice"]]["count"] if rec["choice"] else None,
+            plan=rec["best"][rec["choice"]]["plan"] if rec["choice"] else None))
+    return result
 
 
 def _plan_of(row):
-    from sparks_tvm.kernels.binary_conv2d_neon import NeonBinaryPlan
-    from sparks_tvm.kernels.sparks_conv2d_neon import NeonSparksPlan
-
     return (NeonSparksPlan if row["family"] == "sparks" else NeonBinaryPlan)(**row["plan"])
 
 

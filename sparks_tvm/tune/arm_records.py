@@ -21,6 +21,8 @@ import json
 import os
 
 from ..errors import TuningDatabaseError
+from ..kernels.binary_conv2d_neon import NeonBinaryPlan
+from ..kernels.sparks_conv2d_neon import NeonSparksPlan
 
 PLANS_FILE = "arm_plans.json"
 ARM_TRIALS_FILE = "arm_trials.jsonl"
@@ -97,9 +99,6 @@ class ArmPlans:
     """
 
     def __init__(self, data: dict):
-        from sparks_tvm.kernels.binary_conv2d_neon import NeonBinaryPlan
-        from sparks_tvm.kernels.sparks_conv2d_neon import NeonSparksPlan
-
         self.tasks = data["tasks"]
         self.applied = []
         self._classes = {"sparks": NeonSparksPlan, "dense": NeonBinaryPlan}
