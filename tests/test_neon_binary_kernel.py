@@ -26,7 +26,8 @@ HOST = resolve_target("llvm")
 def run(geom, mode, plan=None, zeros=0.0, shift=False, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
-    x[rng.random(x.shape) < zeros] = rng.choice([0.0, -0.0])  # exact zeros (one sign): Sign(0) = 0
+    hit = rng.random(x.shape) < zeros
+    x[hit] = np.where(rng.random(int(hit.sum())) < 0.5, 0.0, -0.0)  # exact zeros of both signs: Sign(0) = 0
     w = np.where(rng.random((geom.out_channels, geom.in_channels, *geom.kernel)) < 0.5, -1, 1).astype(np.int8)
     args = [x, pack_binary_weights(w)]
     binarized = x

@@ -76,6 +76,9 @@ CASES = [
     (ConvGeometry(1, 6, 8, 20, 4, stride=(1, 2)), 16, "ge", None),
     # probe lanes at the end of a chunk that is not the tile's first (tile 128, chunk 32)
     (ConvGeometry(1, 12, 10, 10, 5), 16, "ge", NeonSparksPlan(128, 32, 12)),
+    (ConvGeometry(1, 12, 10, 10, 5), 16, "sign", NeonSparksPlan(128, 32, 12)),
+    # output-channel chunks as tasks with Sign (the mixed path's per-block real-tap sums), batch 2
+    (ConvGeometry(2, 45, 7, 7, 12), 5, "sign", NeonSparksPlan(16, 16, 12, o_chunks=3)),
 ]
 
 

@@ -13,8 +13,13 @@ stride 1, into one shifted plane per kernel column (``planes[n, c, y, dx, x] = p
 sw * x + dx]``; at column stride 2 two kernel columns come from one ``ld2``): every input
 vector of a tap is then one load at a 16-byte multiple from its row, with no address
 arithmetic and no lane shuffles in the tile. Tiles compute whole vectors (columns past the
-output width read padding and are not stored). The loop over (input channel, kernel row)
-stays a loop: a fully unrolled channel spills the accumulators. The result is written
+output width read padding and are not stored). Kernels of up to 9 taps unroll a channel's
+taps in one loop body; the 7x7 stem loops over (input channel, kernel row): its fully
+unrolled channel spills the accumulators. 1x1 convs at stride 1 are one GEMM over the
+flattened pixels (two channels per loop iteration). Rows whose width is not a multiple of 4
+with at most 9 taps (14x14, 7x7 layers) take :func:`_column_tile` instead: output columns
+as lanes of the inputs (``fmla v.4s, w.4s, x.s[i]``), 8 columns x 8 channels, no padding
+lanes computed. The result is written
 NCHW-flat through the epilogue-fusable ``out`` block, like the other NEON kernels.
 """
 
@@ -32,6 +37,11 @@ LANES = 8
 #: Output columns per register tile (three 4-lane vectors: 24 accumulators with 8 channels).
 COLUMNS = 12
 F32 = "float32"
+#: Kernels of at most this many taps unroll a channel's taps in one loop body; larger ones
+#: (the 7x7 stem) loop over kernel rows, a body LLVM still keeps in registers.
+UNROLLED_TAPS = 9
+#: Output columns per tile of :func:`_column_tile` (16 accumulators).
+COLUMN_TILE = 8
 
 
 def supports(geom: ConvGeometry) -> bool:
@@ -67,9 +77,9 @@ def _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols):
     # unrolled channel spills). A 1x1 conv takes two channels per iteration (loop overhead).
     step = 2 if kh * kw == 1 else 1
 
-    def channels(c0, count):
-        with T.serial(0, kh) as dy:
-            sums = [[tirx.BufferLoad(acc, [part(l, j)]) for j in range(nv)] for l in range(LANES)]
+    def taps(c0, count, dys):
+        sums = [[tirx.BufferLoad(acc, [part(l, j)]) for j in range(nv)] for l in range(LANES)]
+        for dy in dys:
             y = oh * sh + dy
             for dc in range(count):
                 c = c0 + dc
@@ -81,9 +91,16 @@ def _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols):
                         wl = _lane(w[l // 4], l % 4)
                         for j in range(nv):
                             sums[l][j] = sums[l][j] + xs[j] * wl
-            for l in range(LANES):
-                for j in range(nv):
-                    T.buffer_store(acc, sums[l][j], [part(l, j)])
+        for l in range(LANES):
+            for j in range(nv):
+                T.buffer_store(acc, sums[l][j], [part(l, j)])
+
+    def channels(c0, count):
+        if kh * kw <= UNROLLED_TAPS:
+            taps(c0, count, range(kh))
+        else:
+            with T.serial(0, kh) as dy:
+                taps(c0, count, [dy])
 
     if geom.in_channels >= step:
         with T.serial(0, geom.in_channels // step) as cc:
@@ -101,6 +118,83 @@ def _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols):
                         value = tirx.Shuffle([value], [tirx.IntImm("int32", i) for i in range(lanes)]) if lanes > 1 \
                             else tirx.BufferLoad(acc, [(l * nv + j) * 4])
                     T.buffer_store(conv, value, [n, ob * LANES + l, tirx.Ramp(at, 1, lanes) if lanes > 1 else at])
+
+
+def _column_lane(vec, i, lanes, width=4):
+    """Lane ``i`` of a ``lanes``-lane vector, splat to ``width`` lanes (``x.s[i]`` operand)."""
+    if lanes == 1:
+        return tirx.Broadcast(vec, width)
+    return tirx.Shuffle([vec] * -(-width // lanes), [tirx.IntImm("int32", i)] * width)
+
+
+def _column_inputs(pad, n, c, y, col0, cols, sw, taps):
+    """The input values of ``cols`` output columns at ``taps`` (1, or 2 adjacent at stride 2):
+    per tap, 4-lane vectors (columns 4j .. 4j + 3). At stride 2 the two taps are the even
+    and odd lanes of the same contiguous loads (``ld2``)."""
+    out = [[] for _ in range(taps)]
+    for s in range(0, cols, 4):
+        lanes = min(4, cols - s)
+        for t in range(taps):
+            if lanes == 1:
+                out[t].append(pad[n, c, y, col0 + s * sw + t])
+            elif sw == 1:
+                out[t].append(tirx.BufferLoad(pad, [n, c, y, tirx.Ramp(col0 + s + t, 1, lanes)]))
+        if lanes > 1 and sw == 2:
+            pair = T.bind(tirx.BufferLoad(pad, [n, c, y, tirx.Ramp(col0 + 2 * s, 1, 2 * lanes)]))
+            for t in range(taps):
+                out[t].append(tirx.Shuffle([pair], [tirx.IntImm("int32", 2 * i + t) for i in range(lanes)]))
+    return out
+
+
+def _store_column_tile(geom, conv, n, ob, oh, ow0, cols, parts):
+    """Write the tile (``parts[i][h]``: column i, channels 4h..4h+3) as NCHW rows."""
+    flat = [parts[i][h] for i in range(cols) for h in range(2)]
+    for o in range(LANES):
+        if cols > 1:
+            row = tirx.Shuffle(flat, [tirx.IntImm("int32", i * LANES + o) for i in range(cols)])
+        else:
+            row = tirx.Shuffle([flat[o // 4]], [tirx.IntImm("int32", o % 4)])
+        with T.If(ob * LANES + o < geom.out_channels):
+            with T.Then():
+                index = tirx.Ramp(oh * geom.out_width + ow0, 1, cols) if cols > 1 else oh * geom.out_width + ow0
+                T.buffer_store(conv, row, [n, ob * LANES + o, index])
+
+
+def _column_tile(geom, pad, wpack, conv, n, ob, oh, ow0, cols):
+    """A tile of ``cols`` (<= 8) output columns as *lanes of the inputs* x 8 output channels.
+
+    Each output column is a lane of a loaded input vector (``fmla v.4s, w.4s, x.s[i]``), so a
+    tile of any width computes no padding lanes: the kernel of rows whose width is not a
+    multiple of 4 (14 or 7 columns would compute 16 or 8 as pixel vectors), for up to
+    :data:`UNROLLED_TAPS` taps (16 accumulators, a channel's taps unrolled).
+    """
+    kh, kw = geom.kernel
+    sh, sw = geom.stride
+    acc = T.alloc_buffer([cols * LANES], F32, scope="local")
+    for i in range(cols):
+        for h in range(2):
+            T.buffer_store(acc, tirx.Broadcast(tirx.const(0.0, F32), 4), [tirx.Ramp(i * LANES + 4 * h, 1, 4)])
+    # Per input channel, each accumulator is one expression over the kernel's taps: loaded
+    # and stored once per channel, not once per tap (the buffer is not a register).
+    with T.serial(0, geom.in_channels) as c:
+        sums = [[tirx.BufferLoad(acc, [tirx.Ramp(i * LANES + 4 * h, 1, 4)]) for h in range(2)] for i in range(cols)]
+        for dy in range(kh):
+            step = 2 if sw == 2 else 1
+            for dx0 in range(0, kw, step):
+                taps = min(step, kw - dx0)
+                per_tap = _column_inputs(pad, n, c, oh * sh + dy, ow0 * sw + dx0, cols, sw, taps)
+                for t in range(taps):
+                    dx = dx0 + t
+                    w = [T.bind(tirx.BufferLoad(wpack, [ob, c, dy, dx, tirx.Ramp(4 * h, 1, 4)])) for h in range(2)]
+                    for i in range(cols):
+                        x = _column_lane(per_tap[t][i // 4], i % 4, min(4, cols - 4 * (i // 4)))
+                        for h in range(2):
+                            sums[i][h] = sums[i][h] + w[h] * x
+        for i in range(cols):
+            for h in range(2):
+                T.buffer_store(acc, sums[i][h], [tirx.Ramp(i * LANES + 4 * h, 1, 4)])
+    parts = [[tirx.BufferLoad(acc, [tirx.Ramp(i * LANES + 4 * h, 1, 4)]) for h in range(2)] for i in range(cols)]
+    _store_column_tile(geom, conv, n, ob, oh, ow0, cols, parts)
 
 
 def _store_row(buf, index, lo, hi, value_of):
@@ -151,6 +245,8 @@ def _body(geom, ins, outs):
     # Plane columns: every tile computes whole 4-lane vectors (lanes past OW read padding).
     wq = -(-geom.out_width // 4) * 4
     direct = kw == 1 and sw == 1  # the padded input is the only plane
+    # Rows whose width is not a multiple of 4 would compute padding lanes as pixel vectors.
+    by_column = not flat and kh * kw <= UNROLLED_TAPS and geom.out_width % 4 != 0
     wp = wq if direct else sw * wq + kw
     blocks = -(-geom.out_channels // LANES)
     with IRBuilder() as ib:
@@ -160,23 +256,27 @@ def _body(geom, ins, outs):
             pad = T.alloc_buffer([n_, c_, hp, wp], F32)
             with T.parallel(0, n_ * c_) as nc:
                 _pad_plane(pad, data, nc // c_, nc % c_, h, w, pt, pl, hp, wp)
-            if direct:
+            if direct or by_column:
                 planes = T.decl_buffer([n_, c_, hp, 1, wp], F32, data=pad.data)
             else:
                 planes = T.alloc_buffer([n_, c_, hp, kw, wq], F32)
                 with T.parallel(0, n_ * c_) as nc:
                     _shifted_planes(pad, planes, nc // c_, nc % c_, hp, kw, sw, wq)
             tiles = [(s, min(COLUMNS, geom.out_width - s)) for s in range(0, geom.out_width, COLUMNS)]
+            full = geom.out_width // COLUMNS if len(tiles) > 4 else 0
             with T.parallel(0, n_ * blocks * geom.out_height) as task:
                 n = task // (blocks * geom.out_height)
                 ob = task // geom.out_height % blocks
                 oh = task % geom.out_height
-                full = geom.out_width // COLUMNS if len(tiles) > 4 else 0
-                if full:  # a loop over the tiles (unrolled, a long row is a long function)
-                    with T.serial(0, full) as t:
-                        _tile(geom, planes, wpack, conv, n, ob, oh, t * COLUMNS, COLUMNS)
-                for ow0, cols in tiles[full:]:
-                    _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols)
+                if by_column:
+                    for ow0 in range(0, geom.out_width, COLUMN_TILE):
+                        _column_tile(geom, pad, wpack, conv, n, ob, oh, ow0, min(COLUMN_TILE, geom.out_width - ow0))
+                else:
+                    if full:  # a loop over the tiles (unrolled, a long row is a long function)
+                        with T.serial(0, full) as t:
+                            _tile(geom, planes, wpack, conv, n, ob, oh, t * COLUMNS, COLUMNS)
+                    for ow0, cols in tiles[full:]:
+                        _tile(geom, planes, wpack, conv, n, ob, oh, ow0, cols)
     return ib.get()
 
 

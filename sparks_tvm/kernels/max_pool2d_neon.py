@@ -64,7 +64,9 @@ def _vector_columns(w, kw, sw, pl, ow):
     if sw == 1:
         return [o for o in range(ow) if o - pl >= 0 and o - pl + kw - 1 <= w - 1]
     if sw == 2:
-        last = kw - 1 + (kw % 2)  # odd tap counts load one column past the last tap
+        # Odd tap counts load one column past the last tap, except 3: its tap 2 is the next
+        # column's tap 0 (one element read, see _taps).
+        last = 2 if kw == 3 else kw - 1 + (kw % 2)
         return [o for o in range(ow) if 2 * o - pl >= 0 and 2 * o - pl + last <= w - 1]
     return []
 
@@ -91,10 +93,9 @@ def _taps(x, n, c, rows, col0, lanes, kw, sw):
 
 
 def _max(a, b, lanes):
-    """``fmaxnm`` (``llvm.maxnum``): ``tirx.max`` lowers to a compare and a select on NEON."""
-    if lanes == 1:
-        return tirx.max(a, b)
-    return tirx.call_llvm_pure_intrin(f"float32x{lanes}", "llvm.maxnum", a, b)
+    """``fmaxnm`` (``llvm.maxnum``): ``tirx.max`` lowers to a compare and a select on NEON
+    (NaN inputs never get here: the compiled model refuses them)."""
+    return tirx.call_llvm_pure_intrin("float32" if lanes == 1 else f"float32x{lanes}", "llvm.maxnum", a, b)
 
 
 def _body(x, out, in_shape, kernel, stride, padding, out_shape):

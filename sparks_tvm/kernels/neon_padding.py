@@ -7,6 +7,9 @@ the same count ``pop[o, t]`` to every pixel it pads (dense: the weights' -1 chan
 which the +1 mismatches; Sparks: the channels whose codeword is +1 at ``t``, which it
 matches). So the accumulator of a pixel loses ``sum(pop[o, t] for t in its padded taps)``,
 and ``R`` (the real taps, the other term of the output) is ``C * (taps - padded taps)``.
+The Sparks kernel's mixed path pads only its mask-free channels this way: ``pop`` per image
+and ``C`` the image's count of those channels (``channels``), the masked ones' real taps
+already in ``R``.
 
 Pixels are flattened (``p = oh * OW + ow``); ``acc`` is ``(N, O, PP)`` and ``rsum`` ``(N, PP)``.
 """

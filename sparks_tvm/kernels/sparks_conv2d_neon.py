@@ -38,10 +38,10 @@ Passes (one call):
 
 1. per call: gather offsets ``off[o, c]`` (row of ``(c, idx[o, c])`` in a stage-1 block) and
    the codewords' ``~code & 0xFF`` bytes and bit-8 order;
-2. per input channel: binarize into padded 0/1 planes of -1 taps (and, for ``Sign``, of
-   real taps, whose AND says whether a 0 was seen), then horizontal tap triples (3 bits per
+2. per input channel: binarize into a padded 0/1 plane of -1 taps (for ``Sign`` also a flag,
+   the OR of ``v == 0``: whether a 0 was seen), then horizontal tap triples (3 bits per
    output column and padded row; at column stride 2 from ``ld2``); the mixed path builds
-   the real taps' triples of the channels that held a 0;
+   the real-tap plane and its triples of the channels that held a 0;
 3. per pixel chunk: patch planes ``n8`` (and ``m8``) and the ninth tap from three triple rows;
 4. per (image, pixel tile, output-channel chunk), a parallel task: for each block of at most
    28 channels, stage 1 writes ``u`` rows of the tile into a task-local block (K rows per
@@ -368,8 +368,8 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
     rpart = T.alloc_buffer([n_, nb, lay.pp], lay.acc) if masked else None
     if masked:  # stage 1 adds the real taps of the channels that held a 0
         with T.serial(0, n_ * nb) as nb_:
-            with T.vectorized(0, lay.pp) as p:
-                T.buffer_store(rpart, tirx.const(0, lay.acc), [nb_ // nb, nb_ % nb, p])
+            with T.serial(0, lay.pp // VECTOR) as q:
+                _store(rpart, [nb_ // nb, nb_ % nb], q * VECTOR, VECTOR, _bc(tirx.const(0, lay.acc), VECTOR))
     with T.parallel(0, n_ * lay.tiles * nb) as task:
         n, t, b = task // (lay.tiles * nb), task // nb % lay.tiles, task % nb
         for i, (c0, c1) in enumerate(lay.blocks):
@@ -384,11 +384,11 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
             _stage2(lay, s1, base, off, acc, n, oc * chunk_o, chunk_o, t * plan.tile, c0, c1, first=i == 0)
     if masked:
         with T.parallel(0, n_) as n:
-            with T.vectorized(0, lay.pp) as p:
-                total = rpart[n, 0, p]
+            with T.serial(0, lay.pp // VECTOR) as q:
+                total = _load(rpart, [n, 0], q * VECTOR, VECTOR)
                 for i in range(1, nb):
-                    total = total + rpart[n, i, p]
-                T.buffer_store(rsum, total, [n, p])
+                    total = total + _load(rpart, [n, i], q * VECTOR, VECTOR)
+                _store(rsum, [n], q * VECTOR, VECTOR, total)
 
 
 def _pass4(lay, stage1, off, acc, rsum, masked):
@@ -454,9 +454,9 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
                     T.buffer_store(free, tirx.const(c_, "int32"), [n])
                     with T.serial(0, c_) as c:
                         T.buffer_store(free, free[n] - tirx.Cast("int32", zflag[n * c_ + c]), [n])
-                    if plan.o_chunks == 1:
-                        with T.vectorized(0, lay.pp) as p:
-                            T.buffer_store(rsum, tirx.const(0, lay.acc), [n, p])
+                    if plan.o_chunks == 1:  # whole vectors (a pp-lane vector overflows its lane count)
+                        with T.serial(0, lay.pp // VECTOR) as q:
+                            _store(rsum, [n], q * VECTOR, VECTOR, _bc(tirx.const(0, lay.acc), VECTOR))
 
                 def stage1(s1, base, n, p0, i, c0, c1, rpre, last, rsum_buf):
                     with T.If(last):

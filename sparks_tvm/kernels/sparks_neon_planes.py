@@ -1,8 +1,8 @@
 """Pass 2 of the NEON Sparks kernel (:mod:`.sparks_conv2d_neon`): binarized planes, tap triples.
 
-Per input channel: the padded 0/1 planes of its -1 taps (and, for ONNX ``Sign``, of its real
-taps, with whether it held a 0), then the horizontal tap triples stage 1 builds its patch
-planes from (:func:`patch_rows`). ``lay`` is the kernel's layout object.
+Per input channel: the padded 0/1 plane of its -1 taps (for ONNX ``Sign`` also whether it
+held a 0; the mixed path then builds the real-tap plane of such channels), then the
+horizontal tap triples stage 1 builds its patch planes from (:func:`patch_rows`). ``lay`` is the kernel's layout object.
 """
 
 from __future__ import annotations
