@@ -14,8 +14,6 @@ Used by ``bench_arm_icount.py``; importable for tests.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -23,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-GUEST = ROOT / "scripts" / "emulated_pi" / "icount_guest.py"
+from sparks_tvm.tune import emulated_pi
 
 
 def layer_onnx(cin: int, cout: int, side: int, stride: int, kind: str, k: int = 16, seed: int = 0) -> bytes:
@@ -98,9 +95,7 @@ def kernel_name(symbol: str) -> str:
 
 def count_models(models: list, workdir=None, timeout: float = 3600.0) -> dict:
     """Count each model on the emulated Pi: ``{tag: (total, {kernel: count})}``; checks outputs."""
-    import pi
-
-    pi.setup()
+    pi = emulated_pi.require()
     tmp = tempfile.TemporaryDirectory(prefix="icount_models_") if workdir is None else None
     base = Path(workdir or tmp.name)
     base.mkdir(parents=True, exist_ok=True)
@@ -117,20 +112,7 @@ def count_models(models: list, workdir=None, timeout: float = 3600.0) -> dict:
                 np.save(base / names[-1], arr)
             manifest["kernels"].append({"tag": m.tag, "library": lib.name, "vm": True, "args": names,
                                         "symbols": syms[m.tag], "calls": 1, "warmup": 1})
-        (base / "manifest.json").write_text(json.dumps(manifest))
-        counts_file = base / "counts.txt"
-        counts_file.unlink(missing_ok=True)
-        env = {**os.environ, "QEMU_PLUGIN": f"{pi.plugin_path()},out={counts_file}", "TVM_NUM_THREADS": "1",
-               "TVM_USE_RUNTIME_LIB": "1"}
-        proc = subprocess.run([str(pi.python_launcher()), str(GUEST), str(base / "manifest.json")], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"counting on the emulated Pi failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        raw = {}
-        for line in counts_file.read_text().split("\n"):
-            if line.strip():
-                tag, value = line.split()
-                raw[int(tag)] = int(value)
+        raw = emulated_pi.run_manifest(pi, base, manifest, env={"TVM_USE_RUNTIME_LIB": "1"}, timeout=timeout)
         result = {}
         for m in models:
             per = {}

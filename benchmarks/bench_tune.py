@@ -42,7 +42,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts", "emulated_pi"))  # arm_layers imports pi
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts", "emulated_pi"))
 sys.path.insert(0, HERE)
 
 from sparks_tvm.cost import RESNET18_BINARY_LAYERS as SHAPES  # noqa: E402

@@ -92,6 +92,45 @@ class Counted:
     mismatches: int = 0
 
 
+def run_manifest(pi, base: Path, manifest: dict, env: dict | None = None, timeout: float = 1800.0) -> dict:
+    """Run one manifest on the emulated Pi under the counting plugin: ``{tag: instructions}``.
+
+    Parameters
+    ----------
+    pi
+        The emulated Pi module (:func:`require`).
+    base : Path
+        The folder holding the manifest's libraries and arrays; outputs are written there.
+    manifest : dict
+        ``{"kernels": [...]}`` as ``scripts/emulated_pi/icount_guest.py`` reads it.
+    env : dict, optional
+        Extra environment for the guest.
+    timeout : float
+        Seconds before the launch is abandoned.
+
+    Raises
+    ------
+    RuntimeError
+        The launch failed (a kernel crashed, or the emulator did).
+    """
+    (base / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    counts_file = base / "counts.txt"
+    counts_file.unlink(missing_ok=True)
+    # One thread: the plugin's counters are plain adds, and the count is the work, not the split.
+    env = {**os.environ, **(env or {}), "QEMU_PLUGIN": f"{pi.plugin_path()},out={counts_file}",
+           "TVM_NUM_THREADS": "1"}
+    proc = subprocess.run([str(pi.python_launcher()), str(GUEST), str(base / "manifest.json")], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"counting on the emulated Pi failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    raw = {}
+    for line in counts_file.read_text().split("\n"):
+        if line.strip():
+            tag, value = line.split()
+            raw[int(tag)] = int(value)
+    return raw
+
+
 def count_checked(kernels: list, target, workdir=None, timeout: float = 1800.0) -> dict:
     """Count each kernel on the emulated Pi in one launch: ``{tag: Counted}`` (outputs compared).
 
@@ -118,20 +157,7 @@ def count_checked(kernels: list, target, workdir=None, timeout: float = 1800.0) 
             manifest["kernels"].append({"tag": kern.tag, "library": lib, "function": "main", "args": names,
                                         "output": {"shape": list(kern.out_shape), "dtype": kern.out_dtype},
                                         "calls": kern.calls, "warmup": 1})
-        (base / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        counts_file = base / "counts.txt"
-        counts_file.unlink(missing_ok=True)
-        # One thread: the plugin's counters are plain adds, and the count is the work, not the split.
-        env = {**os.environ, "QEMU_PLUGIN": f"{pi.plugin_path()},out={counts_file}", "TVM_NUM_THREADS": "1"}
-        proc = subprocess.run([str(pi.python_launcher()), str(GUEST), str(base / "manifest.json")], env=env,
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"counting on the emulated Pi failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        raw = {}
-        for line in counts_file.read_text().split("\n"):
-            if line.strip():
-                tag, value = line.split()
-                raw[int(tag)] = int(value)
+        raw = run_manifest(pi, base, manifest, timeout=timeout)
         missing = [k.tag for k in kernels if k.tag not in raw]
         if missing:
             raise RuntimeError(f"no count for kernel tags {missing}")
