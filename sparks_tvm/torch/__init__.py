@@ -14,7 +14,15 @@
 Importing this package imports torch (and scipy); ``import sparks_tvm`` alone does not.
 """
 
-from .export import ExportedModel, LayerSummary, check_compiled, export_onnx, format_summary, summarize
+from .export import (
+    ExportedModel,
+    LayerSummary,
+    check_compiled,
+    export_onnx,
+    format_summary,
+    sign_margins,
+    summarize,
+)
 from .layers import (
     BinaryActivation,
     BinaryConv2dBase,
@@ -65,5 +73,6 @@ __all__ = [
     "export_onnx",
     "check_compiled",
     "format_summary",
+    "sign_margins",
     "summarize",
 ]

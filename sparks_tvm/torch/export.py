@@ -234,3 +234,40 @@ def check_compiled(report, layers: list[LayerSummary]) -> list[str]:
         elif rec.kind not in ("binary", "sparks"):
             problems.append(f"{lay.name}: compiled as {rec.kind!r}, not binary ({rec.reason})")
     return problems
+
+
+@torch.no_grad()
+def sign_margins(model: nn.Module, x, batch_size: int = 500) -> np.ndarray:
+    """Per image, the smallest ``|value|`` that any binarization of ``model`` sees (eval mode).
+
+    A compiled model computes the float parts (stem, shortcuts, BatchNorm folded into
+    per-channel scale and bias, residual adds) in another order than PyTorch, so the two
+    differ by float32 rounding, about 1e-6 to 1e-5 at the values these nets reach. A value
+    that close to 0 can take the other sign in one of them, and every sign downstream of it
+    may follow: that is the only way a correctly exported model's logits differ by more
+    than rounding. An image whose margin is above that scale cannot flip; one below it may
+    (:func:`check_compiled` is about layers, this is about images). ``inf`` for a net without
+    binarizations.
+    """
+    from .layers import BinaryActivation
+
+    model.eval()
+    acts = [m for m in model.modules() if isinstance(m, BinaryActivation)]
+    xs = np.asarray(x, dtype=np.float32)
+    out = np.full(len(xs), np.inf)
+    cur = {}
+
+    def hook(mod, inp, res):
+        v = inp[0].detach().abs().flatten(1).amin(1).double().numpy()
+        cur["m"] = np.minimum(cur["m"], v)
+
+    hooks = [a.register_forward_hook(hook) for a in acts]
+    try:
+        for i in range(0, len(xs), batch_size):
+            cur["m"] = np.full(len(xs[i:i + batch_size]), np.inf)
+            model(torch.from_numpy(xs[i:i + batch_size]))
+            out[i:i + batch_size] = cur["m"]
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
