@@ -42,6 +42,8 @@ from schedules.cuda_window_reduction import WindowReduction
 from schedules.target_info import TargetInfo
 
 from .fold_affine import FoldAffineChains
+from .fold_residual_bias import FoldResidualBias
+from .prelu_as_max import PReLUAsMax
 from .lower_binary_conv2d import LoweringOptions, lower_binary_conv2d
 from .lower_float_conv2d import LowerFloatConv2d
 from .lower_max_pool2d import LowerMaxPool2d
@@ -159,13 +161,16 @@ def host_phases(target) -> list:
     dlight rule) schedules what is left; our own kernels carry ``tirx.is_scheduled`` and are
     left alone.
     """
+    neon = TargetInfo.from_target(target).family == "arm"
     return [
         # Inference BatchNorm as a multiply-add (legalized whole, it is an unfusable multi-output
         # op run as scalar code: 1.05 M of a 5.1 M-instruction 56x56 ARM layer); as elementwise
         # ops it fuses into the conv kernel's epilogue.
         # Then each chain of constant arithmetic (BatchNorm after a conv's scale) as one
-        # multiply-add: the epilogue of every conv kernel runs it per output.
-        ("fuse", [relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant(), FoldAffineChains()]
+        # multiply-add: the epilogue of every conv kernel runs it per output; a residual sum's
+        # shifts then move onto the residual (one add and a multiply-add, no register copy).
+        ("fuse", [relax.transform.DecomposeOpsForInference(), relax.transform.FoldConstant(), FoldAffineChains(),
+                  FoldResidualBias(), PReLUAsMax(maxnum=neon)]
          + cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
          # FuseTIR leaves the unfused originals behind: drop them before scheduling.
          + [relax.transform.DeadCodeElimination(["main"])]),

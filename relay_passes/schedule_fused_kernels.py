@@ -46,8 +46,27 @@ def find_deferred(sch: s_tir.Schedule):
     return None if spec is None else (block, json.loads(str(spec)))
 
 
+def inline_side_inputs(sch: s_tir.Schedule, anchor, consumer) -> bool:
+    """Rewrite: inline the consumer's other producers (elementwise ops on the function's
+    inputs, e.g. a residual plus a constant) into it; whether any was."""
+    done = False
+    for producer in sch.get_producers(consumer):
+        if sch.get(producer).same_as(sch.get(anchor)):
+            continue
+        try:
+            sch.compute_inline(producer)
+            done = True
+        except Exception:  # noqa: BLE001 - not inlinable (a reduction, another kernel): leave it
+            pass
+    return done
+
+
 def inline_epilogue(sch: s_tir.Schedule, anchor) -> int:
-    """Check + rewrite: inline the anchor's consumers one by one; return how many."""
+    """Check + rewrite: inline the anchor's consumers one by one; return how many.
+
+    A consumer that also reads another in-function result (the residual plus a shift) gets
+    that producer inlined into it first, so the whole sum runs in the conv's epilogue.
+    """
     count = 0
     while True:
         consumers = sch.get_consumers(anchor)
@@ -56,7 +75,9 @@ def inline_epilogue(sch: s_tir.Schedule, anchor) -> int:
         try:
             sch.reverse_compute_inline(consumers[0])
         except Exception:  # noqa: BLE001 - TVM refuses (not elementwise in the output): stop
-            return count
+            if not inline_side_inputs(sch, anchor, consumers[0]):
+                return count
+            continue
         count += 1
 
 
