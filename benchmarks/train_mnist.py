@@ -178,6 +178,7 @@ class Runner:
                            recalibrate_bn=over.pop("recalibrate_bn", True),
                            recalibrate_images=a.recalibrate_images, ema_decay=over.pop("ema_decay", a.ema_decay),
                            lr_schedule=over.pop("lr_schedule", a.lr_schedule),
+                           lr_tail=over.pop("lr_tail", a.lr_tail), lr_tail_factor=a.lr_tail_factor,
                            eval_live=over.pop("eval_live", a.eval_live))
 
     def fit(self, net, cfg, teacher=None):
@@ -228,7 +229,7 @@ class Runner:
                 self.log(f"float teacher, seed {seed}")
                 net = self.net("float", None, seed)
                 return net, self.fit(net, self.config(seed, self.args.epochs_float, self.args.lr, 0.0, ema_decay=0.0,
-                                                          lr_schedule="linear", eval_live=False))
+                                                          lr_schedule="linear", lr_tail=0.0, eval_live=False))
 
             self.teachers[seed] = self._cached("teacher", seed, make, epochs=self.args.epochs_float,
                                                lr=self.args.lr)
@@ -248,7 +249,7 @@ class Runner:
                 self.log(f"stage 1 (dense BNN), seed {seed}")
                 net = self.net("dense", None, seed)
                 return net, self.fit(net, self.config(seed, a.epochs_stage1, a.lr, kd, ema_decay=0.0,
-                                                       lr_schedule="linear", eval_live=False), teacher)
+                                                       lr_schedule="linear", lr_tail=0.0, eval_live=False), teacher)
 
             self.stage1[key] = self._cached(
                 "stage1", seed, make, epochs=a.epochs_stage1, lr=a.lr, kd=kd, kd_temperature=a.kd_temperature,
@@ -607,6 +608,9 @@ def parser() -> argparse.ArgumentParser:
                     help="stage 2: evaluate and keep an exponential moving average of the parameters (decay; 0 = off)")
     ap.add_argument("--lr-schedule", choices=["linear", "cosine"], default="linear",
                     help="stage 2: learning-rate decay to 0 (the teacher and stage 1 decay linearly)")
+    ap.add_argument("--lr-tail", type=float, default=0.0,
+                    help="stage 2: fraction of the epochs at the end held at --lr-tail-factor times --lr2")
+    ap.add_argument("--lr-tail-factor", type=float, default=0.05)
     ap.add_argument("--eval-live", action="store_true",
                     help="with --ema: also record the live parameters' test accuracy per epoch")
     ap.add_argument("--batch-size", type=int, default=128)

@@ -340,3 +340,9 @@ def test_cosine_learning_rate_schedule():
     assert cos.lr_factor(0.5) == pytest.approx(0.5) and cos.lr_factor(0.75) == pytest.approx(0.1464466)
     with pytest.raises(SparksError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")
+    # A held tail: decay from 1 to the tail factor over the first half, then constant.
+    tail = TrainConfig(lr_tail=0.5, lr_tail_factor=0.1)
+    assert tail.lr_factor(0.0) == 1.0 and tail.lr_factor(0.25) == pytest.approx(0.55)
+    assert [tail.lr_factor(p) for p in (0.5, 0.7, 1.0)] == [0.1, 0.1, 0.1]
+    with pytest.raises(SparksError, match="lr_tail"):
+        TrainConfig(lr_tail=1.0)

@@ -100,6 +100,11 @@ class TrainConfig:
     #: Learning-rate decay over training: ``"linear"`` (to 0, SNN's recipe) or ``"cosine"``
     #: (half a cosine to 0: the same start and end, lower in the second half).
     lr_schedule: str = "linear"
+    #: Fraction of training at the end held at ``lr_tail_factor`` times the learning rate
+    #: (0 = off): the decay then runs from 1 to ``lr_tail_factor`` over the rest. A low,
+    #: constant tail lets the last epochs settle instead of still climbing as the rate reaches 0.
+    lr_tail: float = 0.0
+    lr_tail_factor: float = 0.05
     #: With ``ema_decay``: also evaluate the live (not averaged) parameters after every epoch
     #: (``TrainResult.live_accuracy``; costs one more recalibration and test pass per epoch).
     eval_live: bool = False
@@ -114,13 +119,20 @@ class TrainConfig:
             raise SparksError(f"selection_end must be in [0, 1], got {self.selection_end}")
         if self.lr_schedule not in ("linear", "cosine"):
             raise SparksError(f"lr_schedule must be 'linear' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.lr_tail < 1.0 or not 0.0 <= self.lr_tail_factor <= 1.0:
+            raise SparksError(f"lr_tail must be in [0, 1) and lr_tail_factor in [0, 1], "
+                              f"got {self.lr_tail}, {self.lr_tail_factor}")
 
     def lr_factor(self, progress: float) -> float:
         """Learning-rate multiplier at training progress in [0, 1] (1 at the start, 0 at the end)."""
         p = min(max(progress, 0.0), 1.0)
-        if self.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * p))
-        return 1.0 - p
+        floor = 0.0
+        if self.lr_tail > 0:
+            if p >= 1.0 - self.lr_tail:
+                return self.lr_tail_factor
+            p, floor = p / (1.0 - self.lr_tail), self.lr_tail_factor
+        decay = 0.5 * (1.0 + math.cos(math.pi * p)) if self.lr_schedule == "cosine" else 1.0 - p
+        return floor + (1.0 - floor) * decay
 
     def to_dict(self) -> dict:
         return asdict(self)
