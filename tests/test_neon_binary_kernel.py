@@ -66,6 +66,24 @@ def test_neon_binary_kernel_exact(geom, mode, plan, zeros):
     assert np.array_equal(got, want), int((got != want).sum())
 
 
+@pytest.mark.parametrize("geom", [ConvGeometry(2, 13, 6, 21, 5), ConvGeometry(1, 20, 9, 17, 6, stride=(2, 2))])
+def test_tiny_values_take_the_masked_path_exactly(geom):
+    # The zero test flags |v| < 2**-125 (subnormals, the smallest normals) as a possible 0: the
+    # flagged channel bytes take the masked path, which must still give such values their sign.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(geom.in_shape).astype(np.float32)
+    tiny = np.array([1e-45, -1e-40, 2.0 ** -126, -(2.0 ** -126), -(2.0 ** -125) * 0.99], np.float32)
+    n, c, h, w = geom.in_shape
+    x[:, c - 1].flat[rng.choice(h * w, size=5, replace=False)] = tiny  # the partial last byte
+    x[:, 2, 1, 3] = 2.0 ** -125  # the smallest value the test does not flag
+    x[-1, 9, 0, w - 1] = -0.0
+    w8 = np.where(rng.random((geom.out_channels, c, 3, 3)) < 0.5, -1, 1).astype(np.int8)
+    want = ref.binary_conv2d_ref(ref.binarize(x, "sign"), w8, geom.stride, geom.padding)
+    func = apply_neon_out_schedule(s_tir.Schedule(binary_conv2d_neon_primfunc(geom, "sign"))).mod["main"]
+    got = run_on_host(func, [x, pack_binary_weights(w8)], geom.out_shape)
+    assert np.array_equal(got, want), int((got != want).sum())
+
+
 def test_all_zero_input_and_folded_shift():
     got, want = run(ConvGeometry(1, 4, 4, 4, 4), "sign", zeros=1.0)
     assert np.array_equal(got, want) and not want.any()

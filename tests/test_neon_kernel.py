@@ -35,6 +35,16 @@ def run(geom, k, mode, plan=None, zeros=0.2, shift=False, seed=0):
                 xs = [0, w - 1, rng.integers(w)]
                 for _ in range(rng.integers(1, 4)):  # -0.0 too: a zero with the sign bit set
                     x[i, ch, ys[rng.integers(3)], xs[rng.integers(3)]] = rng.choice([0.0, -0.0])
+    elif zeros == "tiny":
+        # Values the zero test flags although they are not 0 (|v| < 2**-125: subnormals, the
+        # smallest normals) in a few channels, exact zeros in others: the flagged channels
+        # take the masked path, which must still give them their sign.
+        n, c, h, w = geom.in_shape
+        tiny = np.array([1e-45, -1e-40, 2.0 ** -126, -(2.0 ** -126), 2.0 ** -125 * 0.99], np.float32)
+        x[:, 0].flat[rng.choice(h * w, size=5, replace=False)] = tiny
+        x[:, c // 2, rng.integers(h), rng.integers(w)] = rng.choice(tiny)
+        x[:, c - 1, rng.integers(h), rng.integers(w)] = 0.0
+        x[:, 1, 0, 0] = 2.0 ** -125  # the smallest value the test does not flag
     else:
         x[rng.random(x.shape) < zeros] = 0.0  # exact zeros: Sign(0) = 0
     codebook = random_codebook(rng, k).astype(np.int8)
@@ -98,6 +108,12 @@ def test_neon_kernel_exact(geom, k, mode, plan, zeros):
     if geom.in_channels == 4:
         zeros = 1.0
     got, want = run(geom, k, mode, plan, zeros=zeros)
+    assert np.array_equal(got, want), int((got != want).sum())
+
+
+@pytest.mark.parametrize("geom,k", [(ConvGeometry(2, 19, 11, 13, 21), 16), (ConvGeometry(1, 9, 40, 37, 6, stride=(2, 2)), 5)])
+def test_neon_kernel_tiny_values_exact(geom, k):
+    got, want = run(geom, k, "sign", zeros="tiny")
     assert np.array_equal(got, want), int((got != want).sum())
 
 

@@ -40,7 +40,7 @@ from tvm.script.ir_builder import tirx as T
 from .common import ConvGeometry, int64_shape, nchw_output
 from .encoding import num_words
 from .neon_padding import PaddedTaps, correct_padding, mask_free_or_masked
-from .vector_tir import U8, VECTOR, extern, padded, ramp as _ramp
+from .vector_tir import U8, VECTOR, extern, padded, ramp as _ramp, top_bytes, zero_evidence
 from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
 #: Pixels binarized per vector step (8 float32 registers per channel byte at most).
@@ -172,12 +172,45 @@ def _byte(lay, mode, data, shift, n, cb, y, x, lanes, plane):
     return acc, zero
 
 
+def _sign_byte(lay, data, shift, n, cb, y, x, lanes):
+    """``_byte`` of ONNX ``Sign``'s -1 plane from the values' top bytes, and their
+    :func:`.vector_tir.zero_evidence` minimum (a lane is 0 where some channel may hold a 0).
+
+    Channel ``j``'s sign is bit 7 of its top byte; inserting each channel's top byte shifted
+    right by ``7 - j`` under the bits already placed (``sri``, channels 7 down to 0) leaves
+    bit ``j`` holding it: one instruction per channel and 16 pixels besides the three shuffles
+    that give the top bytes, where a compare, its narrowing and the shift-or cost about ten.
+    """
+    acc, least = None, None
+    count = min(8, lay.c)
+    for j in reversed(range(count)):
+        ch = cb * 8 + j
+        v = _load(data, [n, tirx.min(ch, lay.c - 1), y], x, lanes)
+        if shift is not None:
+            v = v + _bc(shift[tirx.min(ch, lay.c - 1)], lanes)
+        top = T.bind(top_bytes(v, lanes))
+        if acc is None:
+            acc = top >> _bc(_u8(7 - j), lanes)
+        else:
+            keep = _bc(_u8((0xFF << (8 - (7 - j))) & 0xFF), lanes)
+            acc = (acc & keep) | (top >> _bc(_u8(7 - j), lanes))
+        evidence = zero_evidence(top, lanes)
+        if lay.c % 8:  # channels past C (their loads repeat channel C - 1) never flag
+            evidence = evidence | _bc(tirx.Cast(U8, ch >= lay.c) * _u8(0xFF), lanes)
+        least = evidence if least is None else tirx.Min(least, evidence)
+    if count < 8 or lay.c % 8:  # the last byte's missing channels hold +1 (bit 0)
+        valid = tirx.Cast(U8, (tirx.const(1, "int32") << tirx.min(lay.c - cb * 8, 8)) - 1)
+        acc = acc & _bc(valid, lanes)
+    return acc, least
+
+
 def _binarize(lay, mode, data, shift, pad, zflag, n, cb, plane):
-    """Pass 1: one channel byte's padded bit plane (and, for ``Sign``, whether it saw a 0)."""
+    """Pass 1: one channel byte's padded bit plane (and, for ``Sign``, whether it may hold a 0:
+    a running minimum of :func:`.vector_tir.zero_evidence`, 0 in a lane where one may)."""
     zl = None
     if zflag is not None:
         zl = T.alloc_buffer([VECTOR], U8, scope="local")
-        _store(zl, [], 0, VECTOR, _bc(_u8(0), VECTOR))
+        _store(zl, [], 0, VECTOR, _bc(_u8(0xFF), VECTOR))
     for ylo, yhi in ((0, lay.pt), (lay.pt + lay.h, lay.hp)):
         if yhi > ylo:
             with T.serial(ylo, yhi) as y:
@@ -187,15 +220,19 @@ def _binarize(lay, mode, data, shift, pad, zflag, n, cb, plane):
         for x in list(range(lay.pl)) + list(range(lay.pl + lay.w, lay.wp)):
             T.buffer_store(pad, _u8(0), [n, cb, y + lay.pt, x])
         for x0, lanes in _chunks(0, lay.w, BINARIZE_LANES):
-            value, zero = _byte(lay, mode, data, shift, n, cb, y, x0, lanes, plane)
+            if mode == "sign" and plane == "neg" and lanes > 1:
+                value, least = _sign_byte(lay, data, shift, n, cb, y, x0, lanes)
+            else:
+                value, zero = _byte(lay, mode, data, shift, n, cb, y, x0, lanes, plane)
+                least = None if zero is None else tirx.Cast(_vt(U8, lanes), zero == _bc(_u8(0), lanes))
             _store(pad, [n, cb, y + lay.pt], x0 + lay.pl, lanes, value)
             if zl is not None:
-                _store(zl, [], 0, lanes, _load(zl, [], 0, lanes) | zero)
+                _store(zl, [], 0, lanes, tirx.Min(_load(zl, [], 0, lanes), least))
     if zl is not None:
-        total = zl[0]
+        least = zl[0]
         for i in range(1, VECTOR):
-            total = total | zl[i]
-        T.buffer_store(zflag, total, [n * lay.cb + cb])
+            least = tirx.Min(least, zl[i])
+        T.buffer_store(zflag, tirx.Cast(U8, least == _u8(0)), [n * lay.cb + cb])
 
 
 def _shifted_planes(lay, pad, planes, n, cb):

@@ -39,9 +39,10 @@ Passes (one call):
 1. per call: gather offsets ``off[o, c]`` (row of ``(c, idx[o, c])`` in a stage-1 block) and
    the codewords' ``~code & 0xFF`` bytes and bit-8 order;
 2. per input channel: binarize into a padded 0/1 plane of -1 taps (for ``Sign`` also a flag,
-   the OR of ``v == 0``: whether a 0 was seen), then horizontal tap triples (3 bits per
-   output column and padded row; at column stride 2 from ``ld2``); the mixed path builds
-   the real-tap plane and its triples of the channels that held a 0;
+   whether it may hold a 0, from the top bytes the sign bits come from: a tiny nonzero value
+   may be flagged too, which only sends its channel down the exact masked path), then
+   horizontal tap triples (3 bits per output column and padded row; at column stride 2 from
+   ``ld2``); the mixed path builds the real-tap plane and its triples of the flagged channels;
 3. per pixel chunk: patch planes ``n8`` (and ``m8``) and the ninth tap from three triple rows;
 4. per (image, pixel tile, output-channel chunk), a parallel task: for each block of at most
    28 channels, stage 1 writes ``u`` rows of the tile into a task-local block (K rows per

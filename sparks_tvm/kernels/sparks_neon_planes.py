@@ -10,7 +10,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from .vector_tir import U8, VECTOR, sign_bits
+from .vector_tir import U8, VECTOR, sign_bits, top_bytes, zero_evidence
 from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
 
@@ -18,9 +18,9 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
     """Pass 2a: one channel's padded 0/1 planes (zero padding after binarization).
 
     ``planes`` maps ``"neg"`` (the -1 taps) and/or ``"real"`` (the non-zero ones, for ONNX
-    ``Sign``) to their buffers; with ``zflag`` also whether the channel held a 0 (an OR of
-    ``v == 0``: one compare per 4 values, a third of what writing the real plane costs,
-    which is then built only for the channels that held one).
+    ``Sign``) to their buffers; with ``zflag`` also whether the channel may hold a 0 (from the
+    top bytes the sign bits come from, :func:`.vector_tir.zero_evidence`: two instructions
+    per 16 values; the real plane is then built only for the channels flagged).
     """
     zero = _u8(0)
     for ylo, yhi in ((0, lay.pt), (lay.pt + lay.h, lay.binrows)):
@@ -33,8 +33,9 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
     f0 = tirx.const(0.0, "float32")
     zl = None
     if zflag is not None:
+        # A running minimum of :func:`zero_evidence`: a lane reaches 0 where a value may be 0.
         zl = T.alloc_buffer([VECTOR], U8, scope="local")
-        _store(zl, [], 0, VECTOR, _bc(_u8(0), VECTOR))
+        _store(zl, [], 0, VECTOR, _bc(_u8(0xFF), VECTOR))
     with T.serial(0, lay.h) as y:
         for x in side:
             for plane in planes.values():
@@ -45,21 +46,23 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
                 v = v + _bc(shift[c], lanes)
             v = T.bind(v)
             fz = _bc(f0, lanes)
+            top = T.bind(top_bytes(v, lanes)) if mode == "sign" and lanes > 1 else None
             for which, plane in planes.items():
                 if which == "real":
                     byte = tirx.Cast(_vt(U8, lanes), v != fz)
-                elif mode == "sign" and lanes > 1:
-                    byte = sign_bits(v, lanes)  # differs from v < 0 only at -0.0: a zero, masked
+                elif top is not None:
+                    byte = sign_bits(v, lanes, top)  # differs from v < 0 only at -0.0: a zero, masked
                 else:
                     byte = tirx.Cast(_vt(U8, lanes), v <= fz if mode == "gt" else v < fz)
                 _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, byte)
             if zl is not None:
-                _store(zl, [], 0, lanes, _load(zl, [], 0, lanes) | tirx.Cast(_vt(U8, lanes), v == fz))
+                evidence = zero_evidence(top, lanes) if top is not None else tirx.Cast(_vt(U8, lanes), v != fz)
+                _store(zl, [], 0, lanes, tirx.Min(_load(zl, [], 0, lanes), evidence))
     if zl is not None:
-        total = zl[0]
+        least = zl[0]
         for i in range(1, VECTOR):
-            total = total | zl[i]
-        T.buffer_store(zflag, total, [n * lay.c + c])
+            least = tirx.Min(least, zl[i])
+        T.buffer_store(zflag, tirx.Cast(U8, least == _u8(0)), [n * lay.c + c])
 
 
 def triples(lay, pairs, n, c):

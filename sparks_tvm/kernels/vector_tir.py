@@ -46,16 +46,33 @@ def store(buf, prefix, start, lanes, value):
     T.buffer_store(buf, value, [*prefix, ramp(start, 1, lanes)])
 
 
-def sign_bits(v, lanes: int):
+def top_bytes(v, lanes: int):
+    """The top byte (sign and the exponent's high 7 bits) of ``lanes`` float32 lanes (``uzp2``)."""
+    raw = tirx.reinterpret(f"uint8x{4 * lanes}", v)
+    return tirx.Shuffle([raw], [tirx.IntImm("int32", 4 * i + 3) for i in range(lanes)])
+
+
+def sign_bits(v, lanes: int, top=None):
     """The sign bits of ``lanes`` float32 lanes as 0/1 bytes: each value's top byte (``uzp2``), >> 7.
 
     The -1 plane of ONNX ``Sign`` in three shuffles and a shift per 16 values (a compare
     costs four, plus the narrowing): it differs from ``v < 0`` only at -0.0, which is a zero
-    (the kernels that use it mask zeros with a separate real-tap plane).
+    (the kernels that use it mask zeros with a separate real-tap plane). ``top``: the
+    values' :func:`top_bytes`, when the caller already has them.
     """
-    raw = tirx.reinterpret(f"uint8x{4 * lanes}", v)
-    top = tirx.Shuffle([raw], [tirx.IntImm("int32", 4 * i + 3) for i in range(lanes)])
+    top = top_bytes(v, lanes) if top is None else top
     return top >> bc(u8(7), lanes)
+
+
+def zero_evidence(top, lanes: int):
+    """Bytes that are 0 where a value may be 0: the top byte without its sign (``shl #1``).
+
+    0 exactly when ``|v| < 2**-125``: every 0 of either sign, and the tiniest other values,
+    which is safe where it only chooses a path (the masked one is exact for any value). A
+    running unsigned minimum of these (one ``umin``) finds a 0 in two instructions per 16
+    values, where ``v == 0`` compares cost four plus the narrowing.
+    """
+    return top << bc(u8(1), lanes)
 
 
 def chunks(lo: int, hi: int, step: int = VECTOR) -> list:
