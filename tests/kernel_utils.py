@@ -66,3 +66,17 @@ def run_on_host(func, args, out_shape, dtype="int32"):
     out = tvm.runtime.tensor(np.zeros(out_shape, dtype), dev)
     lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
     return out.numpy()
+
+
+def relax_ops(mod):
+    """Names of the Relax operators ``mod["main"]`` calls, in post order (graph-pass tests)."""
+    from tvm import relax
+
+    names = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+            names.append(e.op.name)
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return names

@@ -6,6 +6,7 @@ import pytest
 import tvm
 from tvm import relax
 
+from kernel_utils import relax_ops as ops_of
 from relay_passes.fold_residual_bias import FoldResidualBias
 from relay_passes.prelu_as_max import PReLUAsMax
 
@@ -25,17 +26,6 @@ def module(build, inputs=2):
 
 def c(value):
     return relax.const(np.asarray(value, dtype="float32"), "float32")
-
-
-def ops_of(mod):
-    names = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            names.append(e.op.name)
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return names
 
 
 def run(mod, *xs):

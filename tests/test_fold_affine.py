@@ -5,6 +5,7 @@ import pytest
 import tvm
 from tvm import relax
 
+from kernel_utils import relax_ops as ops_of
 from relay_passes.fold_affine import FoldAffineChains
 
 SHAPE = (2, 3, 4, 5)
@@ -22,17 +23,6 @@ def module(build, shape=SHAPE, dtype="float32"):
 
 def c(value, dtype="float32"):
     return relax.const(np.asarray(value, dtype=dtype), dtype)
-
-
-def ops_of(mod):
-    names = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-            names.append(e.op.name)
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return names
 
 
 def run(mod, x):
