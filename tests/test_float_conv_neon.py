@@ -37,6 +37,9 @@ CASES = [
     # 1x1 stride 1: flattened pixels (7 * 9 = 63: 5 whole tiles in a loop and a 3-lane tail), odd C
     ConvGeometry(2, 7, 7, 9, 10, kernel=(1, 1), padding=(0, 0, 0, 0)),
     ConvGeometry(1, 6, 2, 5, 3, kernel=(1, 1), padding=(0, 0, 0, 0)),  # one short tile
+    # more than 9 taps (row tiles): 8 + 5 columns, batch 2; asymmetric padding, 8 + 1 columns
+    ConvGeometry(2, 2, 9, 13, 9, kernel=(5, 5), padding=(2, 2, 2, 2)),
+    ConvGeometry(1, 3, 15, 19, 16, kernel=(7, 7), stride=(2, 2), padding=(3, 2, 1, 3)),
 ]
 
 

@@ -13,9 +13,10 @@ stride 1, into one shifted plane per kernel column (``planes[n, c, y, dx, x] = p
 sw * x + dx]``; at column stride 2 two kernel columns come from one ``ld2``): every input
 vector of a tap is then one load at a 16-byte multiple from its row, with no address
 arithmetic and no lane shuffles in the tile. Tiles compute whole vectors (columns past the
-output width read padding and are not stored). Kernels of up to 9 taps unroll a channel's
-taps in one loop body; the 7x7 stem loops over (input channel, kernel row): its fully
-unrolled channel spills the accumulators. 1x1 convs at stride 1 are one GEMM over the
+output width read padding and are not stored); kernels of up to 9 taps unroll a channel's
+taps in one loop body. Kernels of more taps (the 7x7 stem) take :func:`_row_tile`: output
+columns as lanes of one contiguous input row segment per (channel, kernel row), which serves
+all of the row's taps (1.13 instructions per ``fmla`` against 1.19, no shifted planes). 1x1 convs at stride 1 are one GEMM over the
 flattened pixels (two channels per loop iteration). Rows whose width is not a multiple of 4
 with at most 9 taps (14x14, 7x7 layers) take :func:`_column_tile` instead: output columns
 as lanes of the inputs (``fmla v.4s, w.4s, x.s[i]``), 8 columns x 8 channels, no padding
@@ -146,14 +147,41 @@ def _column_inputs(pad, n, c, y, col0, cols, sw, taps):
     return out
 
 
+def _shuffle(a, b, lanes):
+    """Lanes of the 8-lane concatenation ``a ++ b`` (``trn``/``zip`` operands of two 4-lane vectors)."""
+    return tirx.Shuffle([a, b], [tirx.IntImm("int32", i) for i in lanes])
+
+
+def _transpose4(vectors):
+    """A 4x4 transpose as ``trn1/trn2`` of 4-lane pairs then ``zip`` of 2-lane halves
+    (8 instructions; LLVM's lowering of one wide shuffle takes about twice as many)."""
+    a, b, c, d = vectors
+    t0, t1 = T.bind(_shuffle(a, b, (0, 4, 2, 6))), T.bind(_shuffle(a, b, (1, 5, 3, 7)))
+    t2, t3 = T.bind(_shuffle(c, d, (0, 4, 2, 6))), T.bind(_shuffle(c, d, (1, 5, 3, 7)))
+    return [_shuffle(t0, t2, (0, 1, 4, 5)), _shuffle(t1, t3, (0, 1, 4, 5)),
+            _shuffle(t0, t2, (2, 3, 6, 7)), _shuffle(t1, t3, (2, 3, 6, 7))]
+
+
 def _store_column_tile(geom, conv, n, ob, oh, ow0, cols, parts):
-    """Write the tile (``parts[i][h]``: column i, channels 4h..4h+3) as NCHW rows."""
-    flat = [parts[i][h] for i in range(cols) for h in range(2)]
+    """Write the tile (``parts[i][h]``: column i, channels 4h..4h+3) as NCHW rows.
+
+    Each 4 columns x 4 channels block is transposed in registers (a short last block
+    repeats its last column; those lanes are not stored), then a channel's row is one store.
+    """
+    groups = -(-cols // 4)
+    rows = [[None] * groups for _ in range(LANES)]
+    for h in range(2):
+        for g in range(groups):
+            block = [parts[min(4 * g + j, cols - 1)][h] for j in range(4)]
+            for r, vec in enumerate(_transpose4(block)):
+                rows[4 * h + r][g] = T.bind(vec)
     for o in range(LANES):
-        if cols > 1:
-            row = tirx.Shuffle(flat, [tirx.IntImm("int32", i * LANES + o) for i in range(cols)])
+        if cols == 1:
+            row = tirx.Shuffle([rows[o][0]], [tirx.IntImm("int32", 0)])
+        elif cols <= 4:
+            row = tirx.Shuffle([rows[o][0]], [tirx.IntImm("int32", i) for i in range(cols)])
         else:
-            row = tirx.Shuffle([flat[o // 4]], [tirx.IntImm("int32", o % 4)])
+            row = tirx.Shuffle(rows[o], [tirx.IntImm("int32", i) for i in range(cols)])
         with T.If(ob * LANES + o < geom.out_channels):
             with T.Then():
                 index = tirx.Ramp(oh * geom.out_width + ow0, 1, cols) if cols > 1 else oh * geom.out_width + ow0
@@ -194,6 +222,52 @@ def _column_tile(geom, pad, wpack, conv, n, ob, oh, ow0, cols):
             for h in range(2):
                 T.buffer_store(acc, sums[i][h], [tirx.Ramp(i * LANES + 4 * h, 1, 4)])
     parts = [[tirx.BufferLoad(acc, [tirx.Ramp(i * LANES + 4 * h, 1, 4)]) for h in range(2)] for i in range(cols)]
+    _store_column_tile(geom, conv, n, ob, oh, ow0, cols, parts)
+
+
+def _row_span(cols, sw, kw):
+    """Input values one kernel row of a :func:`_row_tile` reads, in whole 4-lane vectors."""
+    return -(-((cols - 1) * sw + kw) // 4) * 4
+
+
+def _row_tile(geom, pad, wpack, conv, n, ob, oh, ow0, cols):
+    """A column-lane tile (``cols`` <= 8 output columns x 8 output channels) for large kernels.
+
+    Per (input channel, kernel row) the tile's whole input row segment is loaded once, as
+    contiguous vectors, and tap ``dx`` of column ``i`` is lane ``sw * i + dx`` of it (``fmla
+    v.4s, w.4s, x.s[j]``): the 7x7 stem's 21 inputs of a row serve its 7 taps x 8 columns
+    from 6 loads, where pixel vectors load every tap's inputs (and need shifted planes). The
+    loop runs over (channel, kernel row) with the row's taps unrolled, small enough a body
+    for LLVM to keep the 16 accumulators in registers.
+    """
+    kh, kw = geom.kernel
+    sh, sw = geom.stride
+    acc = T.alloc_buffer([cols * LANES], F32, scope="local")
+
+    def part(i, h):
+        return tirx.Ramp(i * LANES + 4 * h, 1, 4)
+
+    for i in range(cols):
+        for h in range(2):
+            T.buffer_store(acc, tirx.Broadcast(tirx.const(0.0, F32), 4), [part(i, h)])
+    # One loop iteration per (channel, kernel row): unrolling more rows per body changes
+    # nothing (LLVM pairs the same loads), a 10- or 12-column tile spills.
+    with T.serial(0, geom.in_channels) as c:
+        with T.serial(0, kh) as dy:
+            sums = [[tirx.BufferLoad(acc, [part(i, h)]) for h in range(2)] for i in range(cols)]
+            row = [T.bind(tirx.BufferLoad(pad, [n, c, oh * sh + dy, tirx.Ramp(ow0 * sw + 4 * v, 1, 4)]))
+                   for v in range(_row_span(cols, sw, kw) // 4)]
+            for dx in range(kw):
+                w = [T.bind(tirx.BufferLoad(wpack, [ob, c, dy, dx, tirx.Ramp(4 * h, 1, 4)])) for h in range(2)]
+                for i in range(cols):
+                    at = sw * i + dx
+                    x = _lane(row[at // 4], at % 4)
+                    for h in range(2):
+                        sums[i][h] = sums[i][h] + w[h] * x
+            for i in range(cols):
+                for h in range(2):
+                    T.buffer_store(acc, sums[i][h], [part(i, h)])
+    parts = [[tirx.BufferLoad(acc, [part(i, h)]) for h in range(2)] for i in range(cols)]
     _store_column_tile(geom, conv, n, ob, oh, ow0, cols, parts)
 
 
@@ -247,7 +321,12 @@ def _body(geom, ins, outs):
     direct = kw == 1 and sw == 1  # the padded input is the only plane
     # Rows whose width is not a multiple of 4 would compute padding lanes as pixel vectors.
     by_column = not flat and kh * kw <= UNROLLED_TAPS and geom.out_width % 4 != 0
+    # Large kernels (the stem) read whole input row segments per kernel row.
+    by_row = kh * kw > UNROLLED_TAPS
     wp = wq if direct else sw * wq + kw
+    if by_row:
+        last = (geom.out_width - 1) // COLUMN_TILE * COLUMN_TILE
+        wp = max(wp, sw * last + _row_span(min(COLUMN_TILE, geom.out_width - last), sw, kw))
     blocks = -(-geom.out_channels // LANES)
     with IRBuilder() as ib:
         with T.seq_scope():
@@ -256,7 +335,7 @@ def _body(geom, ins, outs):
             pad = T.alloc_buffer([n_, c_, hp, wp], F32)
             with T.parallel(0, n_ * c_) as nc:
                 _pad_plane(pad, data, nc // c_, nc % c_, h, w, pt, pl, hp, wp)
-            if direct or by_column:
+            if direct or by_column or by_row:
                 planes = T.decl_buffer([n_, c_, hp, 1, wp], F32, data=pad.data)
             else:
                 planes = T.alloc_buffer([n_, c_, hp, kw, wq], F32)
@@ -268,7 +347,15 @@ def _body(geom, ins, outs):
                 n = task // (blocks * geom.out_height)
                 ob = task // geom.out_height % blocks
                 oh = task % geom.out_height
-                if by_column:
+                if by_row:
+                    whole = geom.out_width // COLUMN_TILE
+                    if whole:
+                        with T.serial(0, whole) as t:
+                            _row_tile(geom, pad, wpack, conv, n, ob, oh, t * COLUMN_TILE, COLUMN_TILE)
+                    if geom.out_width % COLUMN_TILE:
+                        ow0 = whole * COLUMN_TILE
+                        _row_tile(geom, pad, wpack, conv, n, ob, oh, ow0, geom.out_width - ow0)
+                elif by_column:
                     for ow0 in range(0, geom.out_width, COLUMN_TILE):
                         _column_tile(geom, pad, wpack, conv, n, ob, oh, ow0, min(COLUMN_TILE, geom.out_width - ow0))
                 else:
