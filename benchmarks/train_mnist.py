@@ -179,6 +179,7 @@ class Runner:
                            recalibrate_images=a.recalibrate_images, ema_decay=over.pop("ema_decay", a.ema_decay),
                            lr_schedule=over.pop("lr_schedule", a.lr_schedule),
                            lr_tail=over.pop("lr_tail", a.lr_tail), lr_tail_factor=a.lr_tail_factor,
+                           binary_freeze=over.pop("binary_freeze", a.binary_freeze),
                            eval_live=over.pop("eval_live", a.eval_live))
 
     def fit(self, net, cfg, teacher=None):
@@ -229,7 +230,8 @@ class Runner:
                 self.log(f"float teacher, seed {seed}")
                 net = self.net("float", None, seed)
                 return net, self.fit(net, self.config(seed, self.args.epochs_float, self.args.lr, 0.0, ema_decay=0.0,
-                                                          lr_schedule="linear", lr_tail=0.0, eval_live=False))
+                                                          lr_schedule="linear", lr_tail=0.0, binary_freeze=1.0,
+                                                          eval_live=False))
 
             self.teachers[seed] = self._cached("teacher", seed, make, epochs=self.args.epochs_float,
                                                lr=self.args.lr)
@@ -249,7 +251,8 @@ class Runner:
                 self.log(f"stage 1 (dense BNN), seed {seed}")
                 net = self.net("dense", None, seed)
                 return net, self.fit(net, self.config(seed, a.epochs_stage1, a.lr, kd, ema_decay=0.0,
-                                                       lr_schedule="linear", lr_tail=0.0, eval_live=False), teacher)
+                                                       lr_schedule="linear", lr_tail=0.0, binary_freeze=1.0,
+                                                       eval_live=False), teacher)
 
             self.stage1[key] = self._cached(
                 "stage1", seed, make, epochs=a.epochs_stage1, lr=a.lr, kd=kd, kd_temperature=a.kd_temperature,
@@ -611,6 +614,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr-tail", type=float, default=0.0,
                     help="stage 2: fraction of the epochs at the end held at --lr-tail-factor times --lr2")
     ap.add_argument("--lr-tail-factor", type=float, default=0.05)
+    ap.add_argument("--binary-freeze", type=float, default=1.0,
+                    help="stage 2: fraction of training after which the latent binary weights and the Sparks "
+                         "selection are frozen and only the float parameters train (1 = never)")
     ap.add_argument("--eval-live", action="store_true",
                     help="with --ema: also record the live parameters' test accuracy per epoch")
     ap.add_argument("--batch-size", type=int, default=128)

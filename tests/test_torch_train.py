@@ -346,3 +346,65 @@ def test_cosine_learning_rate_schedule():
     assert [tail.lr_factor(p) for p in (0.5, 0.7, 1.0)] == [0.1, 0.1, 0.1]
     with pytest.raises(SparksError, match="lr_tail"):
         TrainConfig(lr_tail=1.0)
+
+
+def _freeze_run(freeze, split):
+    """A tiny Sparks run with a parameter average; what the training forwards used, step by step."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from sparks_tvm.torch.layers import binary_convs
+
+    net = tiny_net("sparks", seed=5)
+    convs = [m for _, m in binary_convs(net)]
+    seen = {"w": [], "codes": [], "fc": []}
+
+    def record(m, inp, out):
+        if m.training:
+            seen["w"].append(m.weight.detach().clone())
+            seen["codes"].append(m.last_codes.copy())
+
+    seen["stepped"] = []  # the live latent weights after each optimizer step
+    hooks = [convs[0].register_forward_hook(record),
+             net.fc.register_forward_pre_hook(lambda m, inp: seen["fc"].append(m.weight.detach().clone())
+                                              if m.training else None),
+             register_optimizer_step_post_hook(
+                 lambda opt, args, kwargs: seen["stepped"].append(convs[0].weight.detach().clone()))]
+    # Default schedule: Gumbel noise until 70 % and a learned selection (selection_end 1.0),
+    # so without the freeze both the latent weights and the training codewords move to the end.
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=2, ema_decay=0.9, binary_freeze=freeze, recalibrate_images=128)
+    train(net, split.x_train[:256], split.y_train[:256], cfg)  # 4 steps per epoch, 8 in all
+    for h in hooks:
+        h.remove()
+    return net, convs, seen
+
+
+def test_binary_freeze_fixes_binary_weights_and_selection_and_trains_the_float_parameters(split):
+    for bad in (-0.1, 1.5):
+        with pytest.raises(SparksError, match="binary_freeze"):
+            TrainConfig(binary_freeze=bad)
+    net, convs, seen = _freeze_run(0.5, split)  # frozen from step 4 on
+    assert len(seen["w"]) == 8
+    # Before the freeze the latent weights moved; from it on every training forward used the
+    # same latent weights and the same (noise-free) codewords, and they are the returned net's:
+    # the binary part is not averaged on after the freeze.
+    assert not torch.equal(seen["w"][0], seen["w"][3])
+    assert all(torch.equal(w, seen["w"][4]) for w in seen["w"][4:])
+    assert torch.equal(convs[0].weight.detach(), seen["w"][4])
+    # With the average on, the frozen latent weights are the averaged ones at the freeze (the
+    # net evaluated then), not the live ones of the last step.
+    avg = seen["w"][0].clone()
+    for w in seen["stepped"][:4]:
+        avg.mul_(0.9).add_(w, alpha=0.1)
+    torch.testing.assert_close(seen["w"][4], avg)
+    assert not torch.equal(seen["w"][4], seen["stepped"][3])
+    final_codes = convs[0].selected_codes()
+    assert all(np.array_equal(c, final_codes) for c in seen["codes"][4:])
+    for m in convs:  # the optimizer's freeze is undone on return
+        assert m.weight.requires_grad and m.selector.logits.requires_grad
+    # ...while the float parameters kept training (live and averaged both moved).
+    assert not torch.equal(seen["fc"][4], seen["fc"][7])
+    assert not torch.equal(net.fc.weight.detach(), seen["fc"][4])
+    # Control: without the freeze the same run keeps changing both.
+    _, _, free = _freeze_run(1.0, split)
+    assert not all(torch.equal(w, free["w"][4]) for w in free["w"][4:])
+    assert not all(np.array_equal(c, free["codes"][4]) for c in free["codes"][4:])

@@ -105,6 +105,16 @@ class TrainConfig:
     #: constant tail lets the last epochs settle instead of still climbing as the rate reaches 0.
     lr_tail: float = 0.0
     lr_tail_factor: float = 0.05
+    #: Fraction of training after which the binary part of the net is frozen (1.0 never
+    #: freezes): the latent weights of every binary conv and the Sparks selection logits get
+    #: no gradient (Adam leaves them alone) and the Gumbel noise is off, so the training
+    #: forward uses the inference codebook. Only the float parameters (BatchNorm affine,
+    #: shifts, PReLU, stem, shortcuts, classifier) train for the rest. Even at a low learning
+    #: rate a binary net still moves 0.2-0.4 points per epoch because latent weights near 0
+    #: flip sign; with the binary function fixed, the last epochs only fit its float parts.
+    #: With ``ema_decay`` the averaged parameters are loaded into the live net at that point,
+    #: so the frozen binary weights are those the evaluated (averaged) net had.
+    binary_freeze: float = 1.0
     #: With ``ema_decay``: also evaluate the live (not averaged) parameters after every epoch
     #: (``TrainResult.live_accuracy``; costs one more recalibration and test pass per epoch).
     eval_live: bool = False
@@ -117,6 +127,8 @@ class TrainConfig:
             raise SparksError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.selection_end <= 1.0:
             raise SparksError(f"selection_end must be in [0, 1], got {self.selection_end}")
+        if not 0.0 <= self.binary_freeze <= 1.0:
+            raise SparksError(f"binary_freeze must be in [0, 1], got {self.binary_freeze}")
         if self.lr_schedule not in ("linear", "cosine"):
             raise SparksError(f"lr_schedule must be 'linear' or 'cosine', got {self.lr_schedule!r}")
         if not 0.0 <= self.lr_tail < 1.0 or not 0.0 <= self.lr_tail_factor <= 1.0:
@@ -300,6 +312,12 @@ class _ParameterAverage:
         self.shadow = [p.detach().clone() for p in params]
 
     @torch.no_grad()
+    def load(self) -> None:
+        """Copy the averaged values into the live parameters."""
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s)
+
+    @torch.no_grad()
     def update(self) -> None:
         for s, p in zip(self.shadow, self.params):
             s.mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
@@ -356,6 +374,9 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
     opt = torch.optim.Adam(groups)
     ema = _ParameterAverage(rest, config.ema_decay) if config.ema_decay > 0 else None
     sparks = [m for m in model.modules() if isinstance(m, SparksConv2d)]
+    latent = [m.weight for _, m in binary_convs(model)]
+    latent_ids = {id(p) for p in latent}
+    selectors = [m for m in model.modules() if isinstance(m, CodewordSelector)]
     teacher_logits = None
     if teacher is not None and config.kd_weight > 0:
         # The teacher is frozen and the images are not augmented, so its logits are one
@@ -373,7 +394,7 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
     temp = config.kd_temperature
     try:
         bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        bn_frozen = False
+        bn_frozen = binary_frozen = False
         for epoch in range(config.epochs):
             model.train()
             for m in bns if bn_frozen else ():
@@ -396,7 +417,22 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
                     for m in bns:
                         m.eval()
                     bn_frozen = True
+                if not binary_frozen and step >= config.binary_freeze * total:
+                    if ema is not None:
+                        # Freeze the binary function the evaluated net has, with the float
+                        # parameters it was evaluated with; average the float ones from there.
+                        ema.load()
+                        ema = _ParameterAverage([p for p in rest if id(p) not in latent_ids],
+                                                config.ema_decay)
+                    for p in latent + sel:
+                        p.requires_grad_(False)  # no gradient: Adam skips them
+                    binary_frozen = True
+                    if log is not None:
+                        log(f"  binary weights and selection frozen at step {step}/{total}")
                 config.schedule.apply(model, step / total)
+                if binary_frozen:
+                    for m in selectors:
+                        m.noise = 0.0  # the training forward uses the inference selection
                 xb = xt[idx].contiguous(memory_format=fmt)
                 out = model(xb)
                 loss = F.cross_entropy(out, yt[idx])
@@ -439,7 +475,7 @@ def train(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, conf
                 log(f"  epoch {epoch + 1}/{config.epochs}: loss {losses[-1]:.4f}{acc}{chg} "
                     f"({time.perf_counter() - start:.0f} s)")
     finally:
-        for p in sel:
+        for p in sel + latent:
             p.requires_grad_(True)
     if ema is not None:
         ema.swap()  # the averaged parameters are the trained model
