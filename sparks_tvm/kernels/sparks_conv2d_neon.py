@@ -179,6 +179,9 @@ class _Layout(PaddedTaps):
         nblk = -(-self.c // plan.block)
         self.blocks = [(b * plan.block, min(self.c, (b + 1) * plan.block)) for b in range(nblk)]
         self.acc = accumulator_dtype(self.c)
+        # Nibble rows: byte j of a chunk's row holds ``u`` of pixels j and j + chunk / 2.
+        self.packed = plan.chunk >= 2 * VECTOR
+        self.rowb = plan.tile // 2 if self.packed else plan.tile  # bytes per stage-1 row
         self.bits = index_bits(num_codewords)
         self.per = 8 // self.bits if self.bits < 8 else 1  # index fields per packed byte
         if plan.block % self.per:
@@ -187,7 +190,7 @@ class _Layout(PaddedTaps):
 
 def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
     """Pass 1: gather offsets, codeword bytes, codewords ordered by bit 8 (``count0`` with 0)."""
-    k_, bits, per, tile = lay.k, lay.bits, lay.per, lay.plan.tile
+    k_, bits, per = lay.k, lay.bits, lay.per
     # off[o, f, q] is channel c = q * per + f: each packed byte of a row is loaded once per
     # field, so the loops are whole vectors (blocks start on a byte: block % per == 0).
     with T.parallel(0, lay.o) as o:
@@ -201,7 +204,7 @@ def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
                         field = idx[o, q0 + q] >> _u8(f * bits)
                         kk = tirx.Cast("int32", field & _u8((1 << bits) - 1))
                     # floormod keeps any stored value (a tuning runner's random bytes) in [0, K).
-                    value = ((q * per + f) * k_ + tirx.floormod(kk, k_)) * tile
+                    value = ((q * per + f) * k_ + tirx.floormod(kk, k_)) * lay.rowb
                     T.buffer_store(off, value, [o, f, q0 + q])
     # Codewords sorted by bit 8 (those with it clear first, ``count0[0]`` of them): slot j
     # holds the codeword's ``~code & 0xFF`` byte and its row offset ``k * T`` in a channel.
@@ -214,7 +217,7 @@ def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
             with T.If(((codes[k] >> 8) & 1) == bit):
                 with T.Then():
                     T.buffer_store(agree, tirx.Cast(U8, codes[k]) ^ _u8(0xFF), [count0[slot]])
-                    T.buffer_store(rows, k * lay.plan.tile, [count0[slot]])
+                    T.buffer_store(rows, k * lay.rowb, [count0[slot]])
                     T.buffer_store(count0, count0[slot] + 1, [slot])
 
 
@@ -235,7 +238,7 @@ def _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, s1_bas
         masked_channel = zflag[n * lay.c + c] != _u8(0)
         for sc in range(tile // chunk):
             start = p0 + sc * chunk
-            base = s1_base + (c - c0) * k_ * tile + sc * chunk
+            base = s1_base + (c - c0) * k_ * lay.rowb + sc * (chunk // 2 if lay.packed else chunk)
             t = patch_rows(lay, tneg, n, c, start, L)
             with_probes = probes is not None and sc == lay.vchunk
             with T.If(masked_channel):
@@ -253,12 +256,43 @@ def _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, s1_bas
                     # Tap 8 agrees with a codeword whose bit 8 is b when real and (neg == b).
                     tap9 = ((q9 & ~t[2]) >> two, (q9 & t[2]) >> two)
                     for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-                        tv = T.bind(tap9[b])
+                        tv = _pack_tap(lay, tap9[b])
                         with T.serial(lo, hi) as j:
-                            u = tirx.popcount((nv ^ _bc(agree[j], L)) & mv) + tv
-                            _store(s1, [], base + rows[j], L, u)
+                            _store_u(lay, s1, base + rows[j], tirx.popcount((nv ^ _bc(agree[j], L)) & mv), tv)
                 with T.Else():
                     _fast_chunk(lay, t, agree, rows, count0, s1, base, probes if with_probes else None)
+
+
+def _halves(v, lanes):
+    """Lanes ``[0, lanes / 2)`` and ``[lanes / 2, lanes)`` of a vector (register halves: free)."""
+    h = lanes // 2
+    return (tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(h)]),
+            tirx.Shuffle([v], [tirx.IntImm("int32", h + i) for i in range(h)]))
+
+
+def _pack_tap(lay, tv):
+    """The ninth tap's match ``tv`` (0/1 per pixel of a chunk) as a stage-1 row adds it."""
+    L = lay.plan.chunk
+    if not lay.packed:
+        return T.bind(tv)
+    tv = T.bind(tv)
+    lo, hi = _halves(tv, L)
+    return T.bind(lo | (hi << _bc(_u8(4), L // 2)))
+
+
+def _store_u(lay, s1, addr, cnt, tv):
+    """Store one chunk's ``u = cnt + tv`` row (``tv`` from :func:`_pack_tap`).
+
+    Packed rows put pixel ``j + chunk / 2`` in the high nibble of pixel j's byte: u <= 9
+    fits, the byte sum of cnt (<= 8) and the packed tap cannot carry, and stage 2 then loads
+    half the bytes per output channel (:func:`_stage2`).
+    """
+    L = lay.plan.chunk
+    if not lay.packed:
+        _store(s1, [], addr, L, cnt + tv)
+        return
+    lo, hi = _halves(cnt, L)
+    _store(s1, [], addr, L // 2, (lo | (hi << _bc(_u8(4), L // 2))) + tv)
 
 
 def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
@@ -273,10 +307,9 @@ def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
     nv, n9 = T.bind(nv), T.bind(n9)
     # Tap 8 agrees with a codeword whose bit 8 (its -1) is b when neg == b.
     for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-        tv = T.bind(n9 ^ one if b == 0 else n9)
+        tv = _pack_tap(lay, n9 ^ one if b == 0 else n9)
         with T.serial(lo, hi) as j:
-            u = tirx.popcount(nv ^ _bc(agree[j], L)) + tv
-            _store(s1, [], base + rows[j], L, u)
+            _store_u(lay, s1, base + rows[j], tirx.popcount(nv ^ _bc(agree[j], L)), tv)
 
 
 def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c1, probes):
@@ -290,7 +323,7 @@ def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c
     with T.serial(c0, c1) as c:
         for sc in range(tile // chunk):
             t = patch_rows(lay, tneg, n, c, p0 + sc * chunk, chunk)
-            base = s1_base + (c - c0) * k_ * tile + sc * chunk
+            base = s1_base + (c - c0) * k_ * lay.rowb + sc * (chunk // 2 if lay.packed else chunk)
             _fast_chunk(lay, t, agree, rows, count0, s1, base, probes if sc == lay.vchunk else None)
 
 
@@ -328,15 +361,41 @@ def _probe_popcounts(lay, acc, pop, channels=None):
                 T.buffer_store(pop, (channels(n) - diff) // 2, [n, o, t])
 
 
+def _unpack_sums(lay, total, high):
+    """Per-pixel sums of a block from packed rows, in pixel order.
+
+    ``total`` is the byte sum of the rows (mod 256: each byte adds ``lo + 16 * hi``) and
+    ``high`` the sum of their high nibbles (``>> 4``, exact: at most 28 * 9), so the low
+    nibbles sum to ``total - 16 * high`` mod 256, itself at most 252, hence exact.
+    """
+    tile, chunk, h = lay.plan.tile, lay.plan.chunk, lay.rowb
+    low = total - (high << _bc(_u8(4), h))
+    # Row byte sc * chunk / 2 + j holds pixels sc * chunk + j (low) and + chunk / 2 (high).
+    order = []
+    for sc in range(tile // chunk):
+        order += [sc * chunk // 2 + j for j in range(chunk // 2)]
+        order += [h + sc * chunk // 2 + j for j in range(chunk // 2)]
+    return tirx.Shuffle([low, high], [tirx.IntImm("int32", i) for i in order])
+
+
 def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
-    """Stage 2 of one channel block: per output channel, the sum of its gathered rows."""
-    tile = lay.plan.tile
+    """Stage 2 of one channel block: per output channel, the sum of its gathered rows.
+
+    The sum stays in byte registers (``u <= 9``, at most 28 channels); packed rows add each
+    loaded byte once to the total and once, shifted, to the high-nibble sum (``usra``).
+    """
+    tile, h = lay.plan.tile, lay.rowb
     with T.serial(0, o_count) as ol:
         o = o_lo + ol
-        total = None
+        total = high = None
         for c in range(c0, c1):
-            row = _load(s1, [], s1_base + off[o, c % lay.per, c // lay.per], tile)
+            row = _load(s1, [], s1_base + off[o, c % lay.per, c // lay.per], h)
             total = row if total is None else total + row
+            if lay.packed:
+                top = row >> _bc(_u8(4), h)
+                high = top if high is None else high + top
+        if lay.packed:
+            total = _unpack_sums(lay, total, high)
         wide = tirx.Cast(f"{lay.acc}x{tile}", total)
         if not first:
             wide = _load(acc, [n, o], p0, tile) + wide
@@ -351,7 +410,7 @@ def _tasks_by_tile(lay, stage1, off, acc):
     plan, k_ = lay.plan, lay.k
     with T.parallel(0, lay.n * lay.tiles) as task:
         n, p0 = task // lay.tiles, task % lay.tiles * plan.tile
-        s1 = T.alloc_buffer([plan.block * k_ * plan.tile], U8)
+        s1 = T.alloc_buffer([plan.block * k_ * lay.rowb], U8)
         for i, (c0, c1) in enumerate(lay.blocks):
             stage1(s1, 0, n, p0, i, c0, c1, [n], task % lay.tiles == lay.tiles - 1)
             _stage2(lay, s1, 0, off, acc, n, 0, lay.o, p0, c0, c1, first=i == 0)
@@ -364,7 +423,7 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
     then stage 2 per (tile, output-channel chunk): no task recomputes another's stage 1.
     """
     plan, k_, n_ = lay.plan, lay.k, lay.n
-    nb, rows_b = len(lay.blocks), plan.block * k_ * plan.tile
+    nb, rows_b = len(lay.blocks), plan.block * k_ * lay.rowb
     s1 = T.alloc_buffer([n_ * lay.tiles * nb * rows_b], U8)
     rpart = T.alloc_buffer([n_, nb, lay.pp], lay.acc) if masked else None
     if masked:  # stage 1 adds the real taps of the channels that held a 0
