@@ -33,6 +33,7 @@ from sparks_tvm.cost import sparks_is_cheaper
 from sparks_tvm.kernels import binary_conv2d_neon, float_conv2d_neon, max_pool2d_neon
 from sparks_tvm.kernels.sparks_conv2d_neon import default_plan, sparks_conv2d_neon_primfunc
 from sparks_tvm.kernels.sparks_conv2d_neon import padded_pixels as sparks_padded_pixels
+from sparks_tvm.target import is_aarch64
 
 from .host import HostSchedules, groups_per_block, output_chunks, register_deferred_kind
 
@@ -96,6 +97,8 @@ class ArmSchedules(HostSchedules):
     #: Tuned NEON plans and Sparks-vs-dense choices (``sparks_tvm.tune.arm_records.ArmPlans``),
     #: or None: the defaults. Set by :meth:`for_target` for ``compile(..., tuning_db=...)``.
     plans = None
+    #: The target is aarch64 (AArch64 intrinsics allowed); :meth:`for_target` sets it.
+    aarch64 = True
 
     @classmethod
     def for_target(cls, target, plans=None) -> "ArmSchedules":
@@ -108,6 +111,7 @@ class ArmSchedules(HostSchedules):
         cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else DEFAULT_ARM_CORES
         sched = cls(cores=max(1, cores))
         sched.plans = plans
+        sched.aarch64 = is_aarch64(target)
         return sched
 
     #: Stage-2 pixel tile of the Sparks op on NEON, chosen with benchmarks/bench_arm_icount.py's
@@ -148,7 +152,7 @@ class ArmSchedules(HostSchedules):
     def schedule_sparks_conv2d(self, geom, num_codewords: int, mode: str, shift: bool = False):
         """The NEON Sparks kernel (same parameters and output as the host kernel)."""
         plan = self.neon_plan(geom, num_codewords)
-        func = sparks_conv2d_neon_primfunc(geom, num_codewords, mode, plan, shift=shift)
+        func = sparks_conv2d_neon_primfunc(geom, num_codewords, mode, plan, shift=shift, aarch64=self.aarch64)
         return self._finish(func, {"kind": "sparks_neon", "lanes": OUT_LANES})
 
     def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False):

@@ -72,7 +72,8 @@ from .common import ConvGeometry, int64_shape, nchw_output
 from .neon_padding import PaddedTaps, correct_padding, mask_free_or_masked
 from .sparks_neon_planes import binarize_rows, patch_rows, triples
 from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
-from .vector_tir import U8, VECTOR, extern, padded
+from .vector_tir import U8, VECTOR, extern, padded, whole_chunks
+from .vector_tir import vt as _vt
 from .vector_tir import bc as _bc, load as _load, store as _store, u8 as _u8
 
 #: Channels summed in one byte: u <= 9 per channel, 28 * 9 = 252.
@@ -154,8 +155,8 @@ def padded_pixels(pixels: int, tile: int, chunk: int) -> int:
 class _Layout(PaddedTaps):
     """Derived sizes of one layer (kept apart from the builder functions for readability)."""
 
-    def __init__(self, geom: ConvGeometry, num_codewords: int, plan: NeonSparksPlan):
-        self.geom, self.k, self.plan = geom, num_codewords, plan
+    def __init__(self, geom: ConvGeometry, num_codewords: int, plan: NeonSparksPlan, aarch64: bool = False):
+        self.geom, self.k, self.plan, self.aarch64 = geom, num_codewords, plan, aarch64
         self.n, self.c, self.h, self.w = geom.in_shape
         self.o = geom.out_channels
         self.kh, self.kw = 3, 3
@@ -193,19 +194,30 @@ def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
     k_, bits, per = lay.k, lay.bits, lay.per
     # off[o, f, q] is channel c = q * per + f: each packed byte of a row is loaded once per
     # field, so the loops are whole vectors (blocks start on a byte: block % per == 0).
+    # Row numbers within a block are below 28 * 256: uint16 lanes, widened by the multiply by
+    # the row bytes (``ushll``). ``first[q]``: the first row of packed byte q's channels in
+    # their block; whole vectors over each output's row of bytes, the last overlapping.
+    u16, nq = "uint16", -(-lay.c // per)
+    first = T.alloc_buffer([nq], u16)
+    for c0, c1 in lay.blocks:
+        with T.serial(c0 // per, -(-c1 // per)) as q:
+            T.buffer_store(first, tirx.Cast(u16, (q * per - c0) * k_), [q])
+
+    def const(value, lanes, dtype=u16):
+        return _bc(tirx.const(value, dtype), lanes)
+
     with T.parallel(0, lay.o) as o:
-        for c0, c1 in lay.blocks:
-            q0, q1 = c0 // per, -(-c1 // per)
+        for s, lanes in whole_chunks(0, nq):
+            packed = _load(idx, [o], s, lanes)
             for f in range(per):
-                with T.vectorized(0, q1 - q0) as q:
-                    if bits >= 8:
-                        kk = tirx.Cast("int32", idx[o, q0 + q])
-                    else:
-                        field = idx[o, q0 + q] >> _u8(f * bits)
-                        kk = tirx.Cast("int32", field & _u8((1 << bits) - 1))
-                    # floormod keeps any stored value (a tuning runner's random bytes) in [0, K).
-                    value = ((q * per + f) * k_ + tirx.floormod(kk, k_)) * lay.rowb
-                    T.buffer_store(off, value, [o, f, q0 + q])
+                if bits >= 8:
+                    kk = tirx.Cast(_vt(u16, lanes), packed)
+                else:
+                    field = (packed >> _bc(_u8(f * bits), lanes)) & _bc(_u8((1 << bits) - 1), lanes)
+                    kk = tirx.Cast(_vt(u16, lanes), field)
+                # floormod keeps any stored value (a tuning runner's random bytes) in [0, K).
+                row = _load(first, [], s, lanes) + const(f * k_, lanes) + tirx.floormod(kk, const(k_, lanes))
+                _store(off, [o, f], s, lanes, tirx.Cast(_vt("int32", lanes), row) * const(lay.rowb, lanes, "int32"))
     # Codewords sorted by bit 8 (those with it clear first, ``count0[0]`` of them): slot j
     # holds the codeword's ``~code & 0xFF`` byte and its row offset ``k * T`` in a channel.
     T.buffer_store(count0, tirx.const(0, "int32"), [0])
@@ -292,7 +304,26 @@ def _store_u(lay, s1, addr, cnt, tv):
         _store(s1, [], addr, L, cnt + tv)
         return
     lo, hi = _halves(cnt, L)
-    _store(s1, [], addr, L // 2, (lo | (hi << _bc(_u8(4), L // 2))) + tv)
+    _store(s1, [], addr, L // 2, _insert_high(lo, hi, L // 2, lay.aarch64) + tv)
+
+
+def _insert_high(lo, hi, lanes, aarch64):
+    """``lo | hi << 4`` for nibbles ``lo``: one ``sli`` per 16 bytes on aarch64.
+
+    LLVM knows a byte popcount is below 16, drops the mask its ``sli`` pattern needs and
+    emits a shift and an add instead; the intrinsic keeps it one instruction. Elsewhere (the
+    host tests run this kernel) the portable expression.
+    """
+    if not aarch64:
+        return lo | (hi << _bc(_u8(4), lanes))
+    parts = []
+    for q in range(0, lanes, VECTOR):
+        piece = [tirx.IntImm("int32", q + i) for i in range(VECTOR)]
+        parts.append(tirx.call_llvm_pure_intrin(f"{U8}x{VECTOR}", "llvm.aarch64.neon.vsli", tirx.Shuffle([lo], piece),
+                                                tirx.Shuffle([hi], piece), tirx.const(4, "int32")))
+    if len(parts) == 1:
+        return parts[0]
+    return tirx.Shuffle(parts, [tirx.IntImm("int32", i) for i in range(lanes)])
 
 
 def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
@@ -536,7 +567,7 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
 
 
 def sparks_conv2d_neon_compute(geom: ConvGeometry, num_codewords: int, mode: str, plan: NeonSparksPlan | None = None,
-                               shift: bool = False):
+                               shift: bool = False, aarch64: bool = False):
     """Define the NEON Sparks convolution (same parameters and result as the generic kernel).
 
     Parameters
@@ -551,6 +582,9 @@ def sparks_conv2d_neon_compute(geom: ConvGeometry, num_codewords: int, mode: str
         Tile and blocking (:func:`default_plan` when omitted).
     shift : bool
         Take a per-channel float32 ``shift`` added to the activations before binarization.
+    aarch64 : bool
+        Use AArch64 intrinsics where LLVM misses the instruction (``sli``); False keeps the
+        kernel buildable for any LLVM target.
 
     Returns
     -------
@@ -566,7 +600,7 @@ def sparks_conv2d_neon_compute(geom: ConvGeometry, num_codewords: int, mode: str
         raise ValueError(f"tile and chunk must be multiples of {VECTOR}, chunk dividing tile: {plan}")
     if not 1 <= plan.block <= MAX_BLOCK or geom.out_channels % plan.o_chunks:
         raise ValueError(f"channel block must be in [1, {MAX_BLOCK}] and o_chunks divide O: {plan}")
-    lay = _Layout(geom, num_codewords, plan)
+    lay = _Layout(geom, num_codewords, plan, aarch64)
     shp = int64_shape
     data = te.placeholder(shp(*geom.in_shape), "float32", name="data")
     codes = te.placeholder(shp(num_codewords), "int32", name="codes")
@@ -584,7 +618,7 @@ def sparks_conv2d_neon_compute(geom: ConvGeometry, num_codewords: int, mode: str
 
 
 def sparks_conv2d_neon_primfunc(geom: ConvGeometry, num_codewords: int, mode: str,
-                                plan: NeonSparksPlan | None = None, shift: bool = False):
+                                plan: NeonSparksPlan | None = None, shift: bool = False, aarch64: bool = False):
     """Unscheduled PrimFunc (NCHW output, epilogue-fusable ``out`` block)."""
-    func = te.create_prim_func(sparks_conv2d_neon_compute(geom, num_codewords, mode, plan, shift))
+    func = te.create_prim_func(sparks_conv2d_neon_compute(geom, num_codewords, mode, plan, shift, aarch64))
     return nchw_output(func, geom.out_width).with_attr({"tir.noalias": True})

@@ -10,7 +10,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
-from .vector_tir import U8, VECTOR, sign_bits, top_bytes, zero_evidence
+from .vector_tir import U8, VECTOR, sign_bits, top_bytes, whole_chunks, zero_evidence
 from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
 
 
@@ -40,7 +40,7 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
         for x in side:
             for plane in planes.values():
                 T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
-        for x0, lanes in _chunks(0, lay.w):
+        for x0, lanes in whole_chunks(0, lay.w):  # stores repeat at most a value
             v = _load(data, [n, c, y], x0, lanes)
             if shift is not None:
                 v = v + _bc(shift[c], lanes)
@@ -100,7 +100,10 @@ def triples(lay, pairs, n, c):
         if sw == 2:  # fewer than 8 columns: column pairs (2w, 2w + 1) as 16-bit lanes
             words = T.decl_buffer([_size(plane) // 2], "uint16", data=plane.data)
             one = tirx.const(1, "uint16")
-            with T.vectorized(0, ow) as w:
+            # Non-flat rows: 8 lanes, whole vectors (7 legalize lane by lane). The lanes past
+            # OW read the row's spare words and the next row, and their triples land where
+            # the next output row's (or the zeroed pixels past OH * OW) are written after.
+            with T.vectorized(0, 8 if not lay.flat and ow >= 4 else ow) as w:
                 at = ((n * lay.c + c) * plane.shape[2] + y) * (lay.cols // 2) + w
                 lo, hi = words[at], words[at + 1]
                 word = (lo & one) | ((lo >> tirx.const(8, "uint16")) << one) | ((hi & one) << tirx.const(2, "uint16"))

@@ -80,6 +80,31 @@ def chunks(lo: int, hi: int, step: int = VECTOR) -> list:
     return [(x, min(step, hi - x)) for x in range(lo, hi, step)]
 
 
+def whole_chunks(lo: int, hi: int, step: int = VECTOR) -> list:
+    """``[lo, hi)`` as ``(start, lanes)`` vectors of power-of-two lanes, the last overlapping.
+
+    Like :func:`chunks`, for stores that may be repeated (same value, same place): a tail of
+    12 or 14 lanes becomes one 16-lane vector ending at ``hi`` (LLVM legalizes other lane
+    counts into lane-by-lane moves); rows shorter than a vector take the largest power of two
+    that fits, then one overlapping it.
+    """
+    out, x = [], lo
+    while x < hi:
+        rest = min(hi - x, step)
+        if rest == step:
+            out.append((x, step))
+            x += step
+            continue
+        up = 1 << (rest - 1).bit_length()
+        if hi - up >= lo:
+            out.append((hi - up, up))
+            break
+        down = 1 << (rest.bit_length() - 1)
+        out.append((x, down))
+        x += down
+    return out
+
+
 def extern(name: str, ins: list, out_shapes: list, dtypes: list, out_names: list, body):
     """``te.extern`` of a hand-written body with plain buffers (``layout=None``, no symbolic
     element offset: te.extern's default ones make Relax's FuseTIR refuse the kernel)."""
