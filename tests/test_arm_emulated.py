@@ -73,6 +73,9 @@ def _small_layers():
         (ConvGeometry(1, 64, 8, 8, 70, stride=(1, 1), padding=(1, 0, 1, 0)), 64, "sign"),
         # stride 1, 143 pixels: NEON's 64-pixel tile (flat planes), the last tile partial
         (ConvGeometry(2, 19, 11, 13, 21, stride=(1, 1)), 16, "sign"),
+        # 14-wide rows (two overlapping 8-lane binarize vectors), 7 output columns at stride 2
+        # (8-lane triples past the row), K = 16 with packed rows
+        (ConvGeometry(1, 30, 14, 14, 20, stride=(2, 2)), 16, "sign"),
     ]
     rand = []
     for _ in range(3):

@@ -168,3 +168,19 @@ def test_probe_lanes_fit_in_one_chunk():
             v = virtual_base(pixels, pp, chunk)
             assert pp % tile == 0 and v is not None and v >= pixels and v + VIRTUAL <= pp
             assert v // chunk == (v + VIRTUAL - 1) // chunk
+
+
+@pytest.mark.parametrize("n", [1, 3, 5, 7, 12, 14, 16, 28, 56, 97])
+def test_whole_chunks_cover_rows_with_whole_vectors(n):
+    """Every column once or more, inside the row, lanes powers of two, none short in a long row."""
+    from sparks_tvm.kernels.vector_tir import whole_chunks
+
+    chunks = whole_chunks(0, n)
+    covered = [0] * n
+    for start, lanes in chunks:
+        assert 0 <= start and start + lanes <= n and lanes & (lanes - 1) == 0
+        for x in range(start, start + lanes):
+            covered[x] += 1
+    assert min(covered) == 1
+    least = 8 if n >= 8 else 4 if n >= 4 else 1
+    assert all(lanes >= least for _, lanes in chunks)

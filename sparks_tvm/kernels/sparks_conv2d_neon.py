@@ -177,6 +177,11 @@ class _Layout(PaddedTaps):
         self.binrows = self.rows if self.flat else hp
         cols = max(self.w + self.pl + self.pr, self.sw * (self.ow - 1) + 3)
         self.cols = cols + cols % 2  # even: rows start on a 16-bit boundary (stride-2 triples)
+        # Triples of rows narrower than 8 output columns are written 8 at a time: a spare
+        # plane row for their reads, a spare vector after each channel's flat triples.
+        self.narrow = 4 <= self.ow < 8
+        self.spare_row = int(self.sw == 2 or self.narrow)
+        self.tstride = self.rows * self.ow + (VECTOR if self.narrow else 0)  # flat triples per channel
         nblk = -(-self.c // plan.block)
         self.blocks = [(b * plan.block, min(self.c, (b + 1) * plan.block)) for b in range(nblk)]
         self.acc = accumulator_dtype(self.c)
@@ -455,7 +460,9 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
     """
     plan, k_, n_ = lay.plan, lay.k, lay.n
     nb, rows_b = len(lay.blocks), plan.block * k_ * lay.rowb
-    s1 = T.alloc_buffer([n_ * lay.tiles * nb * rows_b], U8)
+    # One buffer per channel block: a row's address is then a register plus the gather
+    # offset, and its loads pair (a block's constant base would not fit ``ldp``'s offset).
+    s1 = [T.alloc_buffer([n_ * lay.tiles * rows_b], U8) for _ in range(nb)]
     rpart = T.alloc_buffer([n_, nb, lay.pp], lay.acc) if masked else None
     if masked:  # stage 1 adds the real taps of the channels that held a 0
         with T.serial(0, n_ * nb) as nb_:
@@ -466,13 +473,14 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
         for i, (c0, c1) in enumerate(lay.blocks):
             with T.If(b == i):
                 with T.Then():
-                    stage1(s1, task * rows_b, n, t * plan.tile, i, c0, c1, [n, i], t == lay.tiles - 1, rpart)
+                    stage1(s1[i], task // nb * rows_b, n, t * plan.tile, i, c0, c1, [n, i], t == lay.tiles - 1,
+                           rpart)
     chunk_o = lay.o // plan.o_chunks
     with T.parallel(0, n_ * lay.tiles * plan.o_chunks) as task:
         n, t, oc = task // (lay.tiles * plan.o_chunks), task // plan.o_chunks % lay.tiles, task % plan.o_chunks
         for i, (c0, c1) in enumerate(lay.blocks):
-            base = ((n * lay.tiles + t) * nb + i) * rows_b
-            _stage2(lay, s1, base, off, acc, n, oc * chunk_o, chunk_o, t * plan.tile, c0, c1, first=i == 0)
+            _stage2(lay, s1[i], (n * lay.tiles + t) * rows_b, off, acc, n, oc * chunk_o, chunk_o, t * plan.tile, c0, c1,
+                    first=i == 0)
     if masked:
         with T.parallel(0, n_) as n:
             with T.serial(0, lay.pp // VECTOR) as q:
@@ -494,9 +502,10 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
     shift = ins[3] if with_shift else None
     acc, rsum = outs
     n_, c_, k_, plan = lay.n, lay.c, lay.k, lay.plan
-    tshape = [n_, c_, lay.rows * lay.ow] if lay.flat else [n_, c_, 3, lay.pp]
-    # A spare row at column stride 2: the last row's ``ld2`` of the next pair reads past it.
-    pshape = [n_, c_, lay.binrows + (lay.sw == 2), lay.cols]
+    tshape = [n_, c_, lay.tstride] if lay.flat else [n_, c_, 3, lay.pp]
+    # A spare row at column stride 2 (the last row's ``ld2`` of the next pair reads past it)
+    # and for narrow rows (:attr:`_Layout.narrow`).
+    pshape = [n_, c_, lay.binrows + lay.spare_row, lay.cols]
     with IRBuilder() as ib:
         with T.seq_scope():
             off = T.alloc_buffer([lay.o, lay.per, -(-c_ // lay.per)], "int32")

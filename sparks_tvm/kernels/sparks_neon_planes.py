@@ -36,28 +36,51 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
         # A running minimum of :func:`zero_evidence`: a lane reaches 0 where a value may be 0.
         zl = T.alloc_buffer([VECTOR], U8, scope="local")
         _store(zl, [], 0, VECTOR, _bc(_u8(0xFF), VECTOR))
-    with T.serial(0, lay.h) as y:
-        for x in side:
-            for plane in planes.values():
-                T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
-        for x0, lanes in whole_chunks(0, lay.w):  # stores repeat at most a value
-            v = _load(data, [n, c, y], x0, lanes)
-            if shift is not None:
-                v = v + _bc(shift[c], lanes)
-            v = T.bind(v)
-            fz = _bc(f0, lanes)
-            top = T.bind(top_bytes(v, lanes)) if mode == "sign" and lanes > 1 else None
-            for which, plane in planes.items():
-                if which == "real":
-                    byte = tirx.Cast(_vt(U8, lanes), v != fz)
-                elif top is not None:
-                    byte = sign_bits(v, lanes, top)  # differs from v < 0 only at -0.0: a zero, masked
-                else:
-                    byte = tirx.Cast(_vt(U8, lanes), v <= fz if mode == "gt" else v < fz)
-                _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, byte)
-            if zl is not None:
-                evidence = zero_evidence(top, lanes) if top is not None else tirx.Cast(_vt(U8, lanes), v != fz)
-                _store(zl, [], 0, lanes, tirx.Min(_load(zl, [], 0, lanes), evidence))
+    def binarize(v, lanes, store):
+        """Binarize ``lanes`` values ``v``: ``store(which, bytes)`` per plane, zero evidence."""
+        if shift is not None:
+            v = v + _bc(shift[c], lanes)
+        v = T.bind(v)
+        fz = _bc(f0, lanes)
+        top = T.bind(top_bytes(v, lanes)) if mode == "sign" and lanes > 1 else None
+        for which in planes:
+            if which == "real":
+                byte = tirx.Cast(_vt(U8, lanes), v != fz)
+            elif top is not None:
+                byte = sign_bits(v, lanes, top)  # differs from v < 0 only at -0.0: a zero, masked
+            else:
+                byte = tirx.Cast(_vt(U8, lanes), v <= fz if mode == "gt" else v < fz)
+            store(which, byte)
+        if zl is not None:
+            evidence = zero_evidence(top, lanes) if top is not None else tirx.Cast(_vt(U8, lanes), v != fz)
+            _store(zl, [], 0, lanes, tirx.Min(_load(zl, [], 0, lanes), evidence))
+
+    hw = lay.h * lay.w
+    if lay.w < VECTOR <= hw:
+        # Narrow rows (7, 14 columns): binarize the channel's contiguous values in whole
+        # 16-lane vectors into a flat byte row, then copy it row by row into the padded plane
+        # (rows of fewer than 16 floats legalize into lane-by-lane moves).
+        src = T.decl_buffer([_size(data)], "float32", data=data.data)
+        flat = {which: T.alloc_buffer([hw], U8) for which in planes}
+        base = (n * lay.c + c) * hw
+        for x0, lanes in whole_chunks(0, hw):
+            binarize(_load(src, [], base + x0, lanes), lanes,
+                     lambda which, byte: _store(flat[which], [], x0, lanes, byte))
+        with T.serial(0, lay.h) as y:
+            for x in side:
+                for plane in planes.values():
+                    T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+            for x0, lanes in whole_chunks(0, lay.w):
+                for which, plane in planes.items():
+                    _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, _load(flat[which], [], y * lay.w + x0, lanes))
+    else:
+        with T.serial(0, lay.h) as y:
+            for x in side:
+                for plane in planes.values():
+                    T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+            for x0, lanes in whole_chunks(0, lay.w):  # stores repeat at most a value
+                binarize(_load(data, [n, c, y], x0, lanes), lanes,
+                         lambda which, byte: _store(planes[which], [n, c, y + lay.pt], x0 + lay.pl, lanes, byte))
     if zl is not None:
         least = zl[0]
         for i in range(1, VECTOR):
@@ -103,14 +126,22 @@ def triples(lay, pairs, n, c):
             # Non-flat rows: 8 lanes, whole vectors (7 legalize lane by lane). The lanes past
             # OW read the row's spare words and the next row, and their triples land where
             # the next output row's (or the zeroed pixels past OH * OW) are written after.
-            with T.vectorized(0, 8 if not lay.flat and ow >= 4 else ow) as w:
+            with T.vectorized(0, 8 if not lay.flat and lay.narrow else ow) as w:
                 at = ((n * lay.c + c) * plane.shape[2] + y) * (lay.cols // 2) + w
                 lo, hi = words[at], words[at + 1]
                 word = (lo & one) | ((lo >> tirx.const(8, "uint16")) << one) | ((hi & one) << tirx.const(2, "uint16"))
                 T.buffer_store(tplane, tirx.Cast(U8, word), [dst + w])
             return
-        # Column stride 1: a vector loop of contiguous loads; larger strides stay scalar.
-        with (T.vectorized if sw == 1 else T.serial)(0, ow) as w:
+        if sw == 1:  # contiguous loads, whole vectors (the last overlapping: same values)
+            # Narrow rows: one 8-lane vector, its lanes past OW overwritten by the next row's
+            # triples (or in the spare vector / past the pixels).
+            for w0, lanes in [(0, 8)] if lay.narrow else whole_chunks(0, ow):
+                value = (_load(plane, [n, c, y], w0, lanes) | (_load(plane, [n, c, y], w0 + 1, lanes) << _bc(_u8(1), lanes))
+                         | (_load(plane, [n, c, y], w0 + 2, lanes) << _bc(_u8(2), lanes)))
+                _store(tplane, [], dst + w0, lanes, value)
+            return
+        # Larger column strides stay scalar.
+        with T.serial(0, ow) as w:
             value = (plane[n, c, y, w * sw] | (plane[n, c, y, w * sw + 1] << _u8(1))
                      | (plane[n, c, y, w * sw + 2] << _u8(2)))
             T.buffer_store(tplane, value, [dst + w])
@@ -120,7 +151,7 @@ def triples(lay, pairs, n, c):
     if lay.flat:
         with T.serial(0, lay.rows) as y:
             for plane, flat in flats:
-                row(plane, flat, y, (n * lay.c + c) * lay.rows * ow + y * ow)
+                row(plane, flat, y, (n * lay.c + c) * lay.tstride + y * ow)
         return
     with T.serial(0, lay.oh) as r:
         for dy in range(3):

@@ -86,7 +86,8 @@ def whole_chunks(lo: int, hi: int, step: int = VECTOR) -> list:
     Like :func:`chunks`, for stores that may be repeated (same value, same place): a tail of
     12 or 14 lanes becomes one 16-lane vector ending at ``hi`` (LLVM legalizes other lane
     counts into lane-by-lane moves); rows shorter than a vector take the largest power of two
-    that fits, then one overlapping it.
+    that fits, then one overlapping it; no vector is shorter than 8 lanes in a row of 8 or more
+    (4 in a row of 4 to 7).
     """
     out, x = [], lo
     while x < hi:
@@ -95,7 +96,9 @@ def whole_chunks(lo: int, hi: int, step: int = VECTOR) -> list:
             out.append((x, step))
             x += step
             continue
-        up = 1 << (rest - 1).bit_length()
+        # The tail: one vector ending at hi, of at least 8 lanes where the row has them (a
+        # 4-lane byte vector legalizes into 16-bit lanes and back).
+        up = max(1 << (rest - 1).bit_length(), 8 if hi - lo >= 8 else 4 if hi - lo >= 4 else 1)
         if hi - up >= lo:
             out.append((hi - up, up))
             break
