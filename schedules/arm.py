@@ -166,12 +166,12 @@ class ArmSchedules(HostSchedules):
 
     #: Whole-layer aarch64 instruction model of the two NEON kernels, least-squares fitted to
     #: the 21 counted layers of ``benchmarks/results/arm_icount.json`` (7 ResNet-18 shapes x K
-    #: 16/32/64; it picks the cheaper kernel on 20 of 21, the other a 0.4% tie: 64->128 s2
-    #: K=64, 2.69 vs 2.68 M). Sparks: per ``C*K*PP`` (stage 1), ``C*O*PP`` (stage 2), input
-    #: element (binarize, triples), ``PP`` the kernel's padded pixels. Dense: per 16-pixel x
+    #: 16/32/64, code d0216bc; it picks the cheaper kernel on all 21). Sparks: per ``C*K*PP``
+    #: (stage 1), ``C*O*PP`` (stage 2), input element (binarize, triples), ``PP`` the kernel's
+    #: padded pixels. Dense: per 16-pixel x
     #: channel-byte x tap x output step, input element, output element (no per-call term:
     #: with one, the fit extrapolates to small layers badly).
-    SPARKS_MODEL = (0.2378, 0.1829, 1.911)
+    SPARKS_MODEL = (0.2461, 0.1418, 1.329)
     DENSE_MODEL = (4.471, 3.206, -0.1996)
 
     def estimated_instructions(self, geom, num_codewords: int | None) -> float:
