@@ -11,7 +11,7 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
 from .vector_tir import U8, VECTOR, sign_bits, top_bytes, whole_chunks, zero_evidence
-from .vector_tir import bc as _bc, chunks as _chunks, load as _load, store as _store, u8 as _u8, vt as _vt
+from .vector_tir import bc as _bc, load as _load, store as _store, u8 as _u8, vt as _vt
 
 
 def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
