@@ -33,7 +33,6 @@ from sparks_tvm.cost import sparks_is_cheaper
 from sparks_tvm.kernels import binary_conv2d_neon, float_conv2d_neon, max_pool2d_neon
 from sparks_tvm.kernels.sparks_conv2d_neon import default_plan, sparks_conv2d_neon_primfunc
 from sparks_tvm.kernels.sparks_conv2d_neon import padded_pixels as sparks_padded_pixels
-from sparks_tvm.target import is_aarch64
 
 from .host import HostSchedules, groups_per_block, output_chunks, register_deferred_kind
 
@@ -111,7 +110,7 @@ class ArmSchedules(HostSchedules):
         cores = int(target.attrs["num-cores"]) if "num-cores" in target.attrs else DEFAULT_ARM_CORES
         sched = cls(cores=max(1, cores))
         sched.plans = plans
-        sched.aarch64 = is_aarch64(target)
+        sched.aarch64 = str(target.attrs.get("mtriple", "")).startswith(("aarch64", "arm64"))
         return sched
 
     #: Stage-2 pixel tile of the Sparks op on NEON, chosen with benchmarks/bench_arm_icount.py's

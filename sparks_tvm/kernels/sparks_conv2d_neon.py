@@ -71,6 +71,7 @@ from tvm.script.ir_builder import tirx as T
 from .common import ConvGeometry, int64_shape, nchw_output
 from .neon_padding import PaddedTaps, correct_padding, mask_free_or_masked
 from .sparks_neon_planes import binarize_rows, patch_rows, triples
+from .sparks_neon_rows import pack_tap, store_u, unpack_sums
 from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
 from .vector_tir import U8, VECTOR, extern, padded, whole_chunks
 from .vector_tir import vt as _vt
@@ -273,62 +274,11 @@ def _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, s1_bas
                     # Tap 8 agrees with a codeword whose bit 8 is b when real and (neg == b).
                     tap9 = ((q9 & ~t[2]) >> two, (q9 & t[2]) >> two)
                     for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-                        tv = _pack_tap(lay, tap9[b])
+                        tv = pack_tap(lay, tap9[b])
                         with T.serial(lo, hi) as j:
-                            _store_u(lay, s1, base + rows[j], tirx.popcount((nv ^ _bc(agree[j], L)) & mv), tv)
+                            store_u(lay, s1, base + rows[j], tirx.popcount((nv ^ _bc(agree[j], L)) & mv), tv)
                 with T.Else():
                     _fast_chunk(lay, t, agree, rows, count0, s1, base, probes if with_probes else None)
-
-
-def _halves(v, lanes):
-    """Lanes ``[0, lanes / 2)`` and ``[lanes / 2, lanes)`` of a vector (register halves: free)."""
-    h = lanes // 2
-    return (tirx.Shuffle([v], [tirx.IntImm("int32", i) for i in range(h)]),
-            tirx.Shuffle([v], [tirx.IntImm("int32", h + i) for i in range(h)]))
-
-
-def _pack_tap(lay, tv):
-    """The ninth tap's match ``tv`` (0/1 per pixel of a chunk) as a stage-1 row adds it."""
-    L = lay.plan.chunk
-    if not lay.packed:
-        return T.bind(tv)
-    tv = T.bind(tv)
-    lo, hi = _halves(tv, L)
-    return T.bind(lo | (hi << _bc(_u8(4), L // 2)))
-
-
-def _store_u(lay, s1, addr, cnt, tv):
-    """Store one chunk's ``u = cnt + tv`` row (``tv`` from :func:`_pack_tap`).
-
-    Packed rows put pixel ``j + chunk / 2`` in the high nibble of pixel j's byte: u <= 9
-    fits, the byte sum of cnt (<= 8) and the packed tap cannot carry, and stage 2 then loads
-    half the bytes per output channel (:func:`_stage2`).
-    """
-    L = lay.plan.chunk
-    if not lay.packed:
-        _store(s1, [], addr, L, cnt + tv)
-        return
-    lo, hi = _halves(cnt, L)
-    _store(s1, [], addr, L // 2, _insert_high(lo, hi, L // 2, lay.aarch64) + tv)
-
-
-def _insert_high(lo, hi, lanes, aarch64):
-    """``lo | hi << 4`` for nibbles ``lo``: one ``sli`` per 16 bytes on aarch64.
-
-    LLVM knows a byte popcount is below 16, drops the mask its ``sli`` pattern needs and
-    emits a shift and an add instead; the intrinsic keeps it one instruction. Elsewhere (the
-    host tests run this kernel) the portable expression.
-    """
-    if not aarch64:
-        return lo | (hi << _bc(_u8(4), lanes))
-    parts = []
-    for q in range(0, lanes, VECTOR):
-        piece = [tirx.IntImm("int32", q + i) for i in range(VECTOR)]
-        parts.append(tirx.call_llvm_pure_intrin(f"{U8}x{VECTOR}", "llvm.aarch64.neon.vsli", tirx.Shuffle([lo], piece),
-                                                tirx.Shuffle([hi], piece), tirx.const(4, "int32")))
-    if len(parts) == 1:
-        return parts[0]
-    return tirx.Shuffle(parts, [tirx.IntImm("int32", i) for i in range(lanes)])
 
 
 def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
@@ -343,9 +293,9 @@ def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
     nv, n9 = T.bind(nv), T.bind(n9)
     # Tap 8 agrees with a codeword whose bit 8 (its -1) is b when neg == b.
     for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-        tv = _pack_tap(lay, n9 ^ one if b == 0 else n9)
+        tv = pack_tap(lay, n9 ^ one if b == 0 else n9)
         with T.serial(lo, hi) as j:
-            _store_u(lay, s1, base + rows[j], tirx.popcount(nv ^ _bc(agree[j], L)), tv)
+            store_u(lay, s1, base + rows[j], tirx.popcount(nv ^ _bc(agree[j], L)), tv)
 
 
 def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c1, probes):
@@ -397,23 +347,6 @@ def _probe_popcounts(lay, acc, pop, channels=None):
                 T.buffer_store(pop, (channels(n) - diff) // 2, [n, o, t])
 
 
-def _unpack_sums(lay, total, high):
-    """Per-pixel sums of a block from packed rows, in pixel order.
-
-    ``total`` is the byte sum of the rows (mod 256: each byte adds ``lo + 16 * hi``) and
-    ``high`` the sum of their high nibbles (``>> 4``, exact: at most 28 * 9), so the low
-    nibbles sum to ``total - 16 * high`` mod 256, itself at most 252, hence exact.
-    """
-    tile, chunk, h = lay.plan.tile, lay.plan.chunk, lay.rowb
-    low = total - (high << _bc(_u8(4), h))
-    # Row byte sc * chunk / 2 + j holds pixels sc * chunk + j (low) and + chunk / 2 (high).
-    order = []
-    for sc in range(tile // chunk):
-        order += [sc * chunk // 2 + j for j in range(chunk // 2)]
-        order += [h + sc * chunk // 2 + j for j in range(chunk // 2)]
-    return tirx.Shuffle([low, high], [tirx.IntImm("int32", i) for i in order])
-
-
 def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
     """Stage 2 of one channel block: per output channel, the sum of its gathered rows.
 
@@ -431,7 +364,7 @@ def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
                 top = row >> _bc(_u8(4), h)
                 high = top if high is None else high + top
         if lay.packed:
-            total = _unpack_sums(lay, total, high)
+            total = unpack_sums(lay, total, high)
         wide = tirx.Cast(f"{lay.acc}x{tile}", total)
         if not first:
             wide = _load(acc, [n, o], p0, tile) + wide
