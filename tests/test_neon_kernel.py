@@ -157,6 +157,12 @@ def test_arm_schedules_use_the_neon_kernel():
     sch = s_tir.Schedule(func)
     sch.get_sblock("sparks_neon")  # raises if the lowering built another kernel
     assert func.attrs["tirx.is_scheduled"]
+    # aarch64 targets get the sli packing the emulated-Pi tests check; other targets the
+    # portable expression (the host tests above).
+    assert sched.aarch64 and "llvm.aarch64.neon.vsli" in func.script()
+    geom = ConvGeometry(1, 16, 8, 8, 16)
+    assert "vsli" not in sparks_conv2d_neon_primfunc(geom, 16, "sign").script()
+    assert not ArmSchedules.for_target(resolve_target("llvm")).aarch64
 
 
 def test_probe_lanes_fit_in_one_chunk():

@@ -55,6 +55,11 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
             evidence = zero_evidence(top, lanes) if top is not None else tirx.Cast(_vt(U8, lanes), v != fz)
             _store(zl, [], 0, lanes, tirx.Min(_load(zl, [], 0, lanes), evidence))
 
+    def zero_sides(y):
+        for x in side:
+            for plane in planes.values():
+                T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+
     hw = lay.h * lay.w
     if lay.w < VECTOR <= hw:
         # Narrow rows (7, 14 columns): binarize the channel's contiguous values in whole
@@ -67,17 +72,13 @@ def binarize_rows(lay, mode, data, shift, planes, zflag, n, c):
             binarize(_load(src, [], base + x0, lanes), lanes,
                      lambda which, byte: _store(flat[which], [], x0, lanes, byte))
         with T.serial(0, lay.h) as y:
-            for x in side:
-                for plane in planes.values():
-                    T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+            zero_sides(y)
             for x0, lanes in whole_chunks(0, lay.w):
                 for which, plane in planes.items():
                     _store(plane, [n, c, y + lay.pt], x0 + lay.pl, lanes, _load(flat[which], [], y * lay.w + x0, lanes))
     else:
         with T.serial(0, lay.h) as y:
-            for x in side:
-                for plane in planes.values():
-                    T.buffer_store(plane, zero, [n, c, y + lay.pt, x])
+            zero_sides(y)
             for x0, lanes in whole_chunks(0, lay.w):  # stores repeat at most a value
                 binarize(_load(data, [n, c, y], x0, lanes), lanes,
                          lambda which, byte: _store(planes[which], [n, c, y + lay.pt], x0 + lay.pl, lanes, byte))
