@@ -76,6 +76,10 @@ def _small_layers():
         # 14-wide rows (two overlapping 8-lane binarize vectors), 7 output columns at stride 2
         # (8-lane triples past the row), K = 16 with packed rows
         (ConvGeometry(1, 30, 14, 14, 20, stride=(2, 2)), 16, "sign"),
+        # 128-pixel tiles: 64-byte rows gathered and stored by post-indexed ld1 / st1, K = 32
+        # with one index per byte, K = 16 with two (stage 2 walks them field by field)
+        (ConvGeometry(2, 36, 18, 18, 20, stride=(1, 1)), 32, "ge"),
+        (ConvGeometry(1, 37, 18, 18, 12, stride=(1, 1)), 16, "sign"),
     ]
     rand = []
     for _ in range(3):

@@ -7,6 +7,7 @@ cross-compiled on the emulated Pi, through the ARM schedules.
 
 import numpy as np
 import pytest
+import tvm
 from tvm import s_tir
 
 from kernel_utils import run_on_host
@@ -163,6 +164,22 @@ def test_arm_schedules_use_the_neon_kernel():
     geom = ConvGeometry(1, 16, 8, 8, 16)
     assert "vsli" not in sparks_conv2d_neon_primfunc(geom, 16, "sign").script()
     assert not ArmSchedules.for_target(resolve_target("llvm")).aarch64
+
+
+def test_aarch64_build_walks_rows_with_post_indexed_ld1_and_st1():
+    """The instructions the aarch64 kernel is written for, in its assembly: rows gathered by
+    ``ld1`` post-indexed by the gather step, rows stored by ``st1`` post-indexed by the row,
+    codeword ranks looked up by ``tbl`` (the emulated-Pi tests check the values)."""
+    import re
+
+    geom = ConvGeometry(1, 36, 18, 18, 20)
+    func = sparks_conv2d_neon_primfunc(geom, 16, "sign", NeonSparksPlan(128, 128, 18), aarch64=True)
+    target = resolve_target("arm_cpu")
+    asm = tvm.compile(tvm.IRModule({"main": func}), target=target).mod.inspect_source("asm")
+    quad = r"\{\s*v\d+\.16b,\s*v\d+\.16b,\s*v\d+\.16b,\s*v\d+\.16b\s*\}|\{\s*v\d+\.16b\s*-\s*v\d+\.16b\s*\}"
+    assert re.search(rf"ld1\s+(?:{quad}),\s*\[x\d+\],\s*x\d+", asm)
+    assert re.search(rf"st1\s+(?:{quad}),\s*\[x\d+\],\s*#64", asm)
+    assert re.search(r"\btbl\s+v\d+\.(?:16|8)b", asm)
 
 
 def test_probe_lanes_fit_in_one_chunk():

@@ -36,8 +36,9 @@ Two paths, chosen per call, as in the dense NEON kernel:
 
 Passes (one call):
 
-1. per call: gather offsets ``off[o, c]`` (row of ``(c, idx[o, c])`` in a stage-1 block) and
-   the codewords' ``~code & 0xFF`` bytes and bit-8 order;
+1. per call: gather steps ``step[o, c]`` (bytes from the row of ``(c, idx[o, c])`` in a
+   stage-1 block to that of ``(c + 1, idx[o, c + 1])``) and the codewords' ``~code & 0xFF``
+   bytes and bit-8 order;
 2. per input channel: binarize into a padded 0/1 plane of -1 taps (for ``Sign`` also a flag,
    whether it may hold a 0, from the top bytes the sign bits come from: a tiny nonzero value
    may be flagged too, which only sends its channel down the exact masked path), then
@@ -47,8 +48,8 @@ Passes (one call):
 4. per (image, pixel tile, output-channel chunk), a parallel task: for each block of at most
    28 channels, stage 1 writes ``u`` rows of the tile into a task-local block (K rows per
    channel, contiguous pixels), then for each output channel the block's rows are gathered
-   and summed in one byte-vector expression (the sum stays in registers) and widened into
-   the uint16 (int32 past C = 7281) accumulator;
+   (each the previous one plus its step: on aarch64 one post-indexed ``ld1`` per row) and
+   summed in byte registers, then widened into the uint16 (int32 past C = 7281) accumulator;
 5. ``R`` of every pixel (mask-free channels) and their padded taps out of the accumulator;
 6. ``out = 2 * acc - R`` as a TE block named ``out``: the epilogue Relax fuses after the conv
    is inlined into it, then scheduled (``schedules.arm``).
@@ -62,6 +63,7 @@ whatever bytes the planes hold there) and are never stored; ten of them are the 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from tvm import te, tirx
@@ -69,9 +71,10 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .common import ConvGeometry, int64_shape, nchw_output
+from .neon_llvm import imported, table_lanes, table_lookup
 from .neon_padding import PaddedTaps, correct_padding, mask_free_or_masked
 from .sparks_neon_planes import binarize_rows, patch_rows, triples
-from .sparks_neon_rows import pack_tap, store_u, unpack_sums
+from .sparks_neon_rows import first_rows, pack_tap, stage2, store_rows
 from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
 from .vector_tir import U8, VECTOR, extern, padded, whole_chunks
 from .vector_tir import vt as _vt
@@ -83,6 +86,8 @@ MAX_BLOCK = 28
 TILES = (16, 32, 64, 128)
 #: Pixels per stage-1 pass at most (their planes stay in registers across the codewords).
 CHUNK = 128
+#: Stage-1 rows of a pixel tile kept for stage 2 at once at most (well inside the Pi 4's 1 MB L2).
+STAGE1_BYTES = 256 * 1024
 #: Probe lanes past the last pixel (mask-free path): all +1, then tap t alone -1, t = 0..8.
 VIRTUAL = 10
 
@@ -195,37 +200,12 @@ class _Layout(PaddedTaps):
             raise ValueError(f"channel block {plan.block} must be a multiple of {self.per} (indices per byte)")
 
 
-def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
-    """Pass 1: gather offsets, codeword bytes, codewords ordered by bit 8 (``count0`` with 0)."""
+def _prepare_codewords(lay, codes, idx, step, agree, rank, count0):
+    """Pass 1: gather steps, codeword bytes, codewords ordered by bit 8 (``count0`` with 0)."""
     k_, bits, per = lay.k, lay.bits, lay.per
-    # off[o, f, q] is channel c = q * per + f: each packed byte of a row is loaded once per
-    # field, so the loops are whole vectors (blocks start on a byte: block % per == 0).
-    # Row numbers within a block are below 28 * 256: uint16 lanes, widened by the multiply by
-    # the row bytes (``ushll``). ``first[q]``: the first row of packed byte q's channels in
-    # their block; whole vectors over each output's row of bytes, the last overlapping.
-    u16, nq = "uint16", -(-lay.c // per)
-    first = T.alloc_buffer([nq], u16)
-    for c0, c1 in lay.blocks:
-        with T.serial(c0 // per, -(-c1 // per)) as q:
-            T.buffer_store(first, tirx.Cast(u16, (q * per - c0) * k_), [q])
-
-    def const(value, lanes, dtype=u16):
-        return _bc(tirx.const(value, dtype), lanes)
-
-    with T.parallel(0, lay.o) as o:
-        for s, lanes in whole_chunks(0, nq):
-            packed = _load(idx, [o], s, lanes)
-            for f in range(per):
-                if bits >= 8:
-                    kk = tirx.Cast(_vt(u16, lanes), packed)
-                else:
-                    field = (packed >> _bc(_u8(f * bits), lanes)) & _bc(_u8((1 << bits) - 1), lanes)
-                    kk = tirx.Cast(_vt(u16, lanes), field)
-                # floormod keeps any stored value (a tuning runner's random bytes) in [0, K).
-                row = _load(first, [], s, lanes) + const(f * k_, lanes) + tirx.floormod(kk, const(k_, lanes))
-                _store(off, [o, f], s, lanes, tirx.Cast(_vt("int32", lanes), row) * const(lay.rowb, lanes, "int32"))
     # Codewords sorted by bit 8 (those with it clear first, ``count0[0]`` of them): slot j
-    # holds the codeword's ``~code & 0xFF`` byte and its row offset ``k * T`` in a channel.
+    # holds the codeword's ``~code & 0xFF`` byte, and stage 1 writes it as a channel's row j
+    # (in order: its stores walk the rows); ``rank[k]`` is codeword k's slot.
     T.buffer_store(count0, tirx.const(0, "int32"), [0])
     for bit in (0, 1):
         if bit == 1:
@@ -235,11 +215,34 @@ def _prepare_codewords(lay, codes, idx, off, agree, rows, count0):
             with T.If(((codes[k] >> 8) & 1) == bit):
                 with T.Then():
                     T.buffer_store(agree, tirx.Cast(U8, codes[k]) ^ _u8(0xFF), [count0[slot]])
-                    T.buffer_store(rows, k * lay.rowb, [count0[slot]])
+                    T.buffer_store(rank, tirx.Cast(rank.dtype, count0[slot]), [k])
                     T.buffer_store(count0, count0[slot] + 1, [slot])
+    # step[o, f, q], channel c = q * per + f: bytes from the row of (c, idx[o, c]) in a
+    # stage-1 block to that of the next channel of the same field, c + per: (per * K +
+    # rank[idx[o, c + per]] - rank[idx[o, c]]) rows (1 .. (per + 1) K - 1: uint16 lanes). Stage 2 walks
+    # a block's channels field by field (consecutive steps are adjacent: their loads pair).
+    # Whole vectors over each output's row of bytes, the last overlapping; a row's last step
+    # leads out of every block and is not stored.
+    u16, nq = "uint16", -(-lay.c // per)
 
+    def const(value, lanes, dtype=u16):
+        return _bc(tirx.const(value, dtype), lanes)
 
-def _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, s1_base, rsum, rpre, n, p0, c0, c1,
+    def field(packed, f, lanes):
+        kk = packed if bits >= 8 else (packed >> _bc(_u8(f * bits), lanes)) & _bc(_u8((1 << bits) - 1), lanes)
+        # floormod keeps any stored value (a tuning runner's random bytes) in [0, K).
+        kk = tirx.floormod(kk, _bc(tirx.const(k_, idx.dtype), lanes))
+        return tirx.Cast(_vt(u16, lanes), table_lookup(rank, k_, kk, lanes, lay.aarch64))
+
+    if nq > 1:
+        with T.parallel(0, lay.o) as o:
+            for s, lanes in whole_chunks(0, nq - 1):
+                here, after = _load(idx, [o], s, lanes), _load(idx, [o], s + 1, lanes)
+                for f in range(per):
+                    rows_ = const(per * k_, lanes) + field(after, f, lanes) - field(here, f, lanes)
+                    _store(step, [o, f], s, lanes,
+                           tirx.Cast(_vt("int32", lanes), rows_) * const(lay.rowb, lanes, "int32"))
+def _block_stage1_mixed(lay, tneg, treal, zflag, agree, count0, s1, s1_base, rsum, rpre, n, p0, c0, c1,
                         probes):
     """Stage 1 of one channel block and pixel tile when some channel of the call held a 0.
 
@@ -273,15 +276,15 @@ def _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, s1_bas
                     _store(rsum, rpre, start, L, _load(rsum, rpre, start, L) + real)
                     # Tap 8 agrees with a codeword whose bit 8 is b when real and (neg == b).
                     tap9 = ((q9 & ~t[2]) >> two, (q9 & t[2]) >> two)
-                    for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-                        tv = pack_tap(lay, tap9[b])
-                        with T.serial(lo, hi) as j:
-                            store_u(lay, s1, base + rows[j], tirx.popcount((nv ^ _bc(agree[j], L)) & mv), tv)
+                    split = T.bind(count0[0])  # a register: the row stores could alias count0
+                    for b, (lo, hi) in enumerate(((0, split), (split, k_))):
+                        store_rows(lay, s1, base, lo, hi, lambda j: tirx.popcount((nv ^ _bc(agree[j], L)) & mv),
+                                   pack_tap(lay, tap9[b]))
                 with T.Else():
-                    _fast_chunk(lay, t, agree, rows, count0, s1, base, probes if with_probes else None)
+                    _fast_chunk(lay, t, agree, count0, s1, base, probes if with_probes else None)
 
 
-def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
+def _fast_chunk(lay, t, agree, count0, s1, base, probes):
     """The mask-free ``u`` rows of one channel and pixel chunk (``probes``: the probe chunk)."""
     L, k_ = lay.plan.chunk, lay.k
     three, six, two, one = _bc(_u8(3), L), _bc(_u8(6), L), _bc(_u8(2), L), _bc(_u8(1), L)
@@ -292,13 +295,13 @@ def _fast_chunk(lay, t, agree, rows, count0, s1, base, probes):
         nv, n9 = (nv & keep) | p8, (n9 & keep) | p9
     nv, n9 = T.bind(nv), T.bind(n9)
     # Tap 8 agrees with a codeword whose bit 8 (its -1) is b when neg == b.
-    for b, (lo, hi) in enumerate(((0, count0[0]), (count0[0], k_))):
-        tv = pack_tap(lay, n9 ^ one if b == 0 else n9)
-        with T.serial(lo, hi) as j:
-            store_u(lay, s1, base + rows[j], tirx.popcount(nv ^ _bc(agree[j], L)), tv)
+    split = T.bind(count0[0])  # a register: the row stores could alias count0
+    for b, (lo, hi) in enumerate(((0, split), (split, k_))):
+        store_rows(lay, s1, base, lo, hi, lambda j: tirx.popcount(nv ^ _bc(agree[j], L)),
+                   pack_tap(lay, n9 ^ one if b == 0 else n9))
 
 
-def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c1, probes):
+def _block_stage1_fast(lay, tneg, agree, count0, s1, s1_base, n, p0, c0, c1, probes):
     """Stage 1 of one channel block and pixel tile, mask-free path (no activation is 0).
 
     Padding reads as +1 and every tap is real, so ``u = cnt(n8 ^ agree) + (tap 8 agrees)``.
@@ -310,7 +313,7 @@ def _block_stage1_fast(lay, tneg, agree, rows, count0, s1, s1_base, n, p0, c0, c
         for sc in range(tile // chunk):
             t = patch_rows(lay, tneg, n, c, p0 + sc * chunk, chunk)
             base = s1_base + (c - c0) * k_ * lay.rowb + sc * (chunk // 2 if lay.packed else chunk)
-            _fast_chunk(lay, t, agree, rows, count0, s1, base, probes if sc == lay.vchunk else None)
+            _fast_chunk(lay, t, agree, count0, s1, base, probes if sc == lay.vchunk else None)
 
 
 def _probe_patterns(lay, probes):
@@ -347,45 +350,30 @@ def _probe_popcounts(lay, acc, pop, channels=None):
                 T.buffer_store(pop, (channels(n) - diff) // 2, [n, o, t])
 
 
-def _stage2(lay, s1, s1_base, off, acc, n, o_lo, o_count, p0, c0, c1, first):
-    """Stage 2 of one channel block: per output channel, the sum of its gathered rows.
+def _tasks_by_tile(lay, stage1, gather, acc):
+    """Pass 4, one parallel task per (image, pixel tile): stage 1, then stage 2.
 
-    The sum stays in byte registers (``u <= 9``, at most 28 channels); packed rows add each
-    loaded byte once to the total and once, shifted, to the high-nibble sum (``usra``).
-    """
-    tile, h = lay.plan.tile, lay.rowb
-    with T.serial(0, o_count) as ol:
-        o = o_lo + ol
-        total = high = None
-        for c in range(c0, c1):
-            row = _load(s1, [], s1_base + off[o, c % lay.per, c // lay.per], h)
-            total = row if total is None else total + row
-            if lay.packed:
-                top = row >> _bc(_u8(4), h)
-                high = top if high is None else high + top
-        if lay.packed:
-            total = unpack_sums(lay, total, high)
-        wide = tirx.Cast(f"{lay.acc}x{tile}", total)
-        if not first:
-            wide = _load(acc, [n, o], p0, tile) + wide
-        _store(acc, [n, o], p0, tile, wide)
-
-
-def _tasks_by_tile(lay, stage1, off, acc):
-    """Pass 4, one parallel task per (image, pixel tile): stage 1 of each block, then stage 2.
-
-    ``stage1(s1, s1_base, n, p0, block, c0, c1, rsum_at, last)`` writes a block's rows.
+    ``stage1(s1, s1_base, n, p0, block, c0, c1, rsum_at, last)`` writes a block's rows. When
+    every block's rows fit :data:`STAGE1_BYTES`, stage 1 of all blocks comes first and stage 2
+    keeps each output's sum in registers across them; otherwise block by block.
     """
     plan, k_ = lay.plan, lay.k
+    rows_b = plan.block * k_ * lay.rowb
+    whole = len(lay.blocks) * rows_b <= STAGE1_BYTES
     with T.parallel(0, lay.n * lay.tiles) as task:
         n, p0 = task // lay.tiles, task % lay.tiles * plan.tile
-        s1 = T.alloc_buffer([plan.block * k_ * lay.rowb], U8)
+        last = task % lay.tiles == lay.tiles - 1
+        s1 = [T.alloc_buffer([rows_b], U8) for _ in (lay.blocks if whole else lay.blocks[:1])]
         for i, (c0, c1) in enumerate(lay.blocks):
-            stage1(s1, 0, n, p0, i, c0, c1, [n], task % lay.tiles == lay.tiles - 1)
-            _stage2(lay, s1, 0, off, acc, n, 0, lay.o, p0, c0, c1, first=i == 0)
+            stage1(s1[i if whole else 0], 0, n, p0, i, c0, c1, [n], last)
+            if not whole:
+                stage2(lay, [(s1[0], 0, c0, c1)], gather, acc, n, 0, lay.o, p0, first=i == 0)
+        if whole:
+            stage2(lay, [(s1[i], 0, c0, c1) for i, (c0, c1) in enumerate(lay.blocks)], gather, acc, n, 0, lay.o,
+                    p0, first=True)
 
 
-def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
+def _tasks_by_output_chunk(lay, stage1, gather, acc, rsum, masked):
     """Pass 4 for layers of few pixel tiles (7x7): parallel over output-channel chunks.
 
     Stage 1 of every block first (parallel over blocks, into one buffer for the whole call),
@@ -411,9 +399,8 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
     chunk_o = lay.o // plan.o_chunks
     with T.parallel(0, n_ * lay.tiles * plan.o_chunks) as task:
         n, t, oc = task // (lay.tiles * plan.o_chunks), task // plan.o_chunks % lay.tiles, task % plan.o_chunks
-        for i, (c0, c1) in enumerate(lay.blocks):
-            _stage2(lay, s1[i], (n * lay.tiles + t) * rows_b, off, acc, n, oc * chunk_o, chunk_o, t * plan.tile, c0, c1,
-                    first=i == 0)
+        blocks = [(s1[i], (n * lay.tiles + t) * rows_b, c0, c1) for i, (c0, c1) in enumerate(lay.blocks)]
+        stage2(lay, blocks, gather, acc, n, oc * chunk_o, chunk_o, t * plan.tile, first=True)
     if masked:
         with T.parallel(0, n_) as n:
             with T.serial(0, lay.pp // VECTOR) as q:
@@ -423,11 +410,11 @@ def _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked):
                 _store(rsum, [n], q * VECTOR, VECTOR, total)
 
 
-def _pass4(lay, stage1, off, acc, rsum, masked):
+def _pass4(lay, stage1, gather, acc, rsum, masked):
     if lay.plan.o_chunks == 1:
-        _tasks_by_tile(lay, lambda *a: stage1(*a, rsum), off, acc)
+        _tasks_by_tile(lay, lambda *a: stage1(*a, rsum), gather, acc)
     else:
-        _tasks_by_output_chunk(lay, stage1, off, acc, rsum, masked)
+        _tasks_by_output_chunk(lay, stage1, gather, acc, rsum, masked)
 
 
 def _kernel_body(lay, mode, ins, outs, with_shift):
@@ -439,17 +426,21 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
     # A spare row at column stride 2 (the last row's ``ld2`` of the next pair reads past it)
     # and for narrow rows (:attr:`_Layout.narrow`).
     pshape = [n_, c_, lay.binrows + lay.spare_row, lay.cols]
-    with IRBuilder() as ib:
+    with IRBuilder() as ib, (imported() if lay.aarch64 else nullcontext()):
         with T.seq_scope():
-            off = T.alloc_buffer([lay.o, lay.per, -(-c_ // lay.per)], "int32")
+            step = T.alloc_buffer([lay.o, lay.per, -(-c_ // lay.per)], "int32")
             agree = T.alloc_buffer([k_], U8)
-            rows = T.alloc_buffer([k_], "int32")
+            rank = T.alloc_buffer([table_lanes(k_)], "uint8" if k_ <= 256 else "uint16")
+            starts = T.alloc_buffer([lay.o, len(lay.blocks) * lay.per], "int32") if lay.n * lay.tiles > 1 else None
+            gather = (step, idx, rank, starts)
             count0 = T.alloc_buffer([2], "int32")
             neg = T.alloc_buffer(pshape, U8)
             tneg = T.alloc_buffer(tshape, U8)
             zflag = T.alloc_buffer([n_ * c_], U8) if mode == "sign" else None
             real = T.alloc_buffer(pshape, U8) if mode == "sign" else None
-            _prepare_codewords(lay, codes, idx, off, agree, rows, count0)
+            _prepare_codewords(lay, codes, idx, step, agree, rank, count0)
+            if starts is not None:
+                first_rows(lay, idx, rank, starts)
             with T.parallel(0, n_ * c_) as nc:
                 binarize_rows(lay, mode, data, shift, {"neg": neg}, zflag, nc // c_, nc % c_)
                 triples(lay, [(neg, tneg)], nc // c_, nc % c_)
@@ -462,11 +453,11 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
                 def stage1(s1, base, n, p0, i, c0, c1, rpre, last, rsum_buf):
                     with T.If(last):
                         with T.Then():
-                            _block_stage1_fast(lay, tneg, agree, rows, count0, s1, base, n, p0, c0, c1, probes)
+                            _block_stage1_fast(lay, tneg, agree, count0, s1, base, n, p0, c0, c1, probes)
                         with T.Else():
-                            _block_stage1_fast(lay, tneg, agree, rows, count0, s1, base, n, p0, c0, c1, None)
+                            _block_stage1_fast(lay, tneg, agree, count0, s1, base, n, p0, c0, c1, None)
 
-                _pass4(lay, stage1, off, acc, rsum, masked=False)
+                _pass4(lay, stage1, gather, acc, rsum, masked=False)
                 _probe_popcounts(lay, acc, pop)
                 correct_padding(lay, pop, acc, rsum)
 
@@ -494,13 +485,13 @@ def _kernel_body(lay, mode, ins, outs, with_shift):
                 def stage1(s1, base, n, p0, i, c0, c1, rpre, last, rsum_buf):
                     with T.If(last):
                         with T.Then():
-                            _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, base, rsum_buf,
+                            _block_stage1_mixed(lay, tneg, treal, zflag, agree, count0, s1, base, rsum_buf,
                                                 rpre, n, p0, c0, c1, probes)
                         with T.Else():
-                            _block_stage1_mixed(lay, tneg, treal, zflag, agree, rows, count0, s1, base, rsum_buf,
+                            _block_stage1_mixed(lay, tneg, treal, zflag, agree, count0, s1, base, rsum_buf,
                                                 rpre, n, p0, c0, c1, None)
 
-                _pass4(lay, stage1, off, acc, rsum, masked=True)
+                _pass4(lay, stage1, gather, acc, rsum, masked=True)
                 _probe_popcounts(lay, acc, pop, lambda n: free[n])
                 correct_padding(lay, pop, acc, rsum, lambda n: free[n])
 
