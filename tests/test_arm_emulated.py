@@ -80,6 +80,10 @@ def _small_layers():
         # with one index per byte, K = 16 with two (stage 2 walks them field by field)
         (ConvGeometry(2, 36, 18, 18, 20, stride=(1, 1)), 32, "ge"),
         (ConvGeometry(1, 37, 18, 18, 12, stride=(1, 1)), 16, "sign"),
+        # 28x28: the last tile of each image reads 32 of its rows' 64 bytes (batch 2: tasks
+        # by tile; batch 1: 7 tiles for 4 cores, tasks by output-channel chunk)
+        (ConvGeometry(2, 21, 28, 28, 6, stride=(1, 1)), 16, "ge"),
+        (ConvGeometry(1, 23, 28, 28, 12, stride=(1, 1)), 16, "sign"),
     ]
     rand = []
     for _ in range(3):

@@ -90,6 +90,10 @@ CASES = [
     (ConvGeometry(1, 12, 10, 10, 5), 16, "sign", NeonSparksPlan(128, 32, 12)),
     # output-channel chunks as tasks with Sign (the mixed path's per-block real-tap sums), batch 2
     (ConvGeometry(2, 45, 7, 7, 12), 5, "sign", NeonSparksPlan(16, 16, 12, o_chunks=3)),
+    # 28x28, batch 2: each image's last 128-pixel tile uses 26 lanes (784 pixels, 10 probes),
+    # so stage 2 reads its rows' first 32 bytes (tail_bytes); two channel blocks
+    (ConvGeometry(2, 21, 28, 28, 6), 16, "sign", NeonSparksPlan(128, 128, 12)),
+    (ConvGeometry(1, 21, 28, 28, 6), 16, "ge", NeonSparksPlan(128, 128, 12, o_chunks=2)),
 ]
 
 
@@ -180,6 +184,19 @@ def test_aarch64_build_walks_rows_with_post_indexed_ld1_and_st1():
     assert re.search(rf"ld1\s+(?:{quad}),\s*\[x\d+\],\s*x\d+", asm)
     assert re.search(rf"st1\s+(?:{quad}),\s*\[x\d+\],\s*#64", asm)
     assert re.search(r"\btbl\s+v\d+\.(?:16|8)b", asm)
+
+
+def test_last_tile_reads_only_the_rows_it_uses():
+    from sparks_tvm.kernels.sparks_conv2d_neon import _Layout
+    from sparks_tvm.kernels.sparks_neon_rows import tail_bytes
+
+    def tail(geom, plan):
+        return tail_bytes(_Layout(geom, 16, plan))
+
+    assert tail(ConvGeometry(2, 21, 28, 28, 6), NeonSparksPlan(128, 128, 12)) == 32  # 26 lanes used
+    assert tail(ConvGeometry(1, 64, 56, 56, 64), NeonSparksPlan(128, 128, 22)) is None  # 74: high nibbles too
+    assert tail(ConvGeometry(1, 8, 6, 7, 5), NeonSparksPlan(64, 64, 8)) is None  # 52 of 64: no room
+    assert tail(ConvGeometry(1, 12, 10, 10, 5), NeonSparksPlan(128, 32, 12)) is None  # several chunks
 
 
 def test_probe_lanes_fit_in_one_chunk():

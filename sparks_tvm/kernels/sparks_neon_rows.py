@@ -134,11 +134,13 @@ class RowWalker:
         The stage-1 block.
     at : PrimExpr
         Element of ``s1`` where the first row starts.
+    nbytes : int
+        Bytes read per row (its first ones).
     """
 
-    def __init__(self, lay, s1, at):
-        self.s1, self.h = s1, lay.rowb
-        self.pointer = lay.aarch64 and lay.rowb in LD1_BYTES
+    def __init__(self, lay, s1, at, nbytes):
+        self.s1, self.h = s1, nbytes
+        self.pointer = lay.aarch64 and nbytes in LD1_BYTES
         self.at = T.bind(tirx.address_of(tirx.BufferLoad(s1, [at])) if self.pointer else at)
 
     def row(self):
@@ -150,24 +152,26 @@ class RowWalker:
         self.at = T.bind(advance(self.at, step) if self.pointer else self.at + step)
 
 
-def block_sums(lay, s1, s1_base, gather, o, c0, c1):
+def block_sums(lay, s1, s1_base, gather, o, c0, c1, live=None):
     """One output channel's sum of its gathered rows of one channel block, in pixel order.
 
     The sum stays in byte registers (``u <= 9``, at most 28 channels); packed rows add each
     loaded byte once to the total and once, shifted, to the high-nibble sum (``usra``). The
     rows are walked field by field, each the previous one plus its step
-    (``gather = (step, idx, rank, starts)``: :func:`first_rows`, :class:`RowWalker`).
+    (``gather = (step, idx, rank, starts)``: :func:`first_rows`, :class:`RowWalker`). With
+    ``live`` (a tile whose used pixels all sit in the low nibbles), only the first ``live``
+    bytes of each row are read and their low nibbles' sums returned.
     """
     step, idx, rank, starts = gather
     b = c0 // lay.plan.block
-    h, per = lay.rowb, lay.per
+    h, per = live or lay.rowb, lay.per
     total = high = None
     for f in range(min(per, c1 - c0)):
         walk = None
         for c in range(c0 + f, c1, per):
             if walk is None:
-                at = first_row(lay, idx, rank, o, c, c0) * h if starts is None else starts[o, b * per + f]
-                walk = RowWalker(lay, s1, s1_base + at)
+                at = first_row(lay, idx, rank, o, c, c0) * lay.rowb if starts is None else starts[o, b * per + f]
+                walk = RowWalker(lay, s1, s1_base + at, h)
             else:
                 walk.advance(step[o, f, (c - per) // per])
             row = walk.row()
@@ -175,18 +179,37 @@ def block_sums(lay, s1, s1_base, gather, o, c0, c1):
             if lay.packed:
                 top = row >> _bc(_u8(4), h)
                 high = top if high is None else T.bind(high + top)
-    return unpack_sums(lay, total, high) if lay.packed else total
+    if not lay.packed:
+        return total
+    return total - (high << _bc(_u8(4), h)) if live else unpack_sums(lay, total, high)
 
 
-def stage2(lay, blocks, gather, acc, n, o_lo, o_count, p0, first):
+def tail_bytes(lay):
+    """Bytes of each row stage 2 reads in the last tile of an image, or None to read all.
+
+    Past the image's pixels and probe lanes, a tile's lanes are never stored: when those
+    of the last tile all sit in the low nibbles of a packed row (pixel j < chunk / 2), its
+    rows' first bytes suffice (at 28x28, 26 of 128 pixels: 32 of 64 bytes, no high sums).
+    """
+    used = lay.last_used
+    if not lay.packed or lay.plan.tile != lay.plan.chunk:
+        return None
+    for nbytes in (16, 32):
+        if used <= nbytes < lay.rowb:
+            return nbytes
+    return None
+
+
+def stage2(lay, blocks, gather, acc, n, o_lo, o_count, p0, first, live=None):
     """Stage 2 of channel blocks ``[(s1, s1_base, c0, c1), ...]``: per output channel, the
-    blocks' byte sums widened and added in registers, then into the accumulator once."""
-    tile = lay.plan.tile
+    blocks' byte sums widened and added in registers, then into the accumulator once (with
+    ``live``, :func:`tail_bytes`: that many pixels)."""
+    tile = live or lay.plan.tile
     with T.serial(0, o_count) as ol:
         o = o_lo + ol
         wide = None
         for s1, s1_base, c0, c1 in blocks:
-            part = tirx.Cast(f"{lay.acc}x{tile}", block_sums(lay, s1, s1_base, gather, o, c0, c1))
+            part = tirx.Cast(f"{lay.acc}x{tile}", block_sums(lay, s1, s1_base, gather, o, c0, c1, live))
             wide = part if wide is None else T.bind(wide + part)
         if not first:
             wide = _load(acc, [n, o], p0, tile) + wide
