@@ -165,11 +165,12 @@ class ArmSchedules(HostSchedules):
 
     #: Whole-layer aarch64 instruction model of the two NEON kernels, least-squares fitted to
     #: the 21 counted layers of ``benchmarks/results/arm_icount.json`` (7 ResNet-18 shapes x K
-    #: 16/32/64, code d0216bc; it picks the cheaper kernel on all 21). Sparks: per ``C*K*PP``
-    #: (stage 1), ``C*O*PP`` (stage 2), input element (binarize, triples), ``PP`` the kernel's
-    #: padded pixels. Dense: per 16-pixel x
-    #: channel-byte x tap x output step, input element, output element (no per-call term:
-    #: with one, the fit extrapolates to small layers badly).
+    #: 16/32/64, code d0216bc; it picks the cheaper kernel on all 21, and still does on the
+    #: counts at 1bdab85 plus three off-table K=64 layers, where a refit would not). Sparks:
+    #: per ``C*K*PP`` (stage 1), ``C*O*PP`` (stage 2), input element (binarize, triples),
+    #: ``PP`` the kernel's padded pixels. Dense: per 16-pixel x channel-byte x tap x output
+    #: step, input element, output element (no per-call term: with one, the fit extrapolates
+    #: to small layers badly).
     SPARKS_MODEL = (0.2461, 0.1418, 1.329)
     DENSE_MODEL = (4.471, 3.206, -0.1996)
 
