@@ -1,9 +1,9 @@
 """AArch64 instructions the NEON kernels reach only through LLVM's own intrinsics.
 
 Some instructions have no TIR form: ``ld1`` and ``st1`` of two or four consecutive registers
-take or return an LLVM struct, which a TIR call cannot. Small LLVM functions wrap them; :func:`imported` links
-their IR into the kernel's module (TVM's ``pragma_import_llvm``) and LLVM inlines them, so a
-call costs only the instruction it wraps. Their use is the point: a row load followed by
+take or return an LLVM struct, which a TIR call cannot. Small LLVM functions wrap them;
+:func:`imported` links their IR into the kernel's module (TVM's ``pragma_import_llvm``) and
+LLVM inlines them, so a call costs only the instruction it wraps. Their use is the point: a row load followed by
 :func:`advance` of its pointer by a register becomes one post-indexed
 ``ld1 {v0.16b-v3.16b}, [x0], x1`` (LLVM folds the pointer update into the load).
 

@@ -74,7 +74,7 @@ from .common import ConvGeometry, int64_shape, nchw_output
 from .neon_llvm import imported, table_lanes, table_lookup
 from .neon_padding import PaddedTaps, correct_padding, mask_free_or_masked
 from .sparks_neon_planes import binarize_rows, patch_rows, triples
-from .sparks_neon_rows import first_rows, pack_tap, stage2, store_rows, tail_bytes
+from .sparks_neon_rows import first_rows, pack_tap, stage2, store_rows
 from .sparks_conv2d import index_bits, idx_dtype, packed_index_shape
 from .vector_tir import U8, VECTOR, extern, padded, whole_chunks
 from .vector_tir import vt as _vt
@@ -365,24 +365,13 @@ def _tasks_by_tile(lay, stage1, gather, acc):
         n, p0 = task // lay.tiles, task % lay.tiles * plan.tile
         last = task % lay.tiles == lay.tiles - 1
         s1 = [T.alloc_buffer([rows_b], U8) for _ in (lay.blocks if whole else lay.blocks[:1])]
-        live = tail_bytes(lay)
-
-        def sums(blocks, first):
-            if live is None:
-                stage2(lay, blocks, gather, acc, n, 0, lay.o, p0, first)
-                return
-            with T.If(last):
-                with T.Then():
-                    stage2(lay, blocks, gather, acc, n, 0, lay.o, p0, first, live)
-                with T.Else():
-                    stage2(lay, blocks, gather, acc, n, 0, lay.o, p0, first)
-
         for i, (c0, c1) in enumerate(lay.blocks):
             stage1(s1[i if whole else 0], 0, n, p0, i, c0, c1, [n], last)
             if not whole:
-                sums([(s1[0], 0, c0, c1)], i == 0)
+                stage2(lay, [(s1[0], 0, c0, c1)], gather, acc, n, 0, lay.o, p0, i == 0, last)
         if whole:
-            sums([(s1[i], 0, c0, c1) for i, (c0, c1) in enumerate(lay.blocks)], True)
+            stage2(lay, [(s1[i], 0, c0, c1) for i, (c0, c1) in enumerate(lay.blocks)], gather, acc, n, 0, lay.o, p0,
+                   True, last)
 
 
 def _tasks_by_output_chunk(lay, stage1, gather, acc, rsum, masked):
@@ -412,15 +401,7 @@ def _tasks_by_output_chunk(lay, stage1, gather, acc, rsum, masked):
     with T.parallel(0, n_ * lay.tiles * plan.o_chunks) as task:
         n, t, oc = task // (lay.tiles * plan.o_chunks), task // plan.o_chunks % lay.tiles, task % plan.o_chunks
         blocks = [(s1[i], (n * lay.tiles + t) * rows_b, c0, c1) for i, (c0, c1) in enumerate(lay.blocks)]
-        live = tail_bytes(lay)
-        if live is None:
-            stage2(lay, blocks, gather, acc, n, oc * chunk_o, chunk_o, t * plan.tile, first=True)
-        else:
-            with T.If(t == lay.tiles - 1):
-                with T.Then():
-                    stage2(lay, blocks, gather, acc, n, oc * chunk_o, chunk_o, t * plan.tile, True, live)
-                with T.Else():
-                    stage2(lay, blocks, gather, acc, n, oc * chunk_o, chunk_o, t * plan.tile, first=True)
+        stage2(lay, blocks, gather, acc, n, oc * chunk_o, chunk_o, t * plan.tile, True, t == lay.tiles - 1)
     if masked:
         with T.parallel(0, n_) as n:
             with T.serial(0, lay.pp // VECTOR) as q:

@@ -200,10 +200,25 @@ def tail_bytes(lay):
     return None
 
 
-def stage2(lay, blocks, gather, acc, n, o_lo, o_count, p0, first, live=None):
+def stage2(lay, blocks, gather, acc, n, o_lo, o_count, p0, first, last):
     """Stage 2 of channel blocks ``[(s1, s1_base, c0, c1), ...]``: per output channel, the
-    blocks' byte sums widened and added in registers, then into the accumulator once (with
-    ``live``, :func:`tail_bytes`: that many pixels)."""
+    blocks' byte sums widened and added in registers, then into the accumulator once.
+
+    ``last``: whether the tile is its image's last, which reads only :func:`tail_bytes`
+    bytes of each row when the layer allows it.
+    """
+    live = tail_bytes(lay)
+    if live is None:
+        _stage2_tile(lay, blocks, gather, acc, n, o_lo, o_count, p0, first, None)
+        return
+    with T.If(last):
+        with T.Then():
+            _stage2_tile(lay, blocks, gather, acc, n, o_lo, o_count, p0, first, live)
+        with T.Else():
+            _stage2_tile(lay, blocks, gather, acc, n, o_lo, o_count, p0, first, None)
+
+
+def _stage2_tile(lay, blocks, gather, acc, n, o_lo, o_count, p0, first, live):
     tile = live or lay.plan.tile
     with T.serial(0, o_count) as ol:
         o = o_lo + ol
