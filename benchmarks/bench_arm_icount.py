@@ -90,10 +90,12 @@ def dense_kernel(tag, geom, rng, target, mode="sign"):
 
     x = rng.standard_normal(geom.in_shape).astype(np.float32)
     signs = np.where(rng.random((geom.out_channels, geom.in_channels, 3, 3)) < 0.5, -1, 1).astype(np.int8)
-    func = schedules.for_target(target).schedule_binary_conv2d(geom, mode)
+    sched = schedules.for_target(target)
+    func = sched.schedule_binary_conv2d(geom, mode)
     expected = ref.binary_conv2d_ref(ref.binarize(x, mode), signs, geom.stride, geom.padding)
     shape = out_shape_of("binary", geom)
-    return Kernel(tag, "dense binary", func, [x, pack_binary_weights(signs)], shape,
+    wbits = sched.binary_weights(geom, mode, signs) if hasattr(sched, "binary_weights") else pack_binary_weights(signs)
+    return Kernel(tag, "dense binary", func, [x, wbits], shape,
                   expected=expected.reshape(shape))
 
 

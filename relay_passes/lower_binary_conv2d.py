@@ -339,7 +339,9 @@ class _BinaryConvRewriter(PyExprMutator):  # pylint: disable=abstract-method
                 if sched is not None
                 else binary_conv2d_primfunc(geom, match.mode)
             )
-            args = [match.source, relax.const(pack_binary_weights(bw.signs), "uint32")]
+            pack = getattr(sched, "binary_weights", None)  # a kernel may read its own layout
+            wbits = pack(geom, match.mode, bw.signs) if pack is not None else pack_binary_weights(bw.signs)
+            args = [match.source, relax.const(wbits, str(wbits.dtype))]
         # What the library will hold for this conv's weights (the constants just built).
         record.weight_bytes = sum(
             int(np.prod(a.value.shape)) * np.dtype(str(a.value.dtype)).itemsize for a in args[1:]

@@ -154,25 +154,36 @@ class ArmSchedules(HostSchedules):
         func = sparks_conv2d_neon_primfunc(geom, num_codewords, mode, plan, shift=shift, aarch64=self.aarch64)
         return self._finish(func, {"kind": "sparks_neon", "lanes": OUT_LANES})
 
+    def dense_plan(self, geom, mode: str):
+        """The NEON dense kernel's plan for one layer: the tuned one where :attr:`plans` has it."""
+        plan = self.plans.dense_plan(geom, mode) if self.plans is not None else None
+        return plan if plan is not None else binary_conv2d_neon.default_plan(geom, self.cores)
+
     def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False):
         """The NEON dense binary kernel where it applies, else the host core's."""
         if not (self.neon_binary and binary_conv2d_neon.supports(geom)):
             return super().schedule_binary_conv2d(geom, mode, shift=shift)
-        plan = self.plans.dense_plan(geom, mode) if self.plans is not None else None  # tuned, if recorded
-        plan = plan if plan is not None else binary_conv2d_neon.default_plan(geom, self.cores)
-        func = binary_conv2d_neon.binary_conv2d_neon_primfunc(geom, mode, plan, shift=shift)
+        func = binary_conv2d_neon.binary_conv2d_neon_primfunc(geom, mode, self.dense_plan(geom, mode), shift=shift,
+                                                              aarch64=self.aarch64)
         return self._finish(func, {"kind": "binary_neon", "lanes": OUT_LANES})
 
+    def binary_weights(self, geom, mode: str, signs):
+        """The weight constant :meth:`schedule_binary_conv2d`'s kernel takes for ``signs`` (+-1)."""
+        if not (self.neon_binary and binary_conv2d_neon.supports(geom)):
+            return super().binary_weights(geom, mode, signs)
+        return binary_conv2d_neon.pack_weights(geom, signs, self.dense_plan(geom, mode))
+
     #: Whole-layer aarch64 instruction model of the two NEON kernels, least-squares fitted to
-    #: the 21 counted layers of ``benchmarks/results/arm_icount.json`` (7 ResNet-18 shapes x K
-    #: 16/32/64, code d0216bc; it picks the cheaper kernel on all 21, and still does on the
-    #: counts at 1bdab85 plus three off-table K=64 layers, where a refit would not). Sparks:
+    #: counted layers: Sparks to the 21 of ``benchmarks/results/arm_icount.json`` (7 ResNet-18
+    #: shapes x K 16/32/64, code 1bdab85), dense to its kernel's 7 shapes; with both it picks
+    #: the cheaper kernel on all 21 (test_neon_binary_kernel checks the counted choice). Sparks:
     #: per ``C*K*PP`` (stage 1), ``C*O*PP`` (stage 2), input element (binarize, triples),
-    #: ``PP`` the kernel's padded pixels. Dense: per 16-pixel x channel-byte x tap x output
-    #: step, input element, output element (no per-call term: with one, the fit extrapolates
-    #: to small layers badly).
-    SPARKS_MODEL = (0.2461, 0.1418, 1.329)
-    DENSE_MODEL = (4.471, 3.206, -0.1996)
+    #: ``PP`` the kernel's padded pixels. Dense (the output-channel-lane kernel, fitted to its
+    #: 7 ResNet-18 shapes counted kernel by kernel): per step of one pixel x 8 output channels x
+    #: 16 channels x tap (pixels padded to whole tiles per row), input element, output element
+    #: (no per-call term: with one, the fit extrapolates to small layers badly).
+    SPARKS_MODEL = (0.218, 0.1263, 1.1318)
+    DENSE_MODEL = (3.674, 1.781, -0.7436)
 
     def estimated_instructions(self, geom, num_codewords: int | None) -> float:
         """Modelled instructions of one whole layer (Sparks with ``num_codewords``, else dense)."""
@@ -185,9 +196,10 @@ class ArmSchedules(HostSchedules):
             a, b, e = self.SPARKS_MODEL
             return a * c * num_codewords * pp + b * c * o * pp + e * inputs
         taps = geom.kernel[0] * geom.kernel[1]
-        p32 = -(-pixels // 32) * 32
+        tile = self.dense_plan(geom, "sign").pixels
+        padded = geom.batch * geom.out_height * -(-geom.out_width // tile) * tile
         a, e, g = self.DENSE_MODEL
-        return a * p32 / 16 * o * -(-c // 8) * taps + e * inputs + g * o * pixels
+        return a * padded * -(-o // 8) * -(-c // 16) * taps + e * inputs + g * o * pixels
 
     def sparks_is_cheaper(self, geom, num_codewords: int) -> bool:
         """Sparks or dense for one layer on NEON: as measured by tuning (:attr:`plans`), else

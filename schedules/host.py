@@ -13,7 +13,7 @@ import math
 import tvm
 from tvm import s_tir, tirx
 
-from sparks_tvm.kernels import binary_conv2d_primfunc, float_conv2d_primfunc, sparks_conv2d_primfunc
+from sparks_tvm.kernels import binary_conv2d_primfunc, float_conv2d_primfunc, pack_binary_weights, sparks_conv2d_primfunc
 from sparks_tvm.kernels.sparks_conv2d import DEFAULT_GROUP, padded_pixels
 
 from .target_info import TargetInfo, vector_bytes_of  # noqa: F401 - vector_bytes_of: re-exported
@@ -445,6 +445,10 @@ class HostSchedules:
 
     def schedule_binary_conv2d(self, geom, mode: str, shift: bool = False) -> tirx.PrimFunc:
         return self._finish(binary_conv2d_primfunc(geom, mode, shift), {"kind": "binary"})
+
+    def binary_weights(self, geom, mode: str, signs):
+        """The weight constant :meth:`schedule_binary_conv2d`'s kernel takes for ``signs`` (+-1)."""
+        return pack_binary_weights(signs)
 
 
 register_deferred_kind("sparks", lambda sch, spec: apply_sparks_schedule(

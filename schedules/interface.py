@@ -44,5 +44,7 @@ class KernelSchedules(Protocol):
 
 
 #: Optional: ``schedule_float_conv2d(geom)`` and ``float_lanes`` (CPU families), used by
-#: ``LowerFloatConv2d``; ``defer`` (LLVM families), set by the pipeline to fuse epilogues.
-OPTIONAL = ("schedule_float_conv2d", "float_lanes", "defer")
+#: ``LowerFloatConv2d``; ``defer`` (LLVM families), set by the pipeline to fuse epilogues;
+#: ``binary_weights(geom, mode, signs)``, the dense kernel's weight constant where it is not
+#: ``pack_binary_weights(signs)`` (ARM's NEON kernel reads its own layout).
+OPTIONAL = ("schedule_float_conv2d", "float_lanes", "defer", "binary_weights")

@@ -10,6 +10,7 @@ cannot see, so they follow the kernels' own rule rather than being a knob.
 from __future__ import annotations
 
 from sparks_tvm.kernels import binary_conv2d_neon as dense_neon
+from sparks_tvm.kernels import binary_neon_asm
 from sparks_tvm.kernels import sparks_conv2d_neon as neon
 from sparks_tvm.kernels.sparks_conv2d import index_bits
 
@@ -60,20 +61,21 @@ def neon_sparks_plan(geom, num_codewords: int, cores: int, tile: int, chunk: int
 
 
 def neon_dense_knobs(geom, cores: int) -> dict:
-    """Candidate values of the NEON dense binary plan: 16-pixel vectors per tile, output-channel block."""
+    """Candidate values of the NEON dense binary plan: pixels per tile, weight registers."""
     d = dense_neon.default_plan(geom, cores)
-    blocks = [q for q in (1, 2, 3, 4, 6, 8) if q <= geom.out_channels]
-    return {"vectors": _uniq([d.vectors, 1, 2, 3, 4]), "o_block": _uniq([d.o_block, *blocks])}
+    oregs = -(-geom.out_channels // dense_neon.O_LANES)
+    return {"pixels": _uniq([d.pixels, 2, 3, 4, 5, 6, 7]),
+            "o_regs": _uniq([d.o_regs] + [q for q in (1, 2, 3, 4) if q <= oregs])}
 
 
-def neon_dense_plan(geom, cores: int, vectors: int, o_block: int):
-    """The NEON dense plan of these knobs (``o_chunks`` by the default rule), or None if invalid."""
-    if vectors < 1 or not 1 <= o_block <= geom.out_channels:
+def neon_dense_plan(geom, cores: int, pixels: int, o_regs: int):
+    """The NEON dense plan of these knobs (``o_chunks`` by the default rule), or None if invalid
+    (a tile that does not fit the registers of its ``asm`` block)."""
+    if pixels < 1 or o_regs < 1 or not binary_neon_asm.fits(pixels, o_regs, geom.stride[1], geom.kernel[1]):
         return None
-    tile = 16 * vectors
-    pixels = geom.out_height * geom.out_width
-    tiles = geom.batch * (-(-pixels // tile))
-    return dense_neon.NeonBinaryPlan(vectors, o_block, _o_chunks(tiles, -(-geom.out_channels // o_block), cores))
+    tiles = geom.batch * geom.out_height * -(-geom.out_width // pixels)
+    blocks = -(-(-(-geom.out_channels // dense_neon.O_LANES)) // o_regs)
+    return dense_neon.NeonBinaryPlan(pixels, o_regs, _o_chunks(tiles, blocks, cores))
 
 
 #: The NEON plan spaces by kernel family: (knobs(geom, K, cores), plan(geom, K, cores, **knobs)).

@@ -21,7 +21,7 @@ import schedules
 import sparks_tvm
 from sparks_tvm import cli, models, rpc
 from sparks_tvm import reference as ref
-from sparks_tvm.kernels import ConvGeometry, pack_binary_weights
+from sparks_tvm.kernels import ConvGeometry
 from sparks_tvm.models import random_codebook
 from sparks_tvm.target import resolve_target
 
@@ -113,7 +113,7 @@ def test_random_small_layers_exact_on_device(device, arm, tmp_path):
                       bench.out_shape_of("sparks", geom)))
         signs = codebook[idx]  # (O, C, 3, 3) in {-1, +1}
         funcs[f"binary_{i}"] = sched.schedule_binary_conv2d(geom, mode)
-        cases.append((f"binary_{i}", [x, pack_binary_weights(signs)],
+        cases.append((f"binary_{i}", [x, sched.binary_weights(geom, mode, signs)],
                       ref.binary_conv2d_ref(a, signs, geom.stride, geom.padding),
                       bench.out_shape_of("binary", geom)))
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})

@@ -91,9 +91,9 @@ def test_default_plans_are_the_first_points(cin, cout, side, stride):
         sparks_conv2d_neon.default_plan(geom, 16, 4)
     dk = tuning_neon.neon_dense_knobs(geom, 4)
     assert tuning_neon.neon_dense_plan(geom, 4, **{n: v[0] for n, v in dk.items()}) == binary_conv2d_neon.default_plan(geom, 4)
-    # Wide enough to matter: tiles, chunks, channel blocks; pixel vectors, output-channel blocks.
+    # Wide enough to matter: tiles, chunks, channel blocks; pixels per tile, weight registers.
     assert len(kn["tile"]) >= 4 and len(kn["chunk"]) >= 3 and len(kn["block"]) >= 4
-    assert len(dk["vectors"]) >= 3 and len(dk["o_block"]) >= 4
+    assert len(dk["pixels"]) >= 5 and len(dk["o_regs"]) >= 4
     assert tuning_neon.neon_sparks_plan(geom, 16, 4, tile=64, chunk=48, block=16) is None  # chunk must divide the tile
 
 

@@ -53,17 +53,40 @@ def _st1_function(regs: int) -> str:
     return "\n".join(lines)
 
 
+def _count_step(masked: bool) -> str:
+    """``acc + uaddlp(cnt(w ^ a [& m]))`` as one ``asm`` block (see :func:`count_step`)."""
+    name = "sparks_tvm_count_step" + ("_masked" if masked else "")
+    body = "eor $1.16b, $2.16b, $3.16b\\0A" + ("and $1.16b, $1.16b, $5.16b\\0A" if masked else "")
+    body += "cnt $1.16b, $1.16b\\0Auadalp $0.8h, $1.16b"
+    args = "<16 x i8> %w, <16 x i8> %a, <8 x i16> %acc" + (", <16 x i8> %m" if masked else "")
+    cons = "=w,=&w,w,w,0" + (",w" if masked else "")
+    return "\n".join([
+        f"define linkonce_odr <8 x i16> @{name}({args}) alwaysinline {{",
+        f"  %r = call {{ <8 x i16>, <16 x i8> }} asm \"{body}\", \"{cons}\"({args})",
+        "  %s = extractvalue { <8 x i16>, <16 x i8> } %r, 0",
+        "  ret <8 x i16> %s",
+        "}"])
+
+
 #: The helpers' LLVM IR (no triple: it takes the kernel module's).
 HELPERS = "\n".join([_ld1_function(2), _ld1_function(4), _st1_function(2), _st1_function(4),
+                     _count_step(False), _count_step(True),
+                     "define linkonce_odr <8 x i16> @sparks_tvm_ld1r16(ptr %p) alwaysinline {",
+                     "  %v = load i16, ptr %p, align 1",
+                     "  %i = insertelement <8 x i16> poison, i16 %v, i64 0",
+                     "  %s = shufflevector <8 x i16> %i, <8 x i16> poison, <8 x i32> zeroinitializer",
+                     "  ret <8 x i16> %s",
+                     "}",
                      "define linkonce_odr ptr @sparks_tvm_advance(ptr %p, i64 %d) alwaysinline {",
                      "  %q = getelementptr i8, ptr %p, i64 %d",
                      "  ret ptr %q",
                      "}"]) + "\n"
 
 
-def imported():
-    """Scope whose body may call the helpers (wrap a kernel's body once)."""
-    return T.attr(tirx.const(0, "int32"), "pragma_import_llvm", HELPERS)
+def imported(extra: str = ""):
+    """Scope whose body may call the helpers (wrap a kernel's body once); ``extra``: more
+    LLVM IR functions to link with them."""
+    return T.attr(tirx.const(0, "int32"), "pragma_import_llvm", HELPERS + extra)
 
 
 def ld1(ptr, nbytes: int):
@@ -82,6 +105,23 @@ def st1(ptr, value, nbytes: int):
     if nbytes not in LD1_BYTES:
         raise ValueError(f"st1 helpers store {LD1_BYTES} bytes, not {nbytes}")
     T.evaluate(tirx.call_extern("int32", f"sparks_tvm_st1x{nbytes // 16}", ptr, value))
+
+
+def ld1r16(ptr):
+    """The 16-bit value at ``ptr`` in all eight lanes (one ``ld1r {v.8h}``); bind it once."""
+    return tirx.call_extern("uint16x8", "sparks_tvm_ld1r16", ptr)
+
+
+def count_step(acc, w, a, m=None):
+    """``acc + uaddlp(cnt((w ^ a) & m))``: ``eor`` (``and``), ``cnt``, ``uadalp`` kept together.
+
+    One ``asm`` block, so that the three stay in order around their one temporary register:
+    as separate operations LLVM's scheduler computes every ``eor`` of an unrolled tile first,
+    and the results spill. ``acc`` uint16x8; ``w``, ``a``, ``m`` uint8x16. Bind it once.
+    """
+    if m is None:
+        return tirx.call_extern("uint16x8", "sparks_tvm_count_step", w, a, acc)
+    return tirx.call_extern("uint16x8", "sparks_tvm_count_step_masked", w, a, acc, m)
 
 
 def advance(ptr, delta):

@@ -136,7 +136,8 @@ class _Inputs:
         else:
             signs = np.where(rng.random((geom.out_channels, geom.in_channels, kh, kw)) < 0.5, -1, 1).astype(np.int8)
             expected = ref.binary_conv2d_ref(bits, signs, geom.stride, geom.padding)
-        self.dense_args = [self.x, kernels.pack_binary_weights(np.asarray(signs, dtype=np.int8))]
+        self.signs = np.asarray(signs, dtype=np.int8)
+        self.dense_args = [self.x, kernels.pack_binary_weights(self.signs)]  # the generic layout
         # Both kernels compute the same conv: one reference checks either (and that they agree).
         self.expected = np.asarray(expected, dtype=np.int32)
 
@@ -227,16 +228,24 @@ class _Search:
             return False
         return True
 
+    def _schedules(self, family, plan):
+        return type(self.base).for_target(self.base_target, plans=_FixedPlans(
+            plan if family == "sparks" else None, plan if family == "dense" else None))
+
     def kernel_func(self, family, plan):
         """The scheduled kernel of ``plan``, built the way compile builds it (``ArmSchedules``)."""
-        sched = type(self.base).for_target(self.base_target, plans=_FixedPlans(
-            plan if family == "sparks" else None, plan if family == "dense" else None))
+        sched = self._schedules(family, plan)
         if family == "sparks":
             return sched.schedule_sparks_conv2d(self.task.geom, self.task.k, self.task.mode)
         return sched.schedule_binary_conv2d(self.task.geom, self.task.mode)
 
     def kernel(self, tag, family, plan):
-        args = self.inputs.sparks_args if family == "sparks" else self.inputs.dense_args
+        args = self.inputs.sparks_args
+        if family != "sparks":  # the dense kernel's weights are laid out for its plan
+            sched = self._schedules(family, plan)
+            pack = getattr(sched, "binary_weights", None)
+            args = self.inputs.dense_args if pack is None else \
+                [self.inputs.x, pack(self.task.geom, self.task.mode, self.inputs.signs)]
         shape = self.inputs.out_shape(family)
         return emulated_pi.Kernel(tag, f"{self.task.name} {family} {plan}", self.kernel_func(family, plan), args,
                                   shape, expected=self.inputs.expected.reshape(shape))

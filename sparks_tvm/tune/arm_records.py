@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 from ..errors import TuningDatabaseError
 from ..kernels.binary_conv2d_neon import NeonBinaryPlan
 from ..kernels.sparks_conv2d_neon import NeonSparksPlan
+
+logger = logging.getLogger(__name__)
 
 PLANS_FILE = "arm_plans.json"
 ARM_TRIALS_FILE = "arm_trials.jsonl"
@@ -115,10 +118,14 @@ class ArmPlans:
         for want_mode in (mode, None) if mode is not None else (None,):
             found = [(rec["best"][family]["count"], name, rec["best"][family]["plan"])
                      for name, rec in self._matches(geom, num_codewords, want_mode) if rec["best"].get(family)]
-            if found:
-                _, name, plan = min(found)
+            for _, name, plan in sorted(found):
+                try:
+                    built = self._classes[family](**plan)
+                except TypeError:  # a record of an older kernel's plan: not this kernel's
+                    logger.warning("ignoring %s's %s plan %s: not a plan of this kernel (retune)", name, family, plan)
+                    continue
                 self.applied.append((f"{family}_plan", name))
-                return self._classes[family](**plan)
+                return built
         return None
 
     def sparks_plan(self, geom, num_codewords: int, mode: str | None = None):
