@@ -84,6 +84,10 @@ def _small_layers():
         # by tile; batch 1: 7 tiles for 4 cores, tasks by output-channel chunk)
         (ConvGeometry(2, 21, 28, 28, 6, stride=(1, 1)), 16, "ge"),
         (ConvGeometry(1, 23, 28, 28, 12, stride=(1, 1)), 16, "sign"),
+        # the dense kernel's asm tiles (no zero under ge): 7 pixels x 16 channels on 14-wide rows
+        # with a last block of one register (40 channels), 4 x 32 at stride 2 (36 channels)
+        (ConvGeometry(1, 40, 14, 14, 40, stride=(1, 1)), 64, "ge"),
+        (ConvGeometry(1, 24, 16, 16, 36, stride=(2, 2)), 64, "ge"),
     ]
     rand = []
     for _ in range(3):

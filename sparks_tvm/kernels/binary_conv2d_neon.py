@@ -197,10 +197,8 @@ def pack_weights(geom: ConvGeometry, signs, plan: NeonBinaryPlan | None = None) 
     return np.ascontiguousarray(np.concatenate(parts))
 
 
-def _uaddlp(x, aarch64):
-    """Sums of adjacent byte pairs of a uint8x16 as uint16x8 (``uaddlp``; ``uadalp`` when added)."""
-    if aarch64:
-        return tirx.call_llvm_pure_intrin(f"{U16}x8", "llvm.aarch64.neon.uaddlp.v8i16.v16i8", x)
+def _uaddlp(x):
+    """Sums of adjacent byte pairs of a uint8x16 as uint16x8 (what ``uaddlp`` computes)."""
     w = tirx.reinterpret(f"{U16}x8", x)
     return (w & _bc(tirx.const(0xFF, U16), 8)) + (w >> _bc(tirx.const(8, U16), 8))
 
@@ -216,7 +214,7 @@ def _weight_popcounts(lay, wpack, wpop):
             _store(tot, [], 0, O_LANES, _bc(tirx.const(0, U16), O_LANES))
             with T.serial(0, lay.pairs) as p:
                 at = b * lay.wblock + ((p * nt + pos) * regs + r) * 16
-                cnt = _uaddlp(tirx.popcount(_load(wpack, [], at, 16)), False)
+                cnt = _uaddlp(tirx.popcount(_load(wpack, [], at, 16)))
                 _store(tot, [], 0, O_LANES, _load(tot, [], 0, O_LANES) + cnt)
             for j in range(O_LANES):
                 with T.If(reg * O_LANES + j < lay.o):
@@ -329,7 +327,7 @@ def _pair_steps(lay, bufs, wpack, steps, n, q, y, x0, b, regs, sums):
                     x = w[r] ^ a[k]
                     if m is not None:
                         x = x & m[k]
-                    c = _uaddlp(tirx.popcount(x), False)
+                    c = _uaddlp(tirx.popcount(x))
                     sums[i][r] = T.bind(c if sums[i][r] is None else sums[i][r] + c)
     return sums
 
@@ -383,9 +381,10 @@ def _main_loop(lay, bufs, wpack, acc, konst):
         xt = task // chunks % tpr
         y = task // (chunks * tpr) % lay.oh
         n = task // (chunks * tpr * lay.oh)
-        # run-time constants: the pointer steps (``_Walker``) by register count
-        steps = {k: T.bind(konst[k]) for k in sorted({0, q, lay.blocks[-1][1] - lay.blocks[-1][0]})} \
-            if lay.aarch64 else {0: 2, q: q * 16, lay.blocks[-1][1] - lay.blocks[-1][0]: (lay.blocks[-1][1] - lay.blocks[-1][0]) * 16}
+        # the pointer steps of ``_Walker``: the word step (key 0), the weight step by register
+        # count; on aarch64 read at run time (``konst``)
+        keys = sorted({0, q, lay.blocks[-1][1] - lay.blocks[-1][0]})
+        steps = {k: T.bind(konst[k]) if lay.aarch64 else (16 * k or 2) for k in keys}
 
         def row_tile(lanes):
             full = [b for b, (r0, r1) in enumerate(lay.blocks) if r1 - r0 == q]
